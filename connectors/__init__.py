@@ -1,0 +1,12 @@
+"""Trainable connectors between an encoder and an LLM: tensors in, tensors out; imports neither encoders nor mmdomain.
+
+    >>> from connectors import create_connector
+    >>> proj = create_connector("mlp", in_dim=768, out_dim=896, depth=2)   # LLaVA-1.5's mlp2x_gelu
+"""
+from __future__ import annotations
+
+from . import linear, mlp, pixel_shuffle  # noqa: F401  (registers the built-in connectors)
+from ._registry import create_connector, list_connectors, register_connector
+from .base import Connector
+
+__all__ = ["Connector", "create_connector", "list_connectors", "register_connector"]

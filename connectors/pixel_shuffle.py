@@ -1,0 +1,43 @@
+"""``pixel_shuffle``: merge each ``factor x factor`` block of grid tokens into one, then an MLP (InternVL / Idefics3)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._registry import register_connector
+
+
+@register_connector("pixel_shuffle")
+class PixelShuffleConnector(nn.Module):
+    """Cuts the token count by ``factor**2`` for a square grid of tokens (prefix tokens must be dropped first)."""
+
+    def __init__(self, *, in_dim: int, out_dim: int, factor: int = 2, depth: int = 2) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim, self.factor = in_dim, out_dim, factor
+        dims = [in_dim * factor * factor] + [out_dim] * depth
+        layers: list[nn.Module] = [nn.LayerNorm(dims[0])]
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            if i:
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(a, b))
+        self.mlp = nn.Sequential(*layers)
+
+    def _side(self, n: int) -> int:
+        side = math.isqrt(n)
+        if side * side != n or side % self.factor:
+            raise ValueError(
+                f"pixel_shuffle needs a square token grid whose side divides by factor={self.factor}; got {n} tokens "
+                "(drop the CLS token with keep_cls=False, or change the input size)"
+            )
+        return side
+
+    def num_output_tokens(self, num_input_tokens: int) -> int:
+        return (self._side(num_input_tokens) // self.factor) ** 2
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, d = tokens.shape
+        s, f = self._side(n), self.factor
+        x = tokens.reshape(b, s // f, f, s // f, f, d).permute(0, 1, 3, 2, 4, 5).reshape(b, (s // f) ** 2, f * f * d)
+        return self.mlp(x)

@@ -1,0 +1,40 @@
+"""Pluggable encoders (timm, open_clip, transformers, tiny test models) behind one registry; never imports mmdomain.
+
+    >>> from encoders import create_encoder, image_transform
+    >>> enc = create_encoder("timm:vit_small_patch16_224", weights="/models/vit_s16.safetensors", layer=-2)
+    >>> tokens = enc(image_transform(enc.info)(pil_image)[None])   # [1, enc.info.num_tokens(), enc.info.embed_dim]
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ._registry import REGISTRY, lazy
+from .base import Encoder, EncoderInfo
+from .transforms import ImageTransform, image_transform
+
+__all__ = ["Encoder", "EncoderInfo", "ImageTransform", "create_encoder", "image_transform", "list_encoders", "register_encoder"]
+
+
+def create_encoder(name: str, **options: Any) -> Encoder:
+    """Build an encoder by registry name: an exact name (``tiny-vit``) or ``family:spec`` (``timm:<arch>``,
+    ``open_clip:<name or dir>``, ``hf:<dir or model type>``). Weights come only from local paths."""
+    return REGISTRY.create(name, **options)
+
+
+def list_encoders() -> list[str]:
+    return REGISTRY.names()
+
+
+def register_encoder(name: str, builder: Callable[..., Any], *, family: bool = False, description: str = "") -> None:
+    """Add an encoder builder. ``family=True`` makes ``name:<spec>`` call ``builder(spec, **options)``."""
+    REGISTRY.register(name, builder, family=family, description=description)
+
+
+register_encoder("timm", lazy("encoders.timm_encoder", "build_timm_encoder"), family=True,
+                 description="any timm architecture; weights= a local file")
+register_encoder("open_clip", lazy("encoders.open_clip_encoder", "build_open_clip_encoder"), family=True,
+                 description="an open_clip visual tower by model name or local open_clip_config.json directory")
+register_encoder("hf", lazy("encoders.hf_vision", "build_hf_vision_encoder"), family=True,
+                 description="a transformers vision tower (CLIP, SigLIP, DINOv2, AutoModel) from a local dir or config")
+register_encoder("tiny-vit", lazy("encoders.testing", "build_tiny_vit"),
+                 description="tiny random-init ViT with fixed sin-cos positions, for tests and the CPU demo")

@@ -1,0 +1,96 @@
+"""What every encoder is: a module mapping media to tokens [B, N, D], and the metadata that travels with it."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """Facts about an encoder from which preprocessing and token counts are derived.
+
+    ``input_size`` is (H, W) for images and (num_samples,) for audio; ``patch_size`` is how much input one output
+    token covers along each of those axes (the patch for a ViT, the total stride for a CNN stage).
+    ``num_prefix_tokens`` counts the CLS/register tokens present in the *output* (0 when they are dropped).
+    """
+
+    modality: str
+    embed_dim: int
+    input_size: tuple[int, ...]
+    patch_size: tuple[int, ...]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    license: str
+    layer: int
+    num_prefix_tokens: int = 0
+    sample_rate: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def grid(self, input_size: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        size = tuple(input_size) if input_size is not None else self.input_size
+        if len(size) != len(self.patch_size):
+            raise ValueError(f"input size {size} has {len(size)} axes; this {self.modality} encoder expects {len(self.patch_size)}")
+        return tuple(s // p for s, p in zip(size, self.patch_size))
+
+    def num_tokens(self, input_size: tuple[int, ...] | None = None) -> int:
+        """Tokens the encoder outputs for an input of ``input_size`` (its own input size by default)."""
+        return math.prod(self.grid(input_size)) + self.num_prefix_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """An ``nn.Module`` with ``info`` whose ``forward(x)`` returns ``[B, info.num_tokens(), info.embed_dim]``."""
+
+    info: EncoderInfo
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def resolve_layer(layer: int, num_layers: int, source: str) -> tuple[int, bool]:
+    """Turn a hidden-state index into a 0-based block index, and say whether it is the last block.
+
+    ``layer`` follows the HF ``hidden_states`` convention that LLaVA's ``-2`` refers to: ``1..L`` is the output of
+    block 1..L, ``-1`` the last block, ``-2`` the one before it. Index 0 (the raw patch embedding) is refused: no
+    encoder's features are useful there, and timm cannot return it.
+    """
+    index = layer if layer >= 0 else num_layers + 1 + layer
+    if not 1 <= index <= num_layers:
+        raise ValueError(
+            f"layer={layer} is out of range for {source}, which has {num_layers} layers: "
+            f"use 1..{num_layers} or -1..-{num_layers} (-1 is the last, -2 the one before, as in LLaVA)"
+        )
+    return index - 1, index == num_layers
+
+
+def fit_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """Stretch RGB normalisation statistics to ``channels`` entries (their mean fills any extra channel).
+
+    Multispectral data should bring per-band statistics of its own; this keeps a widened RGB encoder usable.
+    """
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels < len(values):
+        return values[:channels] if channels > 1 else (sum(values) / len(values),)
+    return values + (sum(values) / len(values),) * (channels - len(values))
+
+
+def as_pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    return value if len(value) == 2 else (value[-2], value[-1])

@@ -1,0 +1,128 @@
+"""Adapter for transformers vision towers (``hf:<local dir>`` or ``hf:<model type>`` with ``config=``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import HALF, IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderInfo, as_pair, fit_channels, resolve_layer
+
+# model_type -> (transformers class name, default mean, default std, prefix tokens before the patches)
+_KNOWN = {
+    "clip": ("CLIPVisionModel", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 1),
+    "clip_vision_model": ("CLIPVisionModel", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 1),
+    "siglip": ("SiglipVisionModel", HALF, HALF, 0),
+    "siglip_vision_model": ("SiglipVisionModel", HALF, HALF, 0),
+    "dinov2": ("Dinov2Model", IMAGENET_MEAN, IMAGENET_STD, 1),
+    "dinov2_with_registers": ("Dinov2WithRegistersModel", IMAGENET_MEAN, IMAGENET_STD, 1),
+    "vit": ("ViTModel", HALF, HALF, 1),
+}
+_ALIASES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+
+
+class HFVisionEncoder(nn.Module):
+    """A transformers vision model built with only the layers up to the selected one."""
+
+    def __init__(self, model: nn.Module, info: EncoderInfo, is_last: bool, num_prefix: int, keep_cls: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.info = info
+        self._is_last = is_last
+        self._num_prefix = num_prefix
+        self._keep_cls = keep_cls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._is_last:
+            hidden = self.model(pixel_values=x).last_hidden_state
+        else:
+            # The model was built with the selected layer as its last, but some towers (SigLIP, DINOv2) apply a
+            # final norm to last_hidden_state; the raw block output is the last hidden state.
+            hidden = self.model(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+        return hidden if self._keep_cls else hidden[:, self._num_prefix :]
+
+
+def _vision_config(config: Any) -> Any:
+    return getattr(config, "vision_config", None) or config
+
+
+def build_hf_vision_encoder(
+    spec: str,
+    *,
+    config: dict[str, Any] | None = None,
+    layer: int = -1,
+    keep_cls: bool = False,
+    license: str | None = None,
+) -> HFVisionEncoder:
+    """``hf:/path/to/dir`` loads a local model (a full CLIP/SigLIP checkpoint works: its vision half is taken);
+    ``hf:clip`` / ``hf:siglip`` / ``hf:dinov2`` / ``hf:<model_type>`` with ``config={...}`` builds a random-init tower.
+    """
+    import transformers
+
+    path = Path(spec).expanduser()
+    local = path.is_dir()
+    if local:
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{str(path)!r} has no config.json; it is not a transformers model directory")
+        model_type = json.loads(cfg_file.read_text()).get("model_type", "")
+    elif "/" in spec or spec.startswith((".", "~")):
+        raise FileNotFoundError(
+            f"transformers model directory {spec!r} does not exist. mmdomain never downloads (hub ids included): "
+            "download it yourself, e.g. `huggingface-cli download <repo> --local-dir DIR`, and pass hf:DIR"
+        )
+    else:
+        model_type = _ALIASES.get(spec, spec)
+    class_name, mean, std, num_prefix = _KNOWN.get(model_type, ("AutoModel", IMAGENET_MEAN, IMAGENET_STD, 1))
+    model_class = getattr(transformers, class_name)
+
+    if local:
+        cfg = model_class.config_class.from_pretrained(str(path), local_files_only=True) if class_name != "AutoModel" else transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    else:
+        cfg = transformers.AutoConfig.for_model(model_type, **(config or {}))
+    cfg = _vision_config(cfg)
+    num_layers = int(cfg.num_hidden_layers)
+    block_index, is_last = resolve_layer(layer, num_layers, f"hf:{spec}")
+    # Build the tower with exactly the layers we use: later layers are neither computed nor held in memory.
+    cfg.num_hidden_layers = block_index + 1
+    if hasattr(cfg, "vision_use_head"):
+        cfg.vision_use_head = False  # SigLIP's attention-pooling head is never used for token features
+    num_prefix += int(getattr(cfg, "num_register_tokens", 0) or 0)
+
+    if local:
+        model = model_class.from_pretrained(str(path), config=cfg, local_files_only=True)
+        mean, std, size = _preprocessor_stats(path, mean, std)
+    else:
+        model = model_class(cfg) if class_name != "AutoModel" else transformers.AutoModel.from_config(cfg)
+        size = None
+    model.eval()
+
+    image_size = as_pair(size or cfg.image_size)
+    channels = int(getattr(cfg, "num_channels", 3))
+    info = EncoderInfo(
+        modality="image",
+        embed_dim=int(cfg.hidden_size),
+        input_size=image_size,
+        patch_size=as_pair(cfg.patch_size),
+        channels=channels,
+        mean=fit_channels(tuple(mean), channels),
+        std=fit_channels(tuple(std), channels),
+        source=f"hf:{spec}",
+        license=license or ("see the model directory's README" if local else "n/a (random init)"),
+        layer=layer,
+        num_prefix_tokens=num_prefix if keep_cls else 0,
+    )
+    return HFVisionEncoder(model, info, is_last, num_prefix, keep_cls)
+
+
+def _preprocessor_stats(path: Path, mean: tuple, std: tuple) -> tuple[tuple, tuple, Any]:
+    file = path / "preprocessor_config.json"
+    if not file.is_file():
+        return mean, std, None
+    pre = json.loads(file.read_text())
+    size = pre.get("crop_size") or pre.get("size")
+    if isinstance(size, dict):
+        size = (size["height"], size["width"]) if "height" in size else size.get("shortest_edge")
+    return tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std)), size
