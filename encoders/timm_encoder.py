@@ -85,7 +85,8 @@ def build_timm_encoder(
     else:
         patch = as_pair(int(feature["reduction"]))
     cfg = timm.data.resolve_model_data_config(model)
-    input_size = tuple(int(s) for s in cfg["input_size"][-2:])
+    # The pretrained config states the size the weights were trained at; an explicit image_size overrides it.
+    input_size = as_pair(image_size) if image_size is not None else tuple(int(s) for s in cfg["input_size"][-2:])
     pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
     info = EncoderInfo(
         modality="image",

@@ -1,0 +1,108 @@
+"""Save and load a MultimodalLM as JSON + safetensors, storing only what is not a referenced, unchanged base."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .spec import ModelSpec
+
+if TYPE_CHECKING:
+    from .model import MultimodalLM
+    from .processor import MultimodalProcessor
+
+FORMAT = "mmdomain-checkpoint/1"
+CONFIG = "mmdomain_config.json"
+WEIGHTS = "model.safetensors"
+
+
+@contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``target`` in one rename, so a crash never
+    leaves a half-written directory that looks complete, and a good old one survives until the new one is whole."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _selected_state(model: "MultimodalLM") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Weights to store, and per part what was stored: ``all`` / ``trained`` (requires_grad or restored) / ``none``."""
+    state: dict[str, torch.Tensor] = {}
+    stored = {}
+    parts = {"encoder": model.encoder, "connector": model.connector, "llm": model.llm}
+    for part, module in parts.items():
+        keep_all = part == "connector" or (part == "encoder" and not model.spec.encoder.is_referenced())
+        chosen = {}
+        for name, param in module.named_parameters():
+            full = f"{part}.{name}"
+            if keep_all or param.requires_grad or full in model.restored:
+                chosen[full] = param.detach().contiguous().cpu()
+        if keep_all:  # buffers of a non-referenced part (e.g. norm statistics) are part of its weights too
+            chosen.update({f"{part}.{n}": b.detach().contiguous().cpu() for n, b in module.named_buffers() if n in dict(module.state_dict())})
+        state.update(chosen)
+        stored[part] = "all" if keep_all else ("trained" if chosen else "none")
+    return state, stored
+
+
+def save_model(model: "MultimodalLM", directory: str | Path, tokenizer: Any = None) -> None:
+    state, stored = _selected_state(model)
+    with atomic_directory(directory) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        config = {
+            "format": FORMAT,
+            "spec": model.spec.model_dump(mode="json"),
+            "stored": stored,
+            "media_token_id": model.media_token_id,
+            "tokens_per_item": model.tokens_per_item,
+            "encoder_info": model.encoder.info.to_dict(),
+        }
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+
+
+def load_model(directory: str | Path) -> tuple["MultimodalLM", "MultimodalProcessor"]:
+    from .model import build_model
+
+    directory = Path(directory)
+    config_file = directory / CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} is not an mmdomain checkpoint: it has no {CONFIG}")
+    config = json.loads(config_file.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_file} has format {config.get('format')!r}; this mmdomain reads {FORMAT!r}")
+    spec = ModelSpec.model_validate(config["spec"])
+    tok_dir = directory / "tokenizer"
+    model, processor = build_model(spec, tokenizer_dir=str(tok_dir) if tok_dir.is_dir() else None)
+    if model.media_token_id != config["media_token_id"]:
+        raise ValueError(f"media token id {model.media_token_id} differs from the checkpoint's {config['media_token_id']}; the LLM or tokenizer at {spec.llm.path} changed")
+    state = load_file(str(directory / WEIGHTS))
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"{directory / WEIGHTS} holds {len(unknown)} weights this model does not have (first: {unknown[:3]}); was the spec edited?")
+    shapes = [k for k in state if state[k].shape != own[k].shape]
+    if shapes:
+        raise ValueError(f"{directory / WEIGHTS}: shape mismatch for {shapes[:3]}")
+    model.load_state_dict(state, strict=False)
+    model.restored = {k for k in state if not k.startswith("connector.")}
+    return model, processor

@@ -1,0 +1,214 @@
+"""Conversation -> input_ids, labels and media tensors: chat template, media expansion, assistant-only labels.
+
+Template: the tokenizer's own chat template when it has one. Otherwise the plain template, rendered as
+
+    {bos}{system}\n
+    User: {user text}\n
+    Assistant: {assistant text}{eos}\n
+    ...
+
+A media item is written in text as ``media_token`` (``<image>`` by default, LLaVA's marker) and, after
+tokenisation, expanded to exactly ``tokens_per_item`` copies of its id, the number the connector produces.
+Only assistant replies (through their end-of-turn token or EOS) are supervised; every other label is -100.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+IGNORE = -100
+
+
+class SampleError(ValueError):
+    """A sample that cannot be turned into a training example; the message names the sample and the fix."""
+
+
+@dataclass
+class ProcessedSample:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None
+    key: str
+    truncated_tokens: int = 0
+
+
+class MultimodalProcessor:
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        media_token: str,
+        tokens_per_item: int,
+        max_length: int = 2048,
+        image_transform: Callable[[Any], torch.Tensor] | None = None,
+        use_chat_template: bool | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.media_token = media_token
+        self.media_token_id = tokenizer.convert_tokens_to_ids(media_token)
+        self.tokens_per_item = tokens_per_item
+        self.max_length = max_length
+        self.image_transform = image_transform
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = has_template if use_chat_template is None else use_chat_template
+        if self.use_chat_template and not has_template:
+            raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
+
+    # -- public -------------------------------------------------------------------------------------------------
+
+    def __call__(self, conversation: Sequence[dict[str, Any]], media: Sequence[Any] = (), *, key: str = "<unnamed>",
+                 add_generation_prompt: bool = False) -> ProcessedSample:
+        """``conversation``: ``[{"role": "user"|"assistant"|"system", "content": str | [parts]}]``; a part is
+        ``{"type": "text", "text": ...}`` or ``{"type": "image", "image": <PIL/array/tensor>}``. Media may instead be
+        marked with ``media_token`` in string content and passed in order as ``media``."""
+        messages, items = self._normalise(conversation, list(media), key)
+        text, spans = self._render(messages, add_generation_prompt, key)
+        if not add_generation_prompt and not spans:
+            raise SampleError(f"sample {key}: no assistant turn to supervise; a training sample needs at least one")
+        ids, labels = self._tokenize(text, spans, key)
+        ids, labels = self._expand(ids, labels)
+        ids, labels, cut = self._truncate(ids, labels, key, add_generation_prompt)
+        pixels = torch.stack([self._transform(m) for m in items]) if items else None
+        return ProcessedSample(torch.tensor(ids), torch.tensor(labels), pixels, key, cut)
+
+    def collate(self, samples: Sequence[ProcessedSample], padding_side: str = "right") -> dict[str, Any]:
+        """Pad to the longest sample; media are concatenated in sample order (the order the model splices them)."""
+        length = max(len(s.input_ids) for s in samples)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(samples), length), pad, dtype=torch.long)
+        labels = torch.full((len(samples), length), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(samples), length), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s.input_ids)
+            sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
+            ids[i, sl], labels[i, sl], mask[i, sl] = s.input_ids, s.labels, 1
+        pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "pixel_values": torch.cat(pixels) if pixels else None,
+            "keys": [s.key for s in samples],
+        }
+
+    # -- steps --------------------------------------------------------------------------------------------------
+
+    def _normalise(self, conversation: Sequence[dict[str, Any]], media: list[Any], key: str) -> tuple[list[dict[str, str]], list[Any]]:
+        messages, items = [], []
+        for turn, message in enumerate(conversation):
+            role, content = message.get("role"), message.get("content")
+            if role not in ("system", "user", "assistant"):
+                raise SampleError(f"sample {key}, turn {turn}: role {role!r} must be system, user or assistant")
+            if isinstance(content, str):
+                text = content
+            elif isinstance(content, list):
+                pieces = []
+                for part in content:
+                    kind = part.get("type")
+                    if kind == "text":
+                        pieces.append(part["text"])
+                    elif kind in ("image", "media", "audio"):
+                        pieces.append(self.media_token)
+                        items.append(part.get(kind, part.get("data")))
+                    else:
+                        raise SampleError(f"sample {key}, turn {turn}: content part type {kind!r} is not text/image/audio")
+                text = " ".join(p for p in pieces if p)
+            else:
+                raise SampleError(f"sample {key}, turn {turn}: content must be a string or a list of parts")
+            if role == "assistant" and self.media_token in text:
+                raise SampleError(f"sample {key}, turn {turn}: media in an assistant turn cannot be supervised; move it to a user turn")
+            messages.append({"role": role, "content": text})
+        if items and media:
+            raise SampleError(f"sample {key}: media given both inside the conversation and as a separate list; use one")
+        items = items or media
+        markers = sum(m["content"].count(self.media_token) for m in messages)
+        if markers != len(items):
+            raise SampleError(f"sample {key}: {markers} {self.media_token!r} markers in the text but {len(items)} media items; they must match one to one")
+        return messages, items
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool, key: str) -> tuple[str, list[tuple[int, int]]]:
+        """Full prompt text and the character spans of the supervised assistant replies."""
+        if not self.use_chat_template:
+            return self._render_plain(messages, add_generation_prompt)
+        render = lambda msgs, gen: self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = render(messages[:i], True), render(messages[: i + 1], False)
+            if not through.startswith(before):
+                raise SampleError(
+                    f"sample {key}: the chat template rewrites earlier turns when turn {i} is added, so assistant "
+                    "spans cannot be located; set use_chat_template=False to use the plain template"
+                )
+            reply = through[len(before) :].rstrip()
+            spans.append((len(before), len(before) + len(reply)))
+        text = render(messages, add_generation_prompt)
+        if spans and not text.startswith(render(messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1], False)):
+            raise SampleError(f"sample {key}: the chat template renders a prefix of the conversation differently from the whole")
+        return text, spans
+
+    def _render_plain(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+        tok = self.tokenizer
+        text, spans = tok.bos_token or "", []
+        for message in messages:
+            if message["role"] == "system":
+                text += message["content"] + "\n"
+            elif message["role"] == "user":
+                text += "User: " + message["content"] + "\n"
+            else:
+                text += "Assistant: "
+                start = len(text)
+                text += message["content"] + (tok.eos_token or "")
+                spans.append((start, len(text)))
+                text += "\n"
+        if add_generation_prompt:
+            text += "Assistant:"
+        return text, spans
+
+    def _tokenize(self, text: str, spans: list[tuple[int, int]], key: str) -> tuple[list[int], list[int]]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        labels = [IGNORE] * len(ids)
+        for j, (a, b) in enumerate(offsets):
+            if b > a and any(a < e and b > s for s, e in spans):
+                labels[j] = ids[j]
+        if spans and all(l == IGNORE for l in labels):
+            raise SampleError(f"sample {key}: the assistant replies map to no tokens; check the tokenizer and template")
+        return ids, labels
+
+    def _expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        out_ids, out_labels = [], []
+        for tok_id, label in zip(ids, labels):
+            if tok_id == self.media_token_id:
+                out_ids += [tok_id] * self.tokens_per_item
+                out_labels += [IGNORE] * self.tokens_per_item
+            else:
+                out_ids.append(tok_id)
+                out_labels.append(label)
+        return out_ids, out_labels
+
+    def _truncate(self, ids: list[int], labels: list[int], key: str, generating: bool) -> tuple[list[int], list[int], int]:
+        if len(ids) <= self.max_length:
+            return ids, labels, 0
+        media_end = max((i + 1 for i, t in enumerate(ids) if t == self.media_token_id), default=0)
+        if media_end > self.max_length or generating:
+            raise SampleError(
+                f"sample {key}: {len(ids)} tokens exceed max_length={self.max_length}"
+                + (f" and cutting would split a media block ending at token {media_end}" if media_end > self.max_length else "")
+                + "; raise max_length, use a connector with fewer tokens per item, or shorten the sample"
+            )
+        cut = len(ids) - self.max_length
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(l == IGNORE for l in labels):
+            raise SampleError(f"sample {key}: truncation to max_length={self.max_length} removes every supervised token; raise max_length")
+        return ids, labels, cut
+
+    def _transform(self, item: Any) -> torch.Tensor:
+        if self.image_transform is None:
+            if not isinstance(item, torch.Tensor):
+                raise SampleError("media items must be tensors when the processor has no image_transform")
+            return item
+        return self.image_transform(item)

@@ -1,0 +1,62 @@
+"""Typed description of a multimodal model's parts; recipes embed it and checkpoints store it as JSON."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EncoderSpec(_Strict):
+    """``name`` is a registry name (``tiny-vit``, ``timm:<arch>``, ``open_clip:<dir>``, ``hf:<dir>``); ``options``
+    go to its builder (``weights``, ``layer``, ``keep_cls``, ``in_chans``, ...)."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def is_referenced(self) -> bool:
+        """True when the weights come from a local path, so a checkpoint may point at them instead of copying."""
+        if self.options.get("weights"):
+            return True
+        _, sep, spec = self.name.partition(":")
+        return bool(sep) and Path(spec).expanduser().exists()
+
+
+class ConnectorSpec(_Strict):
+    """``name`` is a connector registry name; ``in_dim``/``out_dim`` are inferred and must not be given."""
+
+    name: str = "mlp"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def model_post_init(self, __context: Any) -> None:
+        given = {"in_dim", "out_dim"} & set(self.options)
+        if given:
+            raise ValueError(f"connector options {sorted(given)} are inferred (in_dim from the encoder, out_dim from the LLM); remove them")
+
+
+class LoraSpec(_Strict):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class LLMSpec(_Strict):
+    """A causal LM in a local directory (never a hub id: mmdomain does not download)."""
+
+    path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    lora: LoraSpec | None = None
+
+
+class ModelSpec(_Strict):
+    encoder: EncoderSpec
+    connector: ConnectorSpec = Field(default_factory=ConnectorSpec)
+    llm: LLMSpec
+    media_token: str = "<image>"
+    max_length: int = 2048
