@@ -9,7 +9,11 @@ PLAIN_TEMPLATE_WORDS = ["User:", "Assistant:"]
 
 
 def word_tokenizer(words: Iterable[str], *, chat_template: str | None = None):
-    """A fast tokenizer whose vocabulary is exactly ``words`` (split on whitespace, punctuation kept on words)."""
+    """A fast tokenizer whose vocabulary is exactly ``words`` (split on whitespace, punctuation kept on words).
+
+    Words written like ``<|im_end|>`` become special tokens, matched even without surrounding spaces, as in a
+    real chat tokenizer.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -19,6 +23,9 @@ def word_tokenizer(words: Iterable[str], *, chat_template: str | None = None):
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    markers = [w for w in vocab if w.startswith("<|") and w.endswith("|>")]
+    if markers:
+        tok.add_tokens(markers, special_tokens=True)
     if chat_template:
         tok.chat_template = chat_template
     return tok

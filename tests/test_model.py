@@ -1,0 +1,190 @@
+"""MultimodalLM: the splice equals HF Llava's, the supervised-only loss equals the full loss, checkpoints round-trip."""
+from __future__ import annotations
+
+import json
+import pickletools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmdomain.model import MultimodalLM, build_model
+from mmdomain.processor import IGNORE
+from mmdomain.spec import ModelSpec
+from mmdomain.tiny_models import word_tokenizer
+
+from .conftest import WORDS
+
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def _conversations(n):
+    answers = ["upper left", "lower right quadrant .", "left", "a lesion in the upper left"]
+    return [
+        [{"role": "user", "content": [{"type": "image", "image": torch.rand(3, 32, 32)}, {"type": "text", "text": "where is the lesion ?"}]},
+         {"role": "assistant", "content": answers[i % len(answers)]}]
+        for i in range(n)
+    ]
+
+
+def test_splice_matches_hf_llava_loss_and_connector_grads(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = word_tokenizer(WORDS)
+    media_id = len(tok)  # mmdomain adds "<image>" as the next id
+    text = LlamaConfig(vocab_size=media_id + 1, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    llava = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(**CLIP), text_config=text, image_token_index=media_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )).float()
+    # Export the same weights as a local vision tower directory and a local LLM directory.
+    vision = CLIPVisionModel(CLIPVisionConfig(**CLIP))
+    vision.load_state_dict(llava.model.vision_tower.state_dict())
+    vision.save_pretrained(str(tmp_path / "vision"))
+    lm = LlamaForCausalLM(text)
+    lm.model.load_state_dict(llava.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(llava.lm_head.state_dict())
+    lm.save_pretrained(str(tmp_path / "llm"))
+    tok.save_pretrained(str(tmp_path / "llm"))
+
+    spec = ModelSpec.model_validate({
+        "encoder": {"name": f"hf:{tmp_path / 'vision'}", "options": {"layer": -2, "keep_cls": False}},
+        "connector": {"name": "mlp", "options": {"depth": 2}},
+        "llm": {"path": str(tmp_path / "llm")},
+    })
+    model, proc = build_model(spec)
+    assert model.media_token_id == media_id and model.tokens_per_item == 16
+    proj = llava.model.multi_modal_projector
+    model.connector.load_state_dict({
+        "layers.0.weight": proj.linear_1.weight, "layers.0.bias": proj.linear_1.bias,
+        "layers.2.weight": proj.linear_2.weight, "layers.2.bias": proj.linear_2.bias,
+    })
+    batch = proc.collate([proc(c, key=f"s{i}") for i, c in enumerate(_conversations(3))])
+    assert batch["attention_mask"].min() == 0  # the batch really is padded
+
+    ours = model(**batch)
+    theirs = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], labels=batch["labels"])
+    assert abs(ours.loss.item() - theirs.loss.item()) < 1e-5
+    ours.loss.backward()
+    theirs.loss.backward()
+    for mine, ref in ((model.connector.layers[0], proj.linear_1), (model.connector.layers[2], proj.linear_2)):
+        assert torch.allclose(mine.weight.grad, ref.weight.grad, atol=1e-5)
+        assert torch.allclose(mine.bias.grad, ref.bias.grad, atol=1e-5)
+
+
+@pytest.fixture
+def tiny_spec(tiny_llm_dir):
+    return ModelSpec.model_validate({
+        "encoder": {"name": "tiny-vit", "options": {"image_size": 32, "patch_size": 8, "dim": 32}},
+        "connector": {"name": "mlp"},
+        "llm": {"path": tiny_llm_dir},
+    })
+
+
+def test_supervised_only_loss_equals_full_logit_loss(tiny_spec):
+    model, proc = build_model(tiny_spec)
+    batch = proc.collate([proc(c, key=str(i)) for i, c in enumerate(_conversations(4))])
+    out = model(**batch, return_logits=True)
+    full = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE)
+    assert torch.allclose(out.loss, full, atol=1e-6)
+    assert out.num_supervised == int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert torch.allclose(out.loss_sum / out.num_supervised, out.loss)
+    assert model(**batch).logits is None  # training never materialises [B, T, V]
+
+
+def test_splice_count_mismatch_is_an_error(tiny_spec):
+    model, proc = build_model(tiny_spec)
+    batch = proc.collate([proc(c, key=str(i)) for i, c in enumerate(_conversations(2))])
+    with pytest.raises(ValueError, match="32 media placeholder tokens but 1 media items"):
+        model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"][:1])
+    with pytest.raises(ValueError, match="no media were given"):
+        model(batch["input_ids"], batch["attention_mask"], batch["labels"], None)
+
+
+def test_generate_greedy_matches_argmax(tiny_spec):
+    model, proc = build_model(tiny_spec)
+    model.eval()
+    prompt = [{"role": "user", "content": [{"type": "image", "image": torch.rand(3, 32, 32)}, {"type": "text", "text": "where ?"}]}]
+    batch = proc.collate([proc(prompt, key="g", add_generation_prompt=True)], padding_side="left")
+    new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=4, min_new_tokens=4)
+    assert new.shape == (1, 4) and model.media_token_id not in new.tolist()[0]
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"]).logits[0, -1]
+    logits[model.media_token_id] = float("-inf")
+    assert new[0, 0] == logits.argmax()
+
+
+def _assert_not_pickle(path: Path):
+    data = path.read_bytes()
+    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
+        ops = {op.name for op, _, _ in pickletools.genops(data)} if data[:1] == b"\x80" else {"zip"}
+        raise AssertionError(f"{path} looks like a pickle/torch.save file ({sorted(ops)[:3]})")
+
+
+@pytest.mark.parametrize("variant", ["connector-only", "lora", "encoder-and-full-llm"])
+def test_save_load_round_trip_identical_logits(tmp_path, tiny_spec, variant):
+    if variant == "lora":
+        data = tiny_spec.model_dump()
+        data["llm"]["lora"] = {"r": 4, "alpha": 8}
+        tiny_spec = ModelSpec.model_validate(data)
+    model, proc = build_model(tiny_spec)
+    if variant == "encoder-and-full-llm":
+        model.encoder.requires_grad_(True)
+        model.llm.requires_grad_(True)
+    with torch.no_grad():  # move every trainable weight away from its initial value, as training would
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    batch = proc.collate([proc(c, key=str(i)) for i, c in enumerate(_conversations(2))])
+    model.eval()
+    expected = model(**batch, return_logits=True).logits
+
+    model.save_pretrained(str(tmp_path / "ckpt"), proc.tokenizer)
+    config = json.loads((tmp_path / "ckpt" / "mmdomain_config.json").read_text())
+    assert config["stored"]["connector"] == "all" and config["stored"]["encoder"] == "all"  # tiny-vit has no local weights
+    assert config["stored"]["llm"] == {"connector-only": "none", "lora": "trained", "encoder-and-full-llm": "trained"}[variant]
+    for f in (tmp_path / "ckpt").rglob("*"):
+        if f.is_file():
+            _assert_not_pickle(f)
+    assert not list(tmp_path.glob(".ckpt.tmp-*"))
+
+    loaded, proc2 = MultimodalLM.from_pretrained(str(tmp_path / "ckpt"))
+    loaded.eval()
+    assert torch.equal(loaded(**batch, return_logits=True).logits, expected)
+    assert proc2.tokens_per_item == proc.tokens_per_item and proc2.media_token_id == proc.media_token_id
+    # A second save of the loaded model keeps what it restored even though those weights are frozen now.
+    loaded.requires_grad_(False)
+    loaded.save_pretrained(str(tmp_path / "ckpt2"), proc2.tokenizer)
+    again, _ = MultimodalLM.from_pretrained(str(tmp_path / "ckpt2"))
+    assert torch.equal(again.eval()(**batch, return_logits=True).logits, expected)
+
+
+def test_referenced_encoder_is_not_copied(tmp_path, tiny_llm_dir):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(**CLIP)).save_pretrained(str(tmp_path / "vision"))
+    spec = ModelSpec.model_validate({"encoder": {"name": f"hf:{tmp_path / 'vision'}", "options": {"layer": -2}}, "llm": {"path": tiny_llm_dir}})
+    model, proc = build_model(spec)
+    model.save_pretrained(str(tmp_path / "ckpt"), proc.tokenizer)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "ckpt" / "model.safetensors")).keys()
+    assert keys and all(k.startswith("connector.") for k in keys)
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, tiny_spec, monkeypatch):
+    model, proc = build_model(tiny_spec)
+    model.save_pretrained(str(tmp_path / "ckpt"), proc.tokenizer)
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    import mmdomain.checkpoint as ckpt
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(str(tmp_path / "ckpt"), proc.tokenizer)
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
