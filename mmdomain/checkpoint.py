@@ -106,3 +106,46 @@ def load_model(directory: str | Path) -> tuple["MultimodalLM", "MultimodalProces
     model.load_state_dict(state, strict=False)
     model.restored = {k for k in state if not k.startswith("connector.")}
     return model, processor
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory whose ``checkpoint/`` holds one."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoint"):
+        if (candidate / CONFIG).is_file():
+            return candidate
+    raise FileNotFoundError(f"{str(path)!r} is neither an mmdomain checkpoint nor a run directory with checkpoint/{CONFIG}")
+
+
+def _canonical(name: str) -> str:
+    """Parameter name without peft's wrapping, so a stage-1 LLM weight finds its place under stage 2's LoRA."""
+    return name.replace("llm.base_model.model.", "llm.", 1).replace(".base_layer.", ".")
+
+
+def init_from_checkpoint(model: "MultimodalLM", path: str | Path) -> list[str]:
+    """Load a previous stage's stored weights into ``model`` (built from this stage's spec); returns their names.
+
+    The encoder and connector must be the same components; the LLM may gain LoRA in between (names are mapped).
+    """
+    directory = resolve_checkpoint(path)
+    config = json.loads((directory / CONFIG).read_text())
+    previous = ModelSpec.model_validate(config["spec"])
+    for part in ("encoder", "connector"):
+        if getattr(previous, part) != getattr(model.spec, part):
+            raise ValueError(
+                f"init_from {directory}: its {part} is {getattr(previous, part).model_dump()} but this recipe's is "
+                f"{getattr(model.spec, part).model_dump()}; stages must share the {part}"
+            )
+    if config["media_token_id"] != model.media_token_id:
+        raise ValueError(f"init_from {directory}: media token id {config['media_token_id']} != {model.media_token_id}; the LLM or media_token changed")
+    state = load_file(str(directory / WEIGHTS))
+    own = {_canonical(n): n for n in model.state_dict()}
+    mapped, unknown = {}, []
+    for name, tensor in state.items():
+        target = own.get(_canonical(name))
+        (unknown.append(name) if target is None else mapped.__setitem__(target, tensor))
+    if unknown:
+        raise ValueError(f"init_from {directory}: {len(unknown)} stored weights have no place in this model (first: {unknown[:3]})")
+    model.load_state_dict(mapped, strict=False)
+    model.restored |= {k for k in mapped if not k.startswith("connector.")}
+    return sorted(mapped)

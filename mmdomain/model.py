@@ -96,10 +96,7 @@ class MultimodalLM(nn.Module):
     ) -> MultimodalOutput:
         """Loss over supervised positions only: the LM head and cross-entropy never see the other positions (on
         small LLMs the all-position ``[B, T, V]`` logits dominate the step). Same value as HF's causal-LM loss."""
-        embeds = self.embed(input_ids, pixel_values)
-        hidden = self.causal_lm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids)
         logits = self.logits(hidden) if (return_logits or labels is None) else None
         if labels is None:
             return MultimodalOutput(None, None, 0, logits)
@@ -109,6 +106,25 @@ class MultimodalLM(nn.Module):
         loss_sum = F.cross_entropy(picked, targets[supervised], reduction="sum")
         count = int(supervised.sum())
         return MultimodalOutput(loss_sum / max(count, 1), loss_sum, count, logits)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-layer hidden states ``[B, T, H]`` of the LLM over the spliced sequence (no LM head)."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.causal_lm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+
+    def sequence_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                          pixel_values: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        """Summed log-probability of each row's supervised tokens ``[B]``: scores answer choices."""
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE
+        logp = torch.log_softmax(self.logits(hidden[:, :-1][supervised]).float(), dim=-1)
+        token_logp = logp.gather(1, targets[supervised].unsqueeze(1)).squeeze(1)
+        rows = supervised.nonzero()[:, 0]
+        return torch.zeros(len(input_ids), dtype=token_logp.dtype, device=token_logp.device).index_add_(0, rows, token_logp)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.causal_lm.get_output_embeddings()(hidden)

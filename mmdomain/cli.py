@@ -1,0 +1,185 @@
+"""The `mmdomain` command: parses argv and calls library functions; `main(argv)` is what tests call."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger("mmdomain")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+    from .train import train
+
+    result = train(load_recipe(args.recipe, args.overrides))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .recipe import dump_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(dump_recipe(recipe), end="")
+    print(f"# {args.recipe}: valid", file=sys.stderr)
+    return 0
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    if args.what == "encoders":
+        from encoders._registry import REGISTRY
+
+        for name, text in REGISTRY.describe().items():
+            print(f"{name:20s} {text}")
+    elif args.what == "connectors":
+        from connectors import list_connectors
+
+        print("\n".join(list_connectors()))
+    else:
+        from .demo import recipes_dir
+
+        root = recipes_dir()
+        for path in sorted(root.rglob("*.yaml")):
+            first = path.read_text().splitlines()[0].lstrip("# ").strip() if path.stat().st_size else ""
+            print(f"{str(path.relative_to(root)):55s} {first}")
+    return 0
+
+
+def _cmd_make_shards(args: argparse.Namespace) -> int:
+    from .shards import make_shards
+
+    manifest = make_shards(args.jsonl, args.media, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
+                           caption_prompt=args.caption_prompt, overwrite=args.overwrite)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve_checkpoint
+    from .evaluate import evaluate_shards
+    from .model import MultimodalLM
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model, processor = MultimodalLM.from_pretrained(str(checkpoint))
+    out = Path(args.out) if args.out else checkpoint.parent / "eval_report.json"
+    report = evaluate_shards(model, processor, args.data, max_samples=args.max_samples, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, predictions_path=out.with_suffix(".predictions.jsonl"), progress=True)
+    report.update(checkpoint=str(checkpoint), data=args.data)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import resolve_checkpoint
+    from .domains import decode_member
+    from .model import MultimodalLM
+
+    model, processor = MultimodalLM.from_pretrained(str(resolve_checkpoint(args.checkpoint)))
+    media = Path(args.image)
+    if not media.is_file():
+        raise FileNotFoundError(f"image {str(media)!r} does not exist")
+    item = decode_member(media.name, media.read_bytes())
+    sample = processor([{"role": "user", "content": f"{processor.media_token} {args.question}"}], [item], key=media.name, add_generation_prompt=True)
+    batch = processor.collate([sample], padding_side="left")
+    model.eval()
+    with torch.no_grad():
+        new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=args.max_new_tokens,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    print(processor.tokenizer.decode(new[0], skip_special_tokens=True).strip())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, seed=args.seed, train_samples=args.train_samples, heldout_samples=args.heldout_samples,
+                       shuffle_images=args.shuffle_images, threads=args.threads, overrides=tuple(args.overrides))
+    print(json.dumps(summary, indent=2))
+    print(f"\nheld-out accuracy {summary['heldout_accuracy_after']:.3f} (before training {summary['heldout_accuracy_before']:.3f}, "
+          f"chance {summary['chance']:.2f}) in {summary['seconds']:.0f} s; summary: {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmdomain", description="Build domain multimodal models from an encoder, a connector and a local LLM.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run one recipe stage: mmdomain run RECIPE [key=value ...]")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.max_steps=100")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", help="load and check a recipe; print it fully resolved")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("ls", help="list encoders, connectors or shipped recipes")
+    p.add_argument("what", choices=["encoders", "connectors", "recipes"])
+    p.set_defaults(func=_cmd_ls)
+
+    p = sub.add_parser("make-shards", help="write webdataset shards from a media folder and a JSONL of samples")
+    p.add_argument("--jsonl", required=True)
+    p.add_argument("--media", required=True, help="folder the JSONL's media paths are relative to")
+    p.add_argument("--out", required=True)
+    p.add_argument("--prefix", default="train")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--caption-prompt", default="Describe the image.")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_make_shards)
+
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint on shards")
+    p.add_argument("checkpoint", help="run directory or checkpoint directory")
+    p.add_argument("--data", required=True, help="shard pattern, e.g. 'shards/test-*.tar'")
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--out", help="JSON report path (default: eval_report.json beside the checkpoint)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="answer one question about one image with a trained run")
+    p.add_argument("checkpoint")
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("demo", help="the CPU demo: synthetic scans, tiny models, align + instruct, held-out accuracy")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-samples", type=int, default=2000)
+    p.add_argument("--heldout-samples", type=int, default=200)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--shuffle-images", action="store_true", help="control run: images shuffled against answers")
+    p.add_argument("overrides", nargs="*", help="recipe overrides applied to both stages, e.g. optim.max_steps=50")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from .data import DataError
+    from .processor import SampleError
+    from .recipe import RecipeError
+    from .shards import ShardError
+    from .train import NonFiniteLossError, RunDirectoryError
+
+    try:
+        return args.func(args)
+    except (RecipeError, ShardError, DataError, SampleError, NonFiniteLossError, RunDirectoryError, FileNotFoundError, KeyError) as exc:
+        print(f"mmdomain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

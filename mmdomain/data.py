@@ -1,0 +1,170 @@
+"""Stream webdataset shards: allow-listed decoding, counted failures, seeded order, rank/worker splitting, batching."""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from .domains import DecodeError, decode_member
+from .processor import MultimodalProcessor, SampleError
+
+log = logging.getLogger(__name__)
+
+_MEDIA_MEMBER = re.compile(r"^(\d+)\.(\w+)$")
+
+
+class DataError(RuntimeError):
+    """The data cannot feed the run (no shards, or more bad samples than the budget allows)."""
+
+
+@dataclass
+class Record:
+    """One decoded sample: its conversation, media in order, and evaluation fields."""
+
+    key: str
+    conversations: list[dict[str, Any]]
+    media: list[Any]
+    choices: list[str] | None = None
+    answer_type: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def expand_shards(patterns: str | list[str]) -> list[str]:
+    """Glob and brace patterns (``train-{000000..000009}.tar``) -> sorted, de-duplicated existing shard paths."""
+    import braceexpand
+
+    out: list[str] = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        matched = []
+        for expanded in braceexpand.braceexpand(str(Path(pattern).expanduser())):
+            matched += sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else ([expanded] if Path(expanded).is_file() else [])
+        if not matched:
+            raise DataError(f"shard pattern {pattern!r} matches no file; check the path, or write shards with `mmdomain make-shards`")
+        out += matched
+    return list(dict.fromkeys(out))
+
+
+class FailureBudget:
+    """Counts samples that failed to decode or process; past ``budget`` the run stops with the names."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.failures: list[str] = []
+
+    def record(self, key: str, reason: str) -> None:
+        self.failures.append(f"{key}: {reason}")
+        log.warning("skipped sample %s (%d/%d allowed): %s", key, len(self.failures), self.budget, reason)
+        if len(self.failures) > self.budget:
+            shown = "\n  ".join(self.failures[:5])
+            raise DataError(
+                f"{len(self.failures)} samples failed, over data.decode_error_budget={self.budget}:\n  {shown}\n"
+                "fix or drop those samples (or raise the budget if losing them is acceptable)"
+            )
+
+
+def _open_local(shards: list[str]) -> Iterator[dict[str, Any]]:
+    for shard in shards:
+        with open(shard, "rb") as stream:  # local files only: webdataset's URL opener would also run pipes
+            yield {"url": shard, "stream": stream}
+
+
+def iter_records(shards: list[str], *, failures: FailureBudget, shuffle_shards: bool = False, seed: int = 0,
+                 epoch: int = 0, split: bool = True) -> Iterator[Record]:
+    """Decoded records in shard order (shards shuffled by ``seed + epoch`` when asked), split across ranks and
+    DataLoader workers by whole shards."""
+    from webdataset.shardlists import split_by_node, split_by_worker
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    order = list(shards)
+    if shuffle_shards:
+        random.Random(seed * 100003 + epoch).shuffle(order)
+    if split:
+        order = list(split_by_worker(split_by_node(order)))
+    for raw in group_by_keys(tar_file_expander(_open_local(order))):
+        key = f"{Path(raw['__url__']).name}:{raw['__key__']}"
+        try:
+            yield _decode(raw, key)
+        except (DecodeError, SampleError, ValueError, KeyError) as exc:
+            failures.record(key, str(exc))
+
+
+def _decode(raw: dict[str, Any], key: str) -> Record:
+    if "json" not in raw:
+        raise DecodeError(f"no .json member (members: {sorted(k for k in raw if not k.startswith('__'))})")
+    try:
+        sample = json.loads(raw["json"])
+    except json.JSONDecodeError as exc:
+        raise DecodeError(f"json member is not valid JSON ({exc.msg})") from None
+    if "conversations" not in sample:
+        raise DecodeError("json member has no 'conversations' field; write shards with `mmdomain make-shards`")
+    media = sorted((int(m.group(1)), name) for name in raw if (m := _MEDIA_MEMBER.match(name)))
+    decoded = [decode_member(name, raw[name]) for _, name in media]
+    return Record(key, sample["conversations"], decoded, sample.get("choices"), sample.get("answer_type"), sample.get("meta", {}))
+
+
+class TrainStream(IterableDataset):
+    """Processed training samples: seeded shard shuffle, then a seeded shuffle buffer; ``set_epoch`` reshuffles."""
+
+    def __init__(self, shards: list[str], processor: MultimodalProcessor, *, seed: int, shuffle_buffer: int,
+                 error_budget: int, limit: int | None = None) -> None:
+        super().__init__()
+        self.shards, self.processor = shards, processor
+        self.seed, self.shuffle_buffer, self.limit = seed, shuffle_buffer, limit
+        self.failures = FailureBudget(error_budget)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random((self.seed * 1000003 + self.epoch) * 101 + (info.id if info else 0))
+        # With a sample limit the subset must not change between epochs, so shard order stays fixed then.
+        records = iter_records(self.shards, failures=self.failures, shuffle_shards=self.limit is None, seed=self.seed, epoch=self.epoch)
+        buffer: list[Any] = []
+        for n, record in enumerate(records):
+            if self.limit is not None and n >= self.limit:
+                break
+            try:
+                sample = self.processor(record.conversations, record.media, key=record.key)
+            except (SampleError, ValueError) as exc:
+                self.failures.record(record.key, str(exc))
+                continue
+            if self.shuffle_buffer <= 1:
+                yield sample
+                continue
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            yield buffer[i]
+            buffer[i] = sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+def train_loader(stream: TrainStream, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=stream.processor.collate,
+                      persistent_workers=False)
+
+
+def epochs_of_batches(loader: DataLoader, stream: TrainStream) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(epoch, batch) forever, reshuffling every epoch; an epoch that yields nothing is an error, not a hang."""
+    epoch = 0
+    while True:
+        stream.set_epoch(epoch)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield epoch, batch
+        if empty:
+            raise DataError(f"the training shards yielded no usable sample ({len(stream.failures.failures)} failed)")
+        epoch += 1

@@ -1,0 +1,217 @@
+"""Recipes: the typed schema of one training stage, YAML loading with duplicate-key checks, dotted overrides.
+
+A recipe names every component by registry name (never an importable Python path) and says what trains:
+
+    stage: align                 # align | instruct | (any label; it only names the run)
+    model: {encoder: ..., connector: ..., llm: ...}     # mmdomain.spec.ModelSpec
+    init_from: runs/align        # previous stage's run directory or checkpoint (optional)
+    trainable: {encoder: false, connector: true, llm: false | lora | full, params: [globs]}
+    lr: {connector: 1.0e-3, encoder: ..., llm: ...}      # per-module learning rates (default optim.lr)
+    data: {train: "shards/train-*.tar", eval: ..., ...}
+    optim: {lr, warmup_steps, max_steps | epochs, batch_size, grad_accum, clip_grad_norm, precision, ...}
+    eval: {every_steps, max_samples, ...}
+    seed: 0
+    output_dir: runs/align
+
+Override any field from the command line: ``mmdomain run RECIPE optim.max_steps=50 model.llm.path=/models/qwen``.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .spec import ModelSpec
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file, the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Trainable(_Strict):
+    """What trains. Switches per module, plus extra parameter-name globs (e.g. ``llm.*lm_head*``)."""
+
+    encoder: bool = False
+    connector: bool = True
+    llm: Literal[False, "lora", "full"] = False
+    params: list[str] = Field(default_factory=list)
+
+
+class ModuleLR(_Strict):
+    encoder: float | None = None
+    connector: float | None = None
+    llm: float | None = None
+
+
+class Data(_Strict):
+    train: str | list[str]
+    eval: str | list[str] | None = None
+    shuffle_buffer: int = Field(1000, ge=0)
+    num_workers: int = Field(0, ge=0)
+    max_train_samples: int | None = Field(None, ge=1)
+    decode_error_budget: int = Field(10, ge=0, description="samples allowed to fail decoding before the run stops")
+
+
+class Optim(_Strict):
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    clip_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _length(self) -> "Optim":
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of optim.max_steps and optim.epochs")
+        return self
+
+
+class Eval(_Strict):
+    every_steps: int = Field(0, ge=0, description="0: evaluate only at the end")
+    max_samples: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class Recipe(_Strict):
+    stage: str = "align"
+    model: ModelSpec
+    init_from: str | None = None
+    trainable: Trainable = Field(default_factory=Trainable)
+    lr: ModuleLR = Field(default_factory=ModuleLR)
+    data: Data
+    optim: Optim
+    eval: Eval = Field(default_factory=Eval)
+    seed: int = 0
+    output_dir: str
+    overwrite: bool = False
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(10, ge=1)
+    save_every: int = Field(0, ge=0, description="0: save only at the end")
+
+    @model_validator(mode="after")
+    def _lora_consistent(self) -> "Recipe":
+        if self.trainable.llm == "lora" and self.model.llm.lora is None:
+            raise ValueError("trainable.llm is 'lora' but model.llm.lora is not set; add model.llm.lora: {r: 16, alpha: 32}")
+        if self.model.llm.lora is not None and self.trainable.llm != "lora":
+            raise ValueError(f"model.llm.lora is set but trainable.llm is {self.trainable.llm!r}; set trainable.llm: lora")
+        return self
+
+
+# -- YAML ---------------------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loader that refuses duplicate mapping keys (plain YAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise RecipeError(f"{key_node.start_mark.name}: duplicate key {key!r} at line {line} (first at line {seen[key]}); keep one")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist (see `mmdomain ls recipes`)")
+    with path.open() as f:
+        try:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; the value is parsed as a YAML scalar/flow value (``1e-3``, ``[a, b]``, ``null``)."""
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep or not dotted:
+            raise RecipeError(f"override {item!r} is not key=value (e.g. optim.max_steps=100)")
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw else ""
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names valid at ``loc`` (the parent of an unknown key), for did-you-mean hints."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        current = candidates[0]
+    return list(getattr(current, "model_fields", {}))
+
+
+def _explain(exc: ValidationError, source: str) -> RecipeError:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(str(loc[-1]), _field_names(Recipe, loc[:-1]), n=1, cutoff=0.6)
+            hint = f"; did you mean {'.'.join(map(str, loc[:-1] + (near[0],)))!r}?" if near else ""
+            lines.append(f"  {where}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"  {where}: required field is missing")
+        else:
+            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+    return RecipeError(f"{source}: invalid recipe\n" + "\n".join(lines))
+
+
+def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, source) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe. Nothing is downloaded or built."""
+    data = apply_overrides(read_yaml(path), list(overrides))
+    return validate_recipe(data, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,192 @@
+"""Write webdataset shards from a media folder and a JSONL of samples, with a manifest of per-shard counts.
+
+Accepted JSONL lines (one sample each):
+- ``{"media": ["a.png", ...], "conversations": [{"role": "user", "content": "<image> ..."}, ...]}``
+  (LLaVA's ``{"from": "human"|"gpt", "value": ...}`` turns and ``"image"`` in place of ``"media"`` work too);
+- ``{"image": "a.png", "question": "...", "answer": "...", "choices": [...]?}``;
+- ``{"image": "a.png", "caption": "..."}`` (the user turn is ``<image> {caption_prompt}``).
+Optional fields kept for evaluation: ``id`` (the sample key), ``choices``, ``answer_type`` (closed/open).
+
+A sample becomes ``{key}.json`` plus ``{key}.{i}.{ext}`` per media item, stored as the original file bytes.
+Each shard is written under a temporary name and renamed when complete; ``manifest.json`` is written last.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from .domains import media_extensions
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class ShardError(ValueError):
+    """Bad input for make-shards; the message names the JSONL line, field or file and the fix."""
+
+
+def normalise_record(record: dict[str, Any], where: str, media_token: str = "<image>", caption_prompt: str = "Describe the image.") -> dict[str, Any]:
+    """One JSONL record -> ``{"conversations", "media", "choices"?, "answer_type"?}`` with markers matching media."""
+    media = record.get("media", record.get("image", []))
+    media = [media] if isinstance(media, str) else list(media)
+    if "conversations" in record:
+        turns = []
+        for i, turn in enumerate(record["conversations"]):
+            role = _ROLES.get(turn.get("role", turn.get("from")))
+            content = turn.get("content", turn.get("value"))
+            if role is None or not isinstance(content, str):
+                raise ShardError(f"{where}: conversations[{i}] needs role (user/assistant/system) and string content")
+            turns.append({"role": role, "content": content})
+    elif "question" in record and "answer" in record:
+        turns = [{"role": "user", "content": str(record["question"])}, {"role": "assistant", "content": str(record["answer"])}]
+    elif "caption" in record:
+        turns = [{"role": "user", "content": caption_prompt}, {"role": "assistant", "content": str(record["caption"])}]
+    else:
+        raise ShardError(f"{where}: a sample needs 'conversations', or 'question' + 'answer', or 'caption' (keys: {sorted(record)})")
+    if not any(t["role"] == "assistant" for t in turns):
+        raise ShardError(f"{where}: no assistant turn to learn from")
+    markers = sum(t["content"].count(media_token) for t in turns)
+    if markers == 0 and media:
+        first_user = next((t for t in turns if t["role"] == "user"), None)
+        if first_user is None:
+            raise ShardError(f"{where}: media given but no user turn to attach them to")
+        first_user["content"] = " ".join([media_token] * len(media) + [first_user["content"]])
+    elif markers != len(media):
+        raise ShardError(f"{where}: {markers} {media_token!r} markers but {len(media)} media files; they must match one to one")
+    out: dict[str, Any] = {"conversations": turns, "media": media}
+    if "choices" in record:
+        choices = [str(c) for c in record["choices"]]
+        answer = turns[-1]["content"]
+        if turns[-1]["role"] != "assistant" or answer not in choices:
+            raise ShardError(f"{where}: the final assistant answer {answer!r} is not among choices {choices}")
+        out["choices"] = choices
+    if "answer_type" in record:
+        if record["answer_type"] not in ("closed", "open"):
+            raise ShardError(f"{where}: answer_type must be 'closed' or 'open', got {record['answer_type']!r}")
+        out["answer_type"] = record["answer_type"]
+    return out
+
+
+def _sample_key(record: dict[str, Any], prefix: str, line: int) -> str:
+    raw = str(record.get("id", f"{prefix}-{line:08d}"))
+    return re.sub(r"[^A-Za-z0-9_-]", "_", raw)  # webdataset splits keys at the first dot
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, *, prefix: str = "train",
+                samples_per_shard: int = 1000, caption_prompt: str = "Describe the image.", overwrite: bool = False) -> dict[str, Any]:
+    """Write ``{out_dir}/{prefix}-NNNNNN.tar`` and ``{out_dir}/manifest.json``; return the manifest."""
+    jsonl, media_root, out_dir = Path(jsonl), Path(media_root), Path(out_dir)
+    if not jsonl.is_file():
+        raise ShardError(f"samples file {str(jsonl)!r} does not exist")
+    if not media_root.is_dir():
+        raise ShardError(f"media folder {str(media_root)!r} does not exist")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = sorted(out_dir.glob(f"{prefix}-*.tar"))
+    if stale and not overwrite:
+        raise ShardError(f"{out_dir} already holds {len(stale)} '{prefix}-*.tar' shards; choose another --out or --prefix, or pass --overwrite")
+    allowed = set(media_extensions())
+
+    shards: list[dict[str, Any]] = []
+    keys: set[str] = set()
+    tar: tarfile.TarFile | None = None
+    tmp_path: Path | None = None
+
+    def finish() -> None:
+        nonlocal tar
+        if tar is not None:
+            tar.close()
+            os.replace(tmp_path, out_dir / shards[-1]["name"])
+            tar = None
+
+    try:
+        for line_no, line in enumerate(_lines(jsonl), start=1):
+            where = f"{jsonl}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ShardError(f"{where}: not valid JSON ({exc.msg})") from None
+            sample = normalise_record(record, where, caption_prompt=caption_prompt)
+            key = _sample_key(record, prefix, line_no)
+            if key in keys:
+                raise ShardError(f"{where}: sample id {key!r} appears twice; ids must be unique")
+            keys.add(key)
+            blobs = []
+            for i, rel in enumerate(sample.pop("media")):
+                path = media_root / rel
+                ext = path.suffix.lower().lstrip(".")
+                if ext not in allowed:
+                    raise ShardError(f"{where}: media {rel!r} has type .{ext}; allowed: {', '.join(sorted(allowed))}")
+                if not path.is_file():
+                    raise ShardError(f"{where}: media file {str(path)!r} does not exist")
+                blobs.append((f"{key}.{i}.{ext}", path.read_bytes()))
+            if tar is None or shards[-1]["samples"] >= samples_per_shard:
+                finish()
+                shards.append({"name": f"{prefix}-{len(shards):06d}.tar", "samples": 0})
+                tmp_path = out_dir / f".{shards[-1]['name']}.tmp"
+                tar = tarfile.open(tmp_path, "w")
+            _add(tar, f"{key}.json", json.dumps(sample).encode())
+            for name, data in blobs:
+                _add(tar, name, data)
+            shards[-1]["samples"] += 1
+        finish()
+    except BaseException:
+        if tar is not None:
+            tar.close()
+            tmp_path.unlink(missing_ok=True)
+        raise
+    if not shards:
+        raise ShardError(f"{jsonl} holds no samples")
+    for old in stale:  # older shards beyond the new set would be picked up by a glob
+        if old.name not in {s["name"] for s in shards}:
+            old.unlink()
+    manifest = {"prefix": prefix, "source": str(jsonl), "total": sum(s["samples"] for s in shards), "shards": shards}
+    merged = {**(read_manifest(out_dir) or {}), prefix: manifest}  # one entry per prefix (train, eval, ...)
+    tmp = out_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    os.replace(tmp, out_dir / MANIFEST)
+    log.info("wrote %d samples in %d shards to %s", manifest["total"], len(shards), out_dir)
+    return manifest
+
+
+def _lines(path: Path) -> Iterable[str]:
+    with path.open() as f:
+        for line in f:
+            if line.strip():
+                yield line
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def count_samples(shard_paths: list[str]) -> int | None:
+    """Samples in these shards according to their manifests, or None if any shard is not listed."""
+    total = 0
+    by_dir: dict[Path, dict[str, int]] = {}
+    for shard in shard_paths:
+        directory = Path(shard).parent
+        if directory not in by_dir:
+            manifest = read_manifest(directory) or {}
+            by_dir[directory] = {s["name"]: s["samples"] for m in manifest.values() for s in m["shards"]}
+        count = by_dir[directory].get(Path(shard).name)
+        if count is None:
+            return None
+        total += count
+    return total
+

@@ -1,0 +1,69 @@
+"""Decide what trains (module switches + parameter-name globs), build per-module optimizer groups, log the table."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Any
+
+from torch import nn
+
+from .recipe import ModuleLR, Trainable
+
+log = logging.getLogger(__name__)
+
+MODULES = ("encoder", "connector", "llm")
+
+
+def apply_trainable(model: nn.Module, trainable: Trainable) -> None:
+    """Set ``requires_grad`` on every parameter from the recipe; globs match full names like ``llm.*lm_head*``."""
+    model.requires_grad_(False)
+    if trainable.encoder:
+        model.encoder.requires_grad_(True)
+    if trainable.connector:
+        model.connector.requires_grad_(True)
+    if trainable.llm == "full":
+        model.llm.requires_grad_(True)
+    elif trainable.llm == "lora":
+        for name, param in model.llm.named_parameters():
+            param.requires_grad_("lora_" in name)
+    names = dict(model.named_parameters())
+    for pattern in trainable.params:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise ValueError(f"trainable.params pattern {pattern!r} matches no parameter (names look like {next(iter(names))!r})")
+        for n in matched:
+            names[n].requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the recipe trains nothing: enable trainable.connector, encoder, llm or give trainable.params")
+
+
+def param_groups(model: nn.Module, lr: ModuleLR, default_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """One AdamW group per module that trains (its own LR); biases and norms get no weight decay."""
+    groups = []
+    for module in MODULES:
+        decay, no_decay = [], []
+        for name, param in getattr(model, module).named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 else decay).append(param)
+        module_lr = getattr(lr, module) or default_lr
+        for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, ".no_decay")):
+            if params:
+                groups.append({"params": params, "lr": module_lr, "weight_decay": wd, "name": module + suffix})
+    return groups
+
+
+def trainable_table(model: nn.Module) -> str:
+    """A table of parameter counts per module: total, trainable, and what share trains."""
+    rows = [("module", "parameters", "trainable", "share")]
+    total_all = total_train = 0
+    for module in MODULES:
+        params = list(getattr(model, module).parameters())
+        total = sum(p.numel() for p in params)
+        train = sum(p.numel() for p in params if p.requires_grad)
+        total_all, total_train = total_all + total, total_train + train
+        rows.append((module, f"{total:,}", f"{train:,}", f"{100 * train / max(total, 1):.1f}%"))
+    rows.append(("total", f"{total_all:,}", f"{total_train:,}", f"{100 * total_train / max(total_all, 1):.1f}%"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
