@@ -62,7 +62,7 @@ def _to_chw_float(image: Any) -> torch.Tensor:
             if image.mode not in ("L", "RGB", "RGBA", "I;16", "I", "F"):
                 image = image.convert("RGB")
         arr = np.asarray(image)
-        x = torch.from_numpy(np.ascontiguousarray(arr))
+        x = torch.from_numpy(np.require(arr, requirements=["C", "W"]))  # PIL arrays are read-only: copy only then
         if x.ndim == 2:
             x = x[None]
         elif x.ndim == 3:

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the CPU demo: synthetic scans, tiny models, align + instruct, held-out accuracy")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-samples", type=int, default=2000)
+    p.add_argument("--train-samples", type=int, default=4000)
     p.add_argument("--heldout-samples", type=int, default=200)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shuffle-images", action="store_true", help="control run: images shuffled against answers")

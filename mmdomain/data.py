@@ -61,7 +61,7 @@ class FailureBudget:
 
     def record(self, key: str, reason: str) -> None:
         self.failures.append(f"{key}: {reason}")
-        log.warning("skipped sample %s (%d/%d allowed): %s", key, len(self.failures), self.budget, reason)
+        log.warning("skipped sample %s (failure %d, budget %d): %s", key, len(self.failures), self.budget, reason)
         if len(self.failures) > self.budget:
             shown = "\n  ".join(self.failures[:5])
             raise DataError(

@@ -47,7 +47,7 @@ def prepare(out: Path, *, seed: int, train_samples: int, heldout_samples: int, s
         make_shards(jsonl, raw / "media", out / "shards", prefix=name, samples_per_shard=500, overwrite=True)
 
 
-def run_demo(out: str | Path = "runs/demo", *, seed: int = 0, train_samples: int = 2000, heldout_samples: int = 200,
+def run_demo(out: str | Path = "runs/demo", *, seed: int = 0, train_samples: int = 4000, heldout_samples: int = 200,
              shuffle_images: bool = False, threads: int | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the whole demo and return (and write to ``{out}/summary.json``) its summary."""
     started = time.perf_counter()

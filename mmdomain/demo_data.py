@@ -2,8 +2,9 @@
 
 Each scan has a blotchy low-frequency background, faint stripes, speckle and two faint distractor spots; a
 Gaussian lesion (peak about 4-6 background standard deviations) sits in one quadrant: an ideal matched filter
-names the quadrant about 98 % of the time (misses are lesions on a midline), so the task is learnable but not trivial. Questions come in four paraphrases; the answer is the quadrant (chance 0.25). Align
-samples are captions naming the quadrant; instruct and held-out samples are questions with the four choices.
+names the quadrant about 98 % of the time (misses are lesions on a midline), so the task is learnable but not
+trivial. Questions come in four paraphrases; the answer is the quadrant (chance 0.25). Align samples are captions
+naming the quadrant; instruct and held-out samples are questions with the four choices.
 """
 from __future__ import annotations
 

@@ -173,7 +173,7 @@ def build_model(spec: ModelSpec, *, tokenizer_dir: str | None = None) -> tuple[M
     media_token_id = add_media_token(llm, tokenizer, spec.media_token)
     hidden = llm.get_input_embeddings().embedding_dim
     connector = create_connector(spec.connector.name, in_dim=encoder.info.embed_dim, out_dim=hidden, **spec.connector.options)
-    connector.to(llm.dtype)
+    # The connector always trains in fp32 (it is small); its output is cast to the LLM's dtype at the splice.
     encoder.requires_grad_(False)
     llm.requires_grad_(False)
     if spec.llm.lora is not None:

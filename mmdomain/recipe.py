@@ -109,6 +109,9 @@ class Recipe(_Strict):
     def _lora_consistent(self) -> "Recipe":
         if self.trainable.llm == "lora" and self.model.llm.lora is None:
             raise ValueError("trainable.llm is 'lora' but model.llm.lora is not set; add model.llm.lora: {r: 16, alpha: 32}")
+        if self.trainable.llm == "full" and self.model.llm.dtype != "float32":
+            raise ValueError(f"trainable.llm is 'full' but model.llm.dtype is {self.model.llm.dtype}: training bf16/fp16 weights "
+                             "directly loses updates; keep dtype float32 and set optim.precision: bf16 for bf16 compute")
         if self.model.llm.lora is not None and self.trainable.llm != "lora":
             raise ValueError(f"model.llm.lora is set but trainable.llm is {self.trainable.llm!r}; set trainable.llm: lora")
         return self

@@ -1,0 +1,165 @@
+"""make-shards and the shard reader: input forms, manifest, atomic writes, named errors, budgets, order, splitting."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmdomain.data import DataError, FailureBudget, TrainStream, expand_shards, iter_records, train_loader
+from mmdomain.model import build_model
+from mmdomain.shards import ShardError, make_shards, read_manifest
+from mmdomain.spec import ModelSpec
+
+
+def _media(tmp_path, n):
+    media = tmp_path / "media"
+    media.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.fromarray((np.random.default_rng(i).random((32, 32)) * 255).astype(np.uint8)).save(media / f"{i}.png")
+    return media
+
+
+def _jsonl(tmp_path, rows, name="samples.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_make_shards_accepts_all_forms_and_writes_manifest(tmp_path):
+    media = _media(tmp_path, 5)
+    rows = [
+        {"id": "a.1", "image": "0.png", "question": "where is the lesion ?", "answer": "left", "choices": ["left", "right"]},
+        {"image": "1.png", "caption": "a scan"},
+        {"media": ["2.png", "3.png"], "conversations": [{"role": "user", "content": "<image> <image> compare"}, {"role": "assistant", "content": "same"}]},
+        {"image": "4.png", "conversations": [{"from": "human", "value": "where ?"}, {"from": "gpt", "value": "left"}]},
+    ]
+    manifest = make_shards(_jsonl(tmp_path, rows), media, tmp_path / "shards", samples_per_shard=3)
+    assert manifest["total"] == 4 and [s["samples"] for s in manifest["shards"]] == [3, 1]
+    assert read_manifest(tmp_path / "shards")["train"] == manifest
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["manifest.json", "train-000000.tar", "train-000001.tar"]
+    records = list(iter_records(expand_shards(str(tmp_path / "shards" / "train-*.tar")), failures=FailureBudget(0), split=False))
+    assert [r.key for r in records] == ["train-000000.tar:a_1", "train-000000.tar:train-00000002", "train-000000.tar:train-00000003", "train-000001.tar:train-00000004"]
+    assert records[0].choices == ["left", "right"] and records[0].conversations[0]["content"] == "<image> where is the lesion ?"
+    assert records[1].conversations[0]["content"] == "<image> Describe the image."
+    assert len(records[2].media) == 2 and records[2].media[0].shape == (32, 32)
+    assert records[3].conversations[1] == {"role": "assistant", "content": "left"}
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"image": "0.png", "question": "q"}, r"samples.jsonl:1: a sample needs 'conversations', or 'question' \+ 'answer'"),
+    ({"image": "missing.png", "caption": "c"}, r"samples.jsonl:1: media file .*missing.png' does not exist"),
+    ({"image": "0.pkl", "caption": "c"}, r"samples.jsonl:1: media '0.pkl' has type .pkl; allowed:"),
+    ({"image": "0.png", "question": "q", "answer": "up", "choices": ["left"]}, r"final assistant answer 'up' is not among choices"),
+    ({"media": ["0.png"], "conversations": [{"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "x"}]}, "2 '<image>' markers but 1 media"),
+])
+def test_make_shards_names_bad_input(tmp_path, row, message):
+    media = _media(tmp_path, 1)
+    with pytest.raises(ShardError, match=message):
+        make_shards(_jsonl(tmp_path, [row]), media, tmp_path / "shards")
+    assert not list((tmp_path / "shards").glob("*.tar")) and not list((tmp_path / "shards").glob(".*tmp"))
+
+
+def test_make_shards_refuses_to_mix_with_existing_shards(tmp_path):
+    media = _media(tmp_path, 1)
+    src = _jsonl(tmp_path, [{"image": "0.png", "caption": "c"}])
+    make_shards(src, media, tmp_path / "shards")
+    with pytest.raises(ShardError, match="already holds 1 'train-\\*.tar' shards"):
+        make_shards(src, media, tmp_path / "shards")
+    make_shards(src, media, tmp_path / "shards", overwrite=True)
+
+
+def _raw_shard(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _png():
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+GOOD = json.dumps({"conversations": [{"role": "user", "content": "<image> where ?"}, {"role": "assistant", "content": "left"}]}).encode()
+
+
+def test_reader_counts_and_names_bad_samples_then_stops(tmp_path):
+    shard = tmp_path / "s-000000.tar"
+    _raw_shard(shard, [
+        ("ok.json", GOOD), ("ok.0.png", _png()),
+        ("evil.json", GOOD), ("evil.0.pickle", b"\x80\x04K\x01."),           # not an allowed decoder
+        ("nofield.json", json.dumps({"caption": "x"}).encode()),               # missing field
+        ("broken.json", GOOD), ("broken.0.png", b"not a png"),
+    ])
+    budget = FailureBudget(3)
+    records = list(iter_records([str(shard)], failures=budget, split=False))
+    assert [r.key for r in records] == ["s-000000.tar:ok"]
+    assert len(budget.failures) == 3
+    assert any("s-000000.tar:nofield" in f and "no 'conversations' field" in f for f in budget.failures)
+    assert any("evil" in f and "'<image>' markers" not in f for f in budget.failures)
+    with pytest.raises(DataError, match=r"(?s)3 samples failed, over data.decode_error_budget=2.*s-000000.tar:broken"):
+        list(iter_records([str(shard)], failures=FailureBudget(2), split=False))
+
+
+def test_expand_shards_errors_and_braces(tmp_path):
+    for i in range(3):
+        _raw_shard(tmp_path / f"t-{i:06d}.tar", [("k.json", GOOD)])
+    assert len(expand_shards(str(tmp_path / "t-{000000..000002}.tar"))) == 3
+    with pytest.raises(DataError, match="matches no file"):
+        expand_shards(str(tmp_path / "nothing-*.tar"))
+
+
+@pytest.fixture
+def stream_parts(tmp_path, tiny_llm_dir):
+    media = _media(tmp_path, 24)
+    rows = [{"id": f"s{i}", "image": f"{i}.png", "question": "where ?", "answer": "left"} for i in range(24)]
+    make_shards(_jsonl(tmp_path, rows), media, tmp_path / "shards", samples_per_shard=6)
+    spec = ModelSpec.model_validate({"encoder": {"name": "tiny-vit", "options": {"image_size": 32, "channels": 1}}, "llm": {"path": tiny_llm_dir}})
+    _, proc = build_model(spec)
+    return expand_shards(str(tmp_path / "shards" / "*.tar")), proc
+
+
+def _keys(stream, epoch=0, workers=0):
+    stream.set_epoch(epoch)
+    return [k for b in train_loader(stream, 4, workers) for k in b["keys"]]
+
+
+def test_order_is_seeded_and_reshuffled_per_epoch(stream_parts):
+    shards, proc = stream_parts
+    make = lambda seed: TrainStream(shards, proc, seed=seed, shuffle_buffer=8, error_budget=0)  # noqa: E731
+    first = _keys(make(0))
+    assert first == _keys(make(0)) and sorted(first) == sorted(_keys(make(1)))
+    assert first != _keys(make(1)) and first != _keys(make(0), epoch=1)
+    assert len(first) == 24 == len(set(first))
+
+
+def test_workers_split_by_shard_without_duplicates(stream_parts):
+    shards, proc = stream_parts
+    keys = _keys(TrainStream(shards, proc, seed=0, shuffle_buffer=0, error_budget=0), workers=2)
+    assert sorted(keys) == sorted(_keys(TrainStream(shards, proc, seed=0, shuffle_buffer=0, error_budget=0)))
+    assert len(keys) == len(set(keys)) == 24
+
+
+def test_rank_splitting(stream_parts, monkeypatch):
+    shards, proc = stream_parts
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        seen.append(_keys(TrainStream(shards, proc, seed=0, shuffle_buffer=0, error_budget=0)))
+    assert len(seen[0]) == len(seen[1]) == 12 and not set(seen[0]) & set(seen[1])
+
+
+def test_limit_keeps_the_same_subset_every_epoch(stream_parts):
+    shards, proc = stream_parts
+    stream = TrainStream(shards, proc, seed=0, shuffle_buffer=4, error_budget=0, limit=10)
+    a, b = _keys(stream, 0), _keys(stream, 1)
+    assert len(a) == 10 and sorted(a) == sorted(b)
+    assert torch.is_tensor(next(iter(train_loader(stream, 4, 0)))["pixel_values"])
