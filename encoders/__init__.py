@@ -12,7 +12,7 @@ from ._registry import REGISTRY, lazy
 from .base import Encoder, EncoderInfo
 from .transforms import ImageTransform, image_transform
 
-__all__ = ["Encoder", "EncoderInfo", "ImageTransform", "create_encoder", "image_transform", "list_encoders", "register_encoder"]
+__all__ = ["Encoder", "EncoderInfo", "ImageTransform", "create_encoder", "describe_encoders", "image_transform", "list_encoders", "register_encoder"]
 
 
 def create_encoder(name: str, **options: Any) -> Encoder:
@@ -23,6 +23,11 @@ def create_encoder(name: str, **options: Any) -> Encoder:
 
 def list_encoders() -> list[str]:
     return REGISTRY.names()
+
+
+def describe_encoders() -> dict[str, str]:
+    """Registered names with their one-line descriptions."""
+    return REGISTRY.describe()
 
 
 def register_encoder(name: str, builder: Callable[..., Any], *, family: bool = False, description: str = "") -> None:

@@ -56,8 +56,9 @@ def _selected_state(model: "MultimodalLM") -> tuple[dict[str, torch.Tensor], dic
             full = f"{part}.{name}"
             if keep_all or param.requires_grad or full in model.restored:
                 chosen[full] = param.detach().contiguous().cpu()
-        if keep_all:  # buffers of a non-referenced part (e.g. norm statistics) are part of its weights too
-            chosen.update({f"{part}.{n}": b.detach().contiguous().cpu() for n, b in module.named_buffers() if n in dict(module.state_dict())})
+        if keep_all:  # persistent buffers of a non-referenced part (e.g. norm statistics) are part of its weights too
+            persistent = set(module.state_dict())
+            chosen.update({f"{part}.{n}": b.detach().contiguous().cpu() for n, b in module.named_buffers() if n in persistent})
         state.update(chosen)
         stored[part] = "all" if keep_all else ("trained" if chosen else "none")
     return state, stored

@@ -31,9 +31,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "encoders":
-        from encoders._registry import REGISTRY
+        from encoders import describe_encoders
 
-        for name, text in REGISTRY.describe().items():
+        for name, text in describe_encoders().items():
             print(f"{name:20s} {text}")
     elif args.what == "connectors":
         from connectors import list_connectors
@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (RecipeError, ShardError, DataError, SampleError, NonFiniteLossError, RunDirectoryError, FileNotFoundError, KeyError) as exc:
-        print(f"mmdomain {args.command}: error: {exc}", file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() adds quotes
+        print(f"mmdomain {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

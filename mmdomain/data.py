@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .domains import DecodeError, decode_member
 from .processor import MultimodalProcessor, SampleError
+from .shards import normalise_record
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,20 @@ class Record:
     choices: list[str] | None = None
     answer_type: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SampleFormat:
+    """How a shard sample is laid out: numbered media members (make-shards) or named ones (``media_keys``), and
+    an optional caption member for plain image-text webdatasets such as img2dataset output."""
+
+    media_keys: tuple[str, ...] | None = None
+    caption_key: str | None = None
+    caption_prompt: str = "Describe the image."
+
+    @classmethod
+    def from_recipe(cls, data: Any) -> "SampleFormat":
+        return cls(tuple(data.media_keys) if data.media_keys else None, data.caption_key, data.caption_prompt)
 
 
 def expand_shards(patterns: str | list[str]) -> list[str]:
@@ -77,7 +92,7 @@ def _open_local(shards: list[str]) -> Iterator[dict[str, Any]]:
 
 
 def iter_records(shards: list[str], *, failures: FailureBudget, shuffle_shards: bool = False, seed: int = 0,
-                 epoch: int = 0, split: bool = True) -> Iterator[Record]:
+                 epoch: int = 0, split: bool = True, layout: SampleFormat = SampleFormat()) -> Iterator[Record]:
     """Decoded records in shard order (shards shuffled by ``seed + epoch`` when asked), split across ranks and
     DataLoader workers by whole shards."""
     from webdataset.shardlists import split_by_node, split_by_worker
@@ -91,32 +106,47 @@ def iter_records(shards: list[str], *, failures: FailureBudget, shuffle_shards: 
     for raw in group_by_keys(tar_file_expander(_open_local(order))):
         key = f"{Path(raw['__url__']).name}:{raw['__key__']}"
         try:
-            yield _decode(raw, key)
+            yield _decode(raw, key, layout)
         except (DecodeError, SampleError, ValueError, KeyError) as exc:
             failures.record(key, str(exc))
 
 
-def _decode(raw: dict[str, Any], key: str) -> Record:
-    if "json" not in raw:
-        raise DecodeError(f"no .json member (members: {sorted(k for k in raw if not k.startswith('__'))})")
-    try:
-        sample = json.loads(raw["json"])
-    except json.JSONDecodeError as exc:
-        raise DecodeError(f"json member is not valid JSON ({exc.msg})") from None
+def _decode(raw: dict[str, Any], key: str, layout: SampleFormat) -> Record:
+    members = sorted(k for k in raw if not k.startswith("__"))
+    if layout.media_keys is not None:
+        missing = [k for k in layout.media_keys if k not in raw]
+        if missing:
+            raise DecodeError(f"no member {missing[0]!r} (data.media_keys); members: {members}")
+        names = list(layout.media_keys)
+    else:
+        numbered = [(int(m.group(1)), name) for name, m in ((n, _MEDIA_MEMBER.match(n)) for n in raw) if m]
+        names = [name for _, name in sorted(numbered)]
+    sample: dict[str, Any] = {}
+    if "json" in raw:
+        try:
+            sample = json.loads(raw["json"])
+        except json.JSONDecodeError as exc:
+            raise DecodeError(f"json member is not valid JSON ({exc.msg})") from None
     if "conversations" not in sample:
-        raise DecodeError("json member has no 'conversations' field; write shards with `mmdomain make-shards`")
-    media = sorted((int(m.group(1)), name) for name in raw if (m := _MEDIA_MEMBER.match(name)))
-    decoded = [decode_member(name, raw[name]) for _, name in media]
-    return Record(key, sample["conversations"], decoded, sample.get("choices"), sample.get("answer_type"), sample.get("meta", {}))
+        if layout.caption_key is None:
+            raise DecodeError(f"no 'conversations' in a json member (members: {members}); write shards with `mmdomain make-shards`, "
+                              "or set data.caption_key for image-text shards")
+        if layout.caption_key not in raw:
+            raise DecodeError(f"no caption member {layout.caption_key!r} (data.caption_key); members: {members}")
+        sample = {"caption": raw[layout.caption_key].decode("utf-8").strip()}
+    # The same normalisation as make-shards: markers checked (or added) against the media, choices checked.
+    record = normalise_record({**sample, "media": names}, key, caption_prompt=layout.caption_prompt)
+    decoded = [decode_member(name, raw[name]) for name in names]
+    return Record(key, record["conversations"], decoded, record.get("choices"), record.get("answer_type"), sample.get("meta", {}))
 
 
 class TrainStream(IterableDataset):
     """Processed training samples: seeded shard shuffle, then a seeded shuffle buffer; ``set_epoch`` reshuffles."""
 
     def __init__(self, shards: list[str], processor: MultimodalProcessor, *, seed: int, shuffle_buffer: int,
-                 error_budget: int, limit: int | None = None) -> None:
+                 error_budget: int, limit: int | None = None, layout: SampleFormat = SampleFormat()) -> None:
         super().__init__()
-        self.shards, self.processor = shards, processor
+        self.shards, self.processor, self.layout = shards, processor, layout
         self.seed, self.shuffle_buffer, self.limit = seed, shuffle_buffer, limit
         self.failures = FailureBudget(error_budget)
         self.epoch = 0
@@ -128,7 +158,8 @@ class TrainStream(IterableDataset):
         info = torch.utils.data.get_worker_info()
         rng = random.Random((self.seed * 1000003 + self.epoch) * 101 + (info.id if info else 0))
         # With a sample limit the subset must not change between epochs, so shard order stays fixed then.
-        records = iter_records(self.shards, failures=self.failures, shuffle_shards=self.limit is None, seed=self.seed, epoch=self.epoch)
+        records = iter_records(self.shards, failures=self.failures, shuffle_shards=self.limit is None, seed=self.seed,
+                               epoch=self.epoch, layout=self.layout)
         buffer: list[Any] = []
         for n, record in enumerate(records):
             if self.limit is not None and n >= self.limit:

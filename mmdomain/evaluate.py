@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 from tqdm import tqdm
 
-from .data import FailureBudget, Record, expand_shards, iter_records
+from .data import FailureBudget, Record, SampleFormat, expand_shards, iter_records
 from .model import MultimodalLM
 from .processor import MultimodalProcessor
 
@@ -55,13 +55,12 @@ def _choose(model: MultimodalLM, processor: MultimodalProcessor, records: list[R
         prompt, _ = _split(record)
         for choice in record.choices:
             samples.append(processor(prompt + [{"role": "assistant", "content": choice}], record.media, key=record.key))
-            owners.append(i)
-    batch = _to(processor.collate(samples), device)
-    scores = model.sequence_logprobs(**batch).cpu()
+            owners.append((i, choice))
+    scores = model.sequence_logprobs(**_to(processor.collate(samples), device)).cpu().tolist()
     best: dict[int, tuple[float, str]] = {}
-    for score, i, sample_choice in zip(scores.tolist(), owners, [c for r in records for c in r.choices]):
+    for score, (i, choice) in zip(scores, owners):
         if i not in best or score > best[i][0]:
-            best[i] = (score, sample_choice)
+            best[i] = (score, choice)
     return [best[i][1] for i in range(len(records))]
 
 
@@ -128,12 +127,13 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def evaluate_shards(model: MultimodalLM, processor: MultimodalProcessor, patterns: str | list[str], *, max_samples: int | None = None,
                     batch_size: int = 16, max_new_tokens: int = 32, error_budget: int = 10,
-                    predictions_path: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+                    predictions_path: str | Path | None = None, progress: bool = False,
+                    layout: SampleFormat = SampleFormat()) -> dict[str, Any]:
     shards = expand_shards(patterns)
     failures = FailureBudget(error_budget)
 
     def limited() -> Iterable[Record]:
-        for n, record in enumerate(iter_records(shards, failures=failures, split=False)):
+        for n, record in enumerate(iter_records(shards, failures=failures, split=False, layout=layout)):
             if max_samples is not None and n >= max_samples:
                 return
             yield record

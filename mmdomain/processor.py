@@ -133,7 +133,7 @@ class MultimodalProcessor:
         if not self.use_chat_template:
             return self._render_plain(messages, add_generation_prompt)
         render = lambda msgs, gen: self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
-        spans = []
+        spans, through = [], ""
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
@@ -146,7 +146,7 @@ class MultimodalProcessor:
             reply = through[len(before) :].rstrip()
             spans.append((len(before), len(before) + len(reply)))
         text = render(messages, add_generation_prompt)
-        if spans and not text.startswith(render(messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1], False)):
+        if not text.startswith(through):
             raise SampleError(f"sample {key}: the chat template renders a prefix of the conversation differently from the whole")
         return text, spans
 

@@ -56,6 +56,11 @@ class Data(_Strict):
     shuffle_buffer: int = Field(1000, ge=0)
     num_workers: int = Field(0, ge=0)
     max_train_samples: int | None = Field(None, ge=1)
+    media_keys: list[str] | None = Field(
+        None, description="member suffixes holding each sample's media in order, e.g. [jpg] for img2dataset shards; "
+                          "default: the numbered members (0.png, 1.dcm, ...) that make-shards writes")
+    caption_key: str | None = Field(None, description="for plain image-text shards: the member holding the caption, e.g. txt")
+    caption_prompt: str = "Describe the image."
     decode_error_budget: int = Field(10, ge=0, description="samples allowed to fail decoding before the run stops")
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import init_from_checkpoint
-from .data import TrainStream, epochs_of_batches, expand_shards, train_loader
+from .data import SampleFormat, TrainStream, epochs_of_batches, expand_shards, train_loader
 from .evaluate import evaluate_shards
 from .model import MultimodalLM, build_model
 from .processor import IGNORE, MultimodalProcessor
@@ -96,7 +96,7 @@ def run_eval(model: MultimodalLM, processor: MultimodalProcessor, recipe: Recipe
         return None
     return evaluate_shards(model, processor, recipe.data.eval, max_samples=recipe.eval.max_samples, batch_size=recipe.eval.batch_size,
                            max_new_tokens=recipe.eval.max_new_tokens, error_budget=recipe.data.decode_error_budget,
-                           predictions_path=path)
+                           predictions_path=path, layout=SampleFormat.from_recipe(recipe.data))
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
@@ -121,7 +121,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     # Data.
     shards = expand_shards(recipe.data.train)
     stream = TrainStream(shards, processor, seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
-                         error_budget=recipe.data.decode_error_budget, limit=recipe.data.max_train_samples)
+                         error_budget=recipe.data.decode_error_budget, limit=recipe.data.max_train_samples,
+                         layout=SampleFormat.from_recipe(recipe.data))
     batches = epochs_of_batches(train_loader(stream, recipe.optim.batch_size, recipe.data.num_workers), stream)
     steps = total_steps(recipe, shards)
 

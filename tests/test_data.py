@@ -102,7 +102,7 @@ def test_reader_counts_and_names_bad_samples_then_stops(tmp_path):
     records = list(iter_records([str(shard)], failures=budget, split=False))
     assert [r.key for r in records] == ["s-000000.tar:ok"]
     assert len(budget.failures) == 3
-    assert any("s-000000.tar:nofield" in f and "no 'conversations' field" in f for f in budget.failures)
+    assert any("s-000000.tar:nofield" in f and "no 'conversations' in a json member" in f for f in budget.failures)
     assert any("evil" in f and "'<image>' markers" not in f for f in budget.failures)
     with pytest.raises(DataError, match=r"(?s)3 samples failed, over data.decode_error_budget=2.*s-000000.tar:broken"):
         list(iter_records([str(shard)], failures=FailureBudget(2), split=False))
@@ -163,3 +163,20 @@ def test_limit_keeps_the_same_subset_every_epoch(stream_parts):
     a, b = _keys(stream, 0), _keys(stream, 1)
     assert len(a) == 10 and sorted(a) == sorted(b)
     assert torch.is_tensor(next(iter(train_loader(stream, 4, 0)))["pixel_values"])
+
+
+def test_plain_image_text_shards_with_named_members(tmp_path):
+    """img2dataset-style shards (key.jpg + key.txt, no conversations) read through data.media_keys / caption_key."""
+    from mmdomain.data import SampleFormat
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="JPEG")
+    shard = tmp_path / "laion-000000.tar"
+    _raw_shard(shard, [("000001.jpg", buf.getvalue()), ("000001.txt", b"a chest x-ray\n"), ("000001.json", b'{"url": "x"}'),
+                       ("000002.txt", b"no image here")])
+    failures = FailureBudget(1)
+    layout = SampleFormat(media_keys=("jpg",), caption_key="txt", caption_prompt="describe .")
+    (record,) = list(iter_records([str(shard)], failures=failures, split=False, layout=layout))
+    assert record.conversations == [{"role": "user", "content": "<image> describe ."}, {"role": "assistant", "content": "a chest x-ray"}]
+    assert record.media[0].shape == (8, 8, 3)
+    assert len(failures.failures) == 1 and "no member 'jpg'" in failures.failures[0]
