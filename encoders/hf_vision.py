@@ -92,7 +92,13 @@ def build_hf_vision_encoder(
     num_prefix += int(getattr(cfg, "num_register_tokens", 0) or 0)
 
     if local:
-        model = model_class.from_pretrained(str(path), config=cfg, local_files_only=True)
+        # The checkpoint holds the pruned layers too; transformers would report each as "unexpected" at warning level.
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            model = model_class.from_pretrained(str(path), config=cfg, local_files_only=True)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         mean, std, size = _preprocessor_stats(path, mean, std)
     else:
         model = model_class(cfg) if class_name != "AutoModel" else transformers.AutoModel.from_config(cfg)
