@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 from ._registry import REGISTRY, lazy
 from .base import Encoder, EncoderInfo
-from .transforms import ImageTransform, image_transform
+from .transforms import AudioTransform, ImageTransform, audio_transform, image_transform
 
-__all__ = ["Encoder", "EncoderInfo", "ImageTransform", "create_encoder", "describe_encoders", "image_transform", "list_encoders", "register_encoder"]
+__all__ = ["AudioTransform", "Encoder", "EncoderInfo", "ImageTransform", "audio_transform", "create_encoder", "describe_encoders", "image_transform", "list_encoders", "register_encoder"]
 
 
 def create_encoder(name: str, **options: Any) -> Encoder:
@@ -41,5 +41,7 @@ register_encoder("open_clip", lazy("encoders.open_clip_encoder", "build_open_cli
                  description="an open_clip visual tower by model name or local open_clip_config.json directory")
 register_encoder("hf", lazy("encoders.hf_vision", "build_hf_vision_encoder"), family=True,
                  description="a transformers vision tower (CLIP, SigLIP, DINOv2, AutoModel) from a local dir or config")
+register_encoder("hf_audio", lazy("encoders.hf_audio", "build_hf_audio_encoder"), family=True,
+                 description="a transformers audio encoder (Whisper encoder, wav2vec2 / HuBERT) from a local dir or config")
 register_encoder("tiny-vit", lazy("encoders.testing", "build_tiny_vit"),
                  description="tiny random-init ViT with fixed sin-cos positions, for tests and the CPU demo")

@@ -35,6 +35,8 @@ class EncoderInfo:
     layer: int
     num_prefix_tokens: int = 0
     sample_rate: int | None = None
+    exact_tokens: int | None = None
+    """Token count at ``input_size`` when it is not ``grid + prefix`` (audio conv stacks lose edge frames)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def grid(self, input_size: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -45,7 +47,18 @@ class EncoderInfo:
 
     def num_tokens(self, input_size: tuple[int, ...] | None = None) -> int:
         """Tokens the encoder outputs for an input of ``input_size`` (its own input size by default)."""
+        if self.exact_tokens is not None:
+            if input_size is not None and tuple(input_size) != tuple(self.input_size):
+                raise ValueError(f"{self.source} takes fixed-length input {self.input_size}; inputs are padded or cropped to it")
+            return self.exact_tokens
         return math.prod(self.grid(input_size)) + self.num_prefix_tokens
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """For audio encoders: output tokens per second of input."""
+        if self.sample_rate is None:
+            return None
+        return self.num_tokens() / (self.input_size[0] / self.sample_rate)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

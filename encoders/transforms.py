@@ -25,6 +25,8 @@ class ImageTransform:
     std: tuple[float, ...]
     channels: int
     resize: str = "squash"
+    normalize: bool = True
+    """False when the input is already standardised per channel (e.g. multispectral bands with dataset statistics)."""
 
     def __call__(self, image: Any) -> torch.Tensor:
         x = _to_chw_float(image)
@@ -35,8 +37,8 @@ class ImageTransform:
                 x = x[:3]
             else:
                 raise ValueError(f"image has {x.shape[0]} channels; the encoder expects {self.channels}")
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        mean = torch.tensor(self.mean if self.normalize else (0.0,) * self.channels, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.tensor(self.std if self.normalize else (1.0,) * self.channels, dtype=x.dtype).view(-1, 1, 1)
         if self.resize == "pad":
             x = _pad_to_square(x, mean)
         elif self.resize != "squash":
@@ -46,10 +48,32 @@ class ImageTransform:
         return (x - mean) / std
 
 
-def image_transform(info: EncoderInfo, resize: str = "squash") -> ImageTransform:
+def image_transform(info: EncoderInfo, resize: str = "squash", normalize: bool = True) -> ImageTransform:
     if info.modality != "image":
         raise ValueError(f"{info.source} is a {info.modality} encoder; image_transform needs an image encoder")
-    return ImageTransform(tuple(info.input_size), tuple(info.mean), tuple(info.std), info.channels, resize)
+    return ImageTransform(tuple(info.input_size), tuple(info.mean), tuple(info.std), info.channels, resize, normalize)
+
+
+@dataclass(frozen=True)
+class AudioTransform:
+    """Callable: mono waveform (array or tensor) at the encoder's rate -> float tensor of exactly ``num_samples``
+    (zero-padded at the end, or cropped)."""
+
+    num_samples: int
+
+    def __call__(self, waveform: Any) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(waveform, dtype=np.float32) if not isinstance(waveform, torch.Tensor) else waveform).float()
+        if x.ndim != 1:
+            raise ValueError(f"audio must be a mono 1-D waveform, got shape {tuple(x.shape)}")
+        if len(x) >= self.num_samples:
+            return x[: self.num_samples]
+        return F.pad(x, (0, self.num_samples - len(x)))
+
+
+def audio_transform(info: EncoderInfo) -> AudioTransform:
+    if info.modality != "audio":
+        raise ValueError(f"{info.source} is a {info.modality} encoder; audio_transform needs an audio encoder")
+    return AudioTransform(int(info.input_size[0]))
 
 
 def _to_chw_float(image: Any) -> torch.Tensor:

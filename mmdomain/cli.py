@@ -50,11 +50,27 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_shards(args: argparse.Namespace) -> int:
+    from .domains import build_domain
     from .shards import make_shards
 
+    if args.recipe:
+        from .recipe import load_recipe
+
+        spec = load_recipe(args.recipe).model.domain
+        domain = build_domain(spec.name, spec.options)
+    else:
+        domain = build_domain(args.domain, json.loads(args.domain_options))
     manifest = make_shards(args.jsonl, args.media, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
-                           caption_prompt=args.caption_prompt, overwrite=args.overwrite)
+                           caption_prompt=args.caption_prompt, overwrite=args.overwrite, domain=domain)
     print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from .band_stats import write_band_stats
+
+    stats = write_band_stats(args.recipe, args.out, overrides=args.overrides, max_samples=args.max_samples)
+    print(json.dumps(stats, indent=2))
     return 0
 
 
@@ -78,15 +94,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import resolve_checkpoint
-    from .domains import decode_member
     from .model import MultimodalLM
 
     model, processor = MultimodalLM.from_pretrained(str(resolve_checkpoint(args.checkpoint)))
     media = Path(args.image)
     if not media.is_file():
         raise FileNotFoundError(f"image {str(media)!r} does not exist")
-    item = decode_member(media.name, media.read_bytes())
-    sample = processor([{"role": "user", "content": f"{processor.media_token} {args.question}"}], [item], key=media.name, add_generation_prompt=True)
+    conversation, items = processor.decode_media([{"role": "user", "content": f"{processor.media_token} {args.question}"}],
+                                                 [(media.name, media.read_bytes())])
+    sample = processor(conversation, items, key=media.name, add_generation_prompt=True)
     batch = processor.collate([sample], padding_side="left")
     model.eval()
     with torch.no_grad():
@@ -134,7 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--caption-prompt", default="Describe the image.")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--domain", default="generic", help="media decoding domain: generic, medical, remote_sensing, audio")
+    p.add_argument("--domain-options", default="{}", help='JSON options of the domain, e.g. \'{"phi_allow": ["Modality"]}\'')
+    p.add_argument("--recipe", help="take the domain and its options from this recipe's model.domain instead")
     p.set_defaults(func=_cmd_make_shards)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("stats", help="per-band mean/std of a remote-sensing recipe's training shards, as JSON for options.stats")
+    q.add_argument("recipe")
+    q.add_argument("overrides", nargs="*")
+    q.add_argument("--out", required=True)
+    q.add_argument("--max-samples", type=int, default=2000)
+    q.set_defaults(func=_cmd_data_stats)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint on shards")
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
@@ -169,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from .data import DataError
+    from .domains import DecodeError
     from .processor import SampleError
     from .recipe import RecipeError
     from .shards import ShardError
@@ -176,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (RecipeError, ShardError, DataError, SampleError, NonFiniteLossError, RunDirectoryError, FileNotFoundError, KeyError) as exc:
+    except (RecipeError, ShardError, DataError, DecodeError, SampleError, NonFiniteLossError, RunDirectoryError, FileNotFoundError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() adds quotes
         print(f"mmdomain {args.command}: error: {message}", file=sys.stderr)
         return 2

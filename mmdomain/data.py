@@ -13,13 +13,13 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .domains import DecodeError, decode_member
+from .domains import DecodeError, Domain, decode_media
 from .processor import MultimodalProcessor, SampleError
 from .shards import normalise_record
 
 log = logging.getLogger(__name__)
 
-_MEDIA_MEMBER = re.compile(r"^(\d+)\.(\w+)$")
+_MEDIA_MEMBER = re.compile(r"^(\d+)\.([A-Za-z0-9.]+)$")  # 0.png, 1.nii.gz
 
 
 class DataError(RuntimeError):
@@ -91,10 +91,11 @@ def _open_local(shards: list[str]) -> Iterator[dict[str, Any]]:
             yield {"url": shard, "stream": stream}
 
 
-def iter_records(shards: list[str], *, failures: FailureBudget, shuffle_shards: bool = False, seed: int = 0,
-                 epoch: int = 0, split: bool = True, layout: SampleFormat = SampleFormat()) -> Iterator[Record]:
+def iter_records(shards: list[str], domain: Domain, *, failures: FailureBudget, shuffle_shards: bool = False,
+                 seed: int = 0, epoch: int = 0, split: bool = True, layout: SampleFormat = SampleFormat(),
+                 media_token: str = "<image>") -> Iterator[Record]:
     """Decoded records in shard order (shards shuffled by ``seed + epoch`` when asked), split across ranks and
-    DataLoader workers by whole shards."""
+    DataLoader workers by whole shards. Media are decoded by ``domain`` (the recipe's allow-list)."""
     from webdataset.shardlists import split_by_node, split_by_worker
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -106,12 +107,12 @@ def iter_records(shards: list[str], *, failures: FailureBudget, shuffle_shards: 
     for raw in group_by_keys(tar_file_expander(_open_local(order))):
         key = f"{Path(raw['__url__']).name}:{raw['__key__']}"
         try:
-            yield _decode(raw, key, layout)
+            yield _decode(raw, key, layout, domain, media_token)
         except (DecodeError, SampleError, ValueError, KeyError) as exc:
             failures.record(key, str(exc))
 
 
-def _decode(raw: dict[str, Any], key: str, layout: SampleFormat) -> Record:
+def _decode(raw: dict[str, Any], key: str, layout: SampleFormat, domain: Domain, media_token: str) -> Record:
     members = sorted(k for k in raw if not k.startswith("__"))
     if layout.media_keys is not None:
         missing = [k for k in layout.media_keys if k not in raw]
@@ -135,9 +136,9 @@ def _decode(raw: dict[str, Any], key: str, layout: SampleFormat) -> Record:
             raise DecodeError(f"no caption member {layout.caption_key!r} (data.caption_key); members: {members}")
         sample = {"caption": raw[layout.caption_key].decode("utf-8").strip()}
     # The same normalisation as make-shards: markers checked (or added) against the media, choices checked.
-    record = normalise_record({**sample, "media": names}, key, caption_prompt=layout.caption_prompt)
-    decoded = [decode_member(name, raw[name]) for name in names]
-    return Record(key, record["conversations"], decoded, record.get("choices"), record.get("answer_type"), sample.get("meta", {}))
+    record = normalise_record({**sample, "media": names}, key, media_token=media_token, caption_prompt=layout.caption_prompt)
+    conversations, decoded = decode_media(domain, record["conversations"], [(name, raw[name]) for name in names], media_token)
+    return Record(key, conversations, decoded, record.get("choices"), record.get("answer_type"), sample.get("meta", {}))
 
 
 class TrainStream(IterableDataset):
@@ -158,7 +159,7 @@ class TrainStream(IterableDataset):
         info = torch.utils.data.get_worker_info()
         rng = random.Random((self.seed * 1000003 + self.epoch) * 101 + (info.id if info else 0))
         # With a sample limit the subset must not change between epochs, so shard order stays fixed then.
-        records = iter_records(self.shards, failures=self.failures, shuffle_shards=self.limit is None, seed=self.seed,
+        records = iter_records(self.shards, self.processor.domain, media_token=self.processor.media_token, failures=self.failures, shuffle_shards=self.limit is None, seed=self.seed,
                                epoch=self.epoch, layout=self.layout)
         buffer: list[Any] = []
         for n, record in enumerate(records):

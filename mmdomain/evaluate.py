@@ -133,7 +133,8 @@ def evaluate_shards(model: MultimodalLM, processor: MultimodalProcessor, pattern
     failures = FailureBudget(error_budget)
 
     def limited() -> Iterable[Record]:
-        for n, record in enumerate(iter_records(shards, failures=failures, split=False, layout=layout)):
+        for n, record in enumerate(iter_records(shards, processor.domain, failures=failures, split=False, layout=layout,
+                                                         media_token=processor.media_token)):
             if max_samples is not None and n >= max_samples:
                 return
             yield record

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from connectors import create_connector
-from encoders import create_encoder, image_transform
+from encoders import audio_transform, create_encoder, image_transform
 
+from .domains import build_domain
 from .llm import add_media_token, apply_lora, load_llm
 from .processor import IGNORE, MultimodalProcessor
 from .spec import ModelSpec
@@ -165,6 +166,7 @@ def build_model(spec: ModelSpec, *, tokenizer_dir: str | None = None) -> tuple[M
     ``in_dim`` of the connector comes from the encoder and ``out_dim`` from the LLM's embedding width.
     """
     encoder = create_encoder(spec.encoder.name, **spec.encoder.options)
+    domain = build_domain(spec.domain.name, spec.domain.options, encoder.info)
     llm, tokenizer = load_llm(spec.llm)
     if tokenizer_dir is not None:  # a checkpoint's own tokenizer (it already holds the media token)
         from transformers import AutoTokenizer
@@ -184,6 +186,18 @@ def build_model(spec: ModelSpec, *, tokenizer_dir: str | None = None) -> tuple[M
         media_token=spec.media_token,
         tokens_per_item=model.tokens_per_item,
         max_length=spec.max_length,
-        image_transform=image_transform(encoder.info) if encoder.info.modality == "image" else None,
+        transform=media_transform(encoder.info, domain),
+        domain=domain,
     )
     return model, processor
+
+
+def media_transform(info: Any, domain: Any) -> Any:
+    """The encoder-side transform that fits this domain's decoded media (checked for a modality match)."""
+    if info.modality == "audio":
+        if domain.output != "waveform":
+            raise ValueError(f"{info.source} is an audio encoder but model.domain is {domain.name!r}; use domain: audio")
+        return audio_transform(info)
+    if domain.output == "waveform":
+        raise ValueError(f"model.domain is audio but {info.source} is a {info.modality} encoder; use an hf_audio:... encoder")
+    return image_transform(info, normalize=domain.output != "standardized")

@@ -42,7 +42,8 @@ class MultimodalProcessor:
         media_token: str,
         tokens_per_item: int,
         max_length: int = 2048,
-        image_transform: Callable[[Any], torch.Tensor] | None = None,
+        transform: Callable[[Any], torch.Tensor] | None = None,
+        domain: Any = None,
         use_chat_template: bool | None = None,
     ) -> None:
         self.tokenizer = tokenizer
@@ -50,7 +51,8 @@ class MultimodalProcessor:
         self.media_token_id = tokenizer.convert_tokens_to_ids(media_token)
         self.tokens_per_item = tokens_per_item
         self.max_length = max_length
-        self.image_transform = image_transform
+        self.transform = transform
+        self.domain = domain  # decodes raw media files (see mmdomain.domains); None: media arrive decoded
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.use_chat_template = has_template if use_chat_template is None else use_chat_template
         if self.use_chat_template and not has_template:
@@ -207,8 +209,16 @@ class MultimodalProcessor:
         return ids, labels, cut
 
     def _transform(self, item: Any) -> torch.Tensor:
-        if self.image_transform is None:
+        if self.transform is None:
             if not isinstance(item, torch.Tensor):
-                raise SampleError("media items must be tensors when the processor has no image_transform")
+                raise SampleError("media items must be tensors when the processor has no transform")
             return item
-        return self.image_transform(item)
+        return self.transform(item)
+
+    def decode_media(self, conversation: list[dict[str, Any]], named: list[tuple[str, bytes]]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Decode raw media files with this processor's domain (see ``mmdomain.domains.decode_media``)."""
+        if self.domain is None:
+            raise ValueError("this processor has no domain to decode raw media with")
+        from .domains import decode_media
+
+        return decode_media(self.domain, conversation, named, self.media_token)

@@ -21,7 +21,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from .domains import media_extensions
+from .domains import DecodeError, Domain, build_domain, media_type
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,14 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, *, prefix: str = "train",
-                samples_per_shard: int = 1000, caption_prompt: str = "Describe the image.", overwrite: bool = False) -> dict[str, Any]:
-    """Write ``{out_dir}/{prefix}-NNNNNN.tar`` and ``{out_dir}/manifest.json``; return the manifest."""
+                samples_per_shard: int = 1000, caption_prompt: str = "Describe the image.", overwrite: bool = False,
+                domain: Domain | None = None) -> dict[str, Any]:
+    """Write ``{out_dir}/{prefix}-NNNNNN.tar`` and ``{out_dir}/manifest.json``; return the manifest.
+
+    ``domain`` (default generic) decides which media types are allowed and what is stored for each: a medical
+    domain stores DICOMs rebuilt without identifying attributes, so no PHI reaches the shards.
+    """
+    domain = domain or build_domain("generic")
     jsonl, media_root, out_dir = Path(jsonl), Path(media_root), Path(out_dir)
     if not jsonl.is_file():
         raise ShardError(f"samples file {str(jsonl)!r} does not exist")
@@ -99,7 +105,7 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
     stale = sorted(out_dir.glob(f"{prefix}-*.tar"))
     if stale and not overwrite:
         raise ShardError(f"{out_dir} already holds {len(stale)} '{prefix}-*.tar' shards; choose another --out or --prefix, or pass --overwrite")
-    allowed = set(media_extensions())
+    allowed = set(domain.media_types())
 
     shards: list[dict[str, Any]] = []
     keys: set[str] = set()
@@ -128,12 +134,16 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
             blobs = []
             for i, rel in enumerate(sample.pop("media")):
                 path = media_root / rel
-                ext = path.suffix.lower().lstrip(".")
+                ext = media_type(path.name)
                 if ext not in allowed:
-                    raise ShardError(f"{where}: media {rel!r} has type .{ext}; allowed: {', '.join(sorted(allowed))}")
+                    raise ShardError(f"{where}: media {rel!r} has type .{ext}; the {domain.name} domain allows "
+                                     f"{', '.join(sorted(allowed))} (choose the domain with --domain or --recipe)")
                 if not path.is_file():
                     raise ShardError(f"{where}: media file {str(path)!r} does not exist")
-                blobs.append((f"{key}.{i}.{ext}", path.read_bytes()))
+                try:
+                    blobs.append((f"{key}.{i}.{ext}", domain.prepare_for_shard(path.name, path.read_bytes())))
+                except DecodeError as exc:
+                    raise ShardError(f"{where}: media {rel!r}: {exc}") from None
             if tar is None or shards[-1]["samples"] >= samples_per_shard:
                 finish()
                 shards.append({"name": f"{prefix}-{len(shards):06d}.tar", "samples": 0})

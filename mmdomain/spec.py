@@ -38,6 +38,19 @@ class ConnectorSpec(_Strict):
             raise ValueError(f"connector options {sorted(given)} are inferred (in_dim from the encoder, out_dim from the LLM); remove them")
 
 
+class DomainSpec(_Strict):
+    """How raw media files are decoded: ``generic``, ``medical``, ``remote_sensing`` or ``audio``, with that domain's
+    typed options (e.g. ``window: lung`` for CT, ``bands``/``stats`` for multispectral tiles)."""
+
+    name: str = "generic"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def model_post_init(self, __context: Any) -> None:
+        from .domains import validate_options
+
+        validate_options(self.name, self.options)  # unknown domains or options fail when the recipe is validated
+
+
 class LoraSpec(_Strict):
     r: int = 16
     alpha: int = 32
@@ -58,5 +71,6 @@ class ModelSpec(_Strict):
     encoder: EncoderSpec
     connector: ConnectorSpec = Field(default_factory=ConnectorSpec)
     llm: LLMSpec
+    domain: DomainSpec = Field(default_factory=DomainSpec)
     media_token: str = "<image>"
     max_length: int = 2048

@@ -11,9 +11,13 @@ import torch
 from PIL import Image
 
 from mmdomain.data import DataError, FailureBudget, TrainStream, expand_shards, iter_records, train_loader
+from mmdomain.domains import build_domain
 from mmdomain.model import build_model
 from mmdomain.shards import ShardError, make_shards, read_manifest
 from mmdomain.spec import ModelSpec
+
+
+GENERIC = build_domain("generic")
 
 
 def _media(tmp_path, n):
@@ -42,7 +46,7 @@ def test_make_shards_accepts_all_forms_and_writes_manifest(tmp_path):
     assert manifest["total"] == 4 and [s["samples"] for s in manifest["shards"]] == [3, 1]
     assert read_manifest(tmp_path / "shards")["train"] == manifest
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["manifest.json", "train-000000.tar", "train-000001.tar"]
-    records = list(iter_records(expand_shards(str(tmp_path / "shards" / "train-*.tar")), failures=FailureBudget(0), split=False))
+    records = list(iter_records(expand_shards(str(tmp_path / "shards" / "train-*.tar")), GENERIC, failures=FailureBudget(0), split=False))
     assert [r.key for r in records] == ["train-000000.tar:a_1", "train-000000.tar:train-00000002", "train-000000.tar:train-00000003", "train-000001.tar:train-00000004"]
     assert records[0].choices == ["left", "right"] and records[0].conversations[0]["content"] == "<image> where is the lesion ?"
     assert records[1].conversations[0]["content"] == "<image> Describe the image."
@@ -53,7 +57,7 @@ def test_make_shards_accepts_all_forms_and_writes_manifest(tmp_path):
 @pytest.mark.parametrize("row,message", [
     ({"image": "0.png", "question": "q"}, r"samples.jsonl:1: a sample needs 'conversations', or 'question' \+ 'answer'"),
     ({"image": "missing.png", "caption": "c"}, r"samples.jsonl:1: media file .*missing.png' does not exist"),
-    ({"image": "0.pkl", "caption": "c"}, r"samples.jsonl:1: media '0.pkl' has type .pkl; allowed:"),
+    ({"image": "0.pkl", "caption": "c"}, r"samples.jsonl:1: media '0.pkl' has type .pkl; the generic domain allows"),
     ({"image": "0.png", "question": "q", "answer": "up", "choices": ["left"]}, r"final assistant answer 'up' is not among choices"),
     ({"media": ["0.png"], "conversations": [{"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "x"}]}, "2 '<image>' markers but 1 media"),
 ])
@@ -99,13 +103,13 @@ def test_reader_counts_and_names_bad_samples_then_stops(tmp_path):
         ("broken.json", GOOD), ("broken.0.png", b"not a png"),
     ])
     budget = FailureBudget(3)
-    records = list(iter_records([str(shard)], failures=budget, split=False))
+    records = list(iter_records([str(shard)], GENERIC, failures=budget, split=False))
     assert [r.key for r in records] == ["s-000000.tar:ok"]
     assert len(budget.failures) == 3
     assert any("s-000000.tar:nofield" in f and "no 'conversations' in a json member" in f for f in budget.failures)
     assert any("evil" in f and "'<image>' markers" not in f for f in budget.failures)
     with pytest.raises(DataError, match=r"(?s)3 samples failed, over data.decode_error_budget=2.*s-000000.tar:broken"):
-        list(iter_records([str(shard)], failures=FailureBudget(2), split=False))
+        list(iter_records([str(shard)], GENERIC, failures=FailureBudget(2), split=False))
 
 
 def test_expand_shards_errors_and_braces(tmp_path):
@@ -176,7 +180,7 @@ def test_plain_image_text_shards_with_named_members(tmp_path):
                        ("000002.txt", b"no image here")])
     failures = FailureBudget(1)
     layout = SampleFormat(media_keys=("jpg",), caption_key="txt", caption_prompt="describe .")
-    (record,) = list(iter_records([str(shard)], failures=failures, split=False, layout=layout))
+    (record,) = list(iter_records([str(shard)], GENERIC, failures=failures, split=False, layout=layout))
     assert record.conversations == [{"role": "user", "content": "<image> describe ."}, {"role": "assistant", "content": "a chest x-ray"}]
     assert record.media[0].shape == (8, 8, 3)
     assert len(failures.failures) == 1 and "no member 'jpg'" in failures.failures[0]

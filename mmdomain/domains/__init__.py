@@ -1,31 +1,66 @@
-"""Domain adapters: the fixed allow-list of decoders that turn shard members into media an encoder accepts."""
+"""Domain adapters: the fixed allow-list of decoders that turn shard members into media an encoder accepts.
+
+Chosen per recipe as ``model.domain: {name, options}``: ``generic`` (PNG/JPEG/NumPy), ``medical`` (DICOM, NIfTI),
+``remote_sensing`` (multi-band GeoTIFF), ``audio`` (WAV/FLAC). Each domain's options are a typed schema.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+import importlib
+from typing import Any
 
-from .generic import IMAGE_EXTENSIONS, decode_image, decode_npy
+from .base import DecodeError, Domain, media_type
 
-
-class DecodeError(ValueError):
-    """A media member that cannot be decoded; the message names the member and why."""
-
-
-# Extension -> decoder. Only these member types are ever decoded: no pickle, no arbitrary code paths.
-DECODERS: dict[str, Callable[[bytes], Any]] = {**{ext: decode_image for ext in IMAGE_EXTENSIONS}, "npy": decode_npy}
-
-
-def media_extensions() -> list[str]:
-    return sorted(DECODERS)
+# name -> (module, options class, domain class); modules import their file-format libraries lazily.
+_DOMAINS = {
+    "generic": ("generic", "GenericOptions", "GenericDomain"),
+    "medical": ("medical", "MedicalOptions", "MedicalDomain"),
+    "remote_sensing": ("remote_sensing", "RemoteSensingOptions", "RemoteSensingDomain"),
+    "audio": ("audio", "AudioOptions", "AudioDomain"),
+}
 
 
-def decode_member(name: str, data: bytes) -> Any:
-    ext = name.rsplit(".", 1)[-1].lower()
-    decoder = DECODERS.get(ext)
-    if decoder is None:
-        raise DecodeError(f"member {name!r}: extension .{ext} is not an allowed media type ({', '.join(media_extensions())})")
-    try:
-        return decoder(data)
-    except DecodeError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a named, counted DecodeError
-        raise DecodeError(f"member {name!r}: {type(exc).__name__}: {exc}") from exc
+def domain_names() -> list[str]:
+    return sorted(_DOMAINS)
+
+
+def _parts(name: str) -> tuple[Any, Any]:
+    if name not in _DOMAINS:
+        raise KeyError(f"unknown domain {name!r}; choose one of {', '.join(domain_names())}")
+    module, options, cls = _DOMAINS[name]
+    mod = importlib.import_module(f"{__name__}.{module}")
+    return getattr(mod, options), getattr(mod, cls)
+
+
+def validate_options(name: str, options: dict[str, Any]) -> Any:
+    """The typed options of a domain (raises pydantic's ValidationError on unknown keys or bad values)."""
+    return _parts(name)[0].model_validate(options)
+
+
+def build_domain(name: str = "generic", options: dict[str, Any] | None = None, encoder_info: Any = None) -> Domain:
+    opts_cls, cls = _parts(name)
+    return cls(opts_cls.model_validate(options or {}), encoder_info)
+
+
+def decode_media(domain: Domain, conversation: list[dict[str, Any]], named: list[tuple[str, bytes]],
+                 media_token: str = "<image>") -> tuple[list[dict[str, Any]], list[Any]]:
+    """Decode ``(name, bytes)`` media files in order. A file that yields several items (tiles, volume slices) has its
+    marker repeated once per item, so each item still gets its own placeholder block. Returns (conversation, media)."""
+    counts, media = [], []
+    for name, data in named:
+        items = domain.decode(name, data)
+        counts.append(len(items))
+        media += items
+    if all(c == 1 for c in counts):
+        return conversation, media
+    pending = iter(counts)
+    out = []
+    for turn in conversation:
+        parts = turn["content"].split(media_token)
+        text = parts[0]
+        for part in parts[1:]:
+            text += " ".join([media_token] * next(pending, 1)) + part
+        out.append({**turn, "content": text})
+    return out, media
+
+
+__all__ = ["decode_media", "DecodeError", "Domain", "build_domain", "domain_names", "media_type", "validate_options"]

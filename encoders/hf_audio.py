@@ -1,0 +1,139 @@
+"""Adapter for transformers audio encoders (``hf_audio:<dir>`` or ``hf_audio:<model type>`` with ``config=``):
+the Whisper encoder and the wav2vec2 / HuBERT family. ``forward`` takes mono waveforms ``[B, samples]`` at
+``info.sample_rate``, padded or cropped to ``info.input_size``; features (Whisper's log-mel) are computed inside,
+in torch, so they run on the same device as the model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import EncoderInfo, resolve_layer
+
+_WHISPER = ("whisper",)
+_WAV2VEC = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
+
+
+class WhisperLogMel(nn.Module):
+    """Whisper's log-mel front end: 25 ms Hann STFT every 10 ms, Slaney mel filters, log10, 8-decade floor, scaled."""
+
+    def __init__(self, num_mel_bins: int, sample_rate: int = 16000, n_fft: int = 400, hop: int = 160) -> None:
+        super().__init__()
+        from transformers.audio_utils import mel_filter_bank
+
+        filters = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=num_mel_bins, min_frequency=0.0,
+                                  max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm="slaney", mel_scale="slaney")
+        self.register_buffer("filters", torch.tensor(filters, dtype=torch.float32).T, persistent=False)  # [mel, freq]
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.n_fft, self.hop = n_fft, hop
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        spec = torch.stft(waveform.float(), self.n_fft, self.hop, window=self.window, return_complex=True)
+        power = spec[..., :-1].abs() ** 2
+        mel = (self.filters @ power).clamp(min=1e-10).log10()
+        mel = torch.maximum(mel, mel.amax(dim=(-2, -1), keepdim=True) - 8.0)
+        return (mel + 4.0) / 4.0
+
+
+class HFAudioEncoder(nn.Module):
+    def __init__(self, model: nn.Module, info: EncoderInfo, is_last: bool, kind: str, normalize: bool,
+                 features: nn.Module | None) -> None:
+        super().__init__()
+        self.model, self.info, self.features = model, info, features
+        self._is_last, self._kind, self._normalize = is_last, kind, normalize
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        n = self.info.input_size[0]
+        if waveform.shape[-1] != n:  # the processor already fits clips; direct callers get the same rule
+            waveform = F.pad(waveform, (0, n - waveform.shape[-1])) if waveform.shape[-1] < n else waveform[..., :n]
+        dtype = next(self.model.parameters()).dtype
+        if self._kind == "whisper":
+            inputs = {"input_features": self.features(waveform).to(dtype)}
+        else:
+            if self._normalize:  # wav2vec2's feature extractor: zero mean, unit variance per clip
+                waveform = (waveform - waveform.mean(-1, keepdim=True)) / (waveform.var(-1, keepdim=True) + 1e-7).sqrt()
+            inputs = {"input_values": waveform.to(dtype)}
+        if self._is_last:
+            return self.model(**inputs).last_hidden_state
+        return self.model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+
+def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, layer: int = -1, clip_seconds: float | None = None,
+                           license: str | None = None) -> HFAudioEncoder:
+    """``hf_audio:/models/whisper-small`` (the encoder half is kept) or ``hf_audio:wav2vec2`` / ``hubert`` /
+    ``whisper`` with ``config={...}`` for a random-init model. ``clip_seconds`` sets the wav2vec2-family clip length
+    (Whisper's is fixed by its positions: 30 s for released models)."""
+    import transformers
+
+    path = Path(spec).expanduser()
+    local = path.is_dir()
+    if local:
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{str(path)!r} has no config.json; it is not a transformers model directory")
+        model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+        cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    elif "/" in spec or spec.startswith((".", "~")):
+        raise FileNotFoundError(
+            f"audio model directory {spec!r} does not exist. mmdomain never downloads (hub ids included): download it "
+            "yourself, e.g. `huggingface-cli download <repo> --local-dir DIR`, and pass hf_audio:DIR"
+        )
+    else:
+        model_type = spec
+        cfg = transformers.AutoConfig.for_model(model_type, **(config or {}))
+    if model_type in _WHISPER:
+        kind, num_layers = "whisper", int(cfg.encoder_layers)
+    elif model_type in _WAV2VEC:
+        kind, num_layers = "wav2vec", int(cfg.num_hidden_layers)
+    else:
+        raise KeyError(f"hf_audio supports {', '.join(_WHISPER + _WAV2VEC)}; got model type {model_type!r}")
+    block_index, is_last = resolve_layer(layer, num_layers, f"hf_audio:{spec}")
+    sample_rate, normalize = 16000, True
+    if local and (path / "preprocessor_config.json").is_file():
+        pre = json.loads((path / "preprocessor_config.json").read_text())
+        sample_rate, normalize = int(pre.get("sampling_rate", 16000)), bool(pre.get("do_normalize", True))
+
+    if kind == "whisper":
+        cfg.encoder_layers = block_index + 1
+        cfg.decoder_layers = 1  # only the encoder is kept; do not build (or hold) the decoder stack
+        if local:
+            model = _load(transformers.WhisperModel, path, cfg).encoder
+        else:
+            from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+            model = WhisperEncoder(cfg)
+        samples = int(cfg.max_source_positions) * 2 * 160  # frames are 10 ms hops at 16 kHz; conv stride 2
+        tokens = int(cfg.max_source_positions)
+        features: nn.Module | None = WhisperLogMel(int(cfg.num_mel_bins), sample_rate)
+        dim = int(cfg.d_model)
+    else:
+        cfg.num_hidden_layers = block_index + 1
+        model = _load(transformers.AutoModel, path, cfg) if local else transformers.AutoModel.from_config(cfg)
+        samples = int(round((clip_seconds or 10.0) * sample_rate))
+        tokens = int(model._get_feat_extract_output_lengths(torch.tensor(samples)))
+        features, dim = None, int(cfg.hidden_size)
+    model.eval()
+    info = EncoderInfo(
+        modality="audio", embed_dim=dim, input_size=(samples,), patch_size=(max(1, samples // tokens),), channels=1,
+        mean=(0.0,), std=(1.0,), source=f"hf_audio:{spec}",
+        license=license or ("see the model directory's README" if local else "n/a (random init)"),
+        layer=layer, sample_rate=sample_rate, exact_tokens=tokens,
+    )
+    return HFAudioEncoder(model, info, is_last, kind, normalize, features)
+
+
+def _load(model_class: Any, path: Path, cfg: Any) -> nn.Module:
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the pruned layers would each be reported as "unexpected"
+    try:
+        return model_class.from_pretrained(str(path), config=cfg, local_files_only=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+__all__ = ["HFAudioEncoder", "WhisperLogMel", "build_hf_audio_encoder"]

@@ -1,0 +1,42 @@
+"""`mmdomain data stats`: per-band mean/std over a remote-sensing recipe's training shards, saved as JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from .data import expand_shards
+from .domains import build_domain
+
+
+def _members(shards: list[str], max_samples: int) -> Iterator[tuple[str, bytes]]:
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def streams() -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            with open(shard, "rb") as f:
+                yield {"url": shard, "stream": f}
+
+    for n, raw in enumerate(group_by_keys(tar_file_expander(streams()))):
+        if n >= max_samples:
+            return
+        for name, data in raw.items():
+            if not name.startswith("__") and isinstance(data, bytes) and name != "json":
+                yield name, data
+
+
+def write_band_stats(recipe_path: str, out: str, *, overrides: list[str] = (), max_samples: int = 2000) -> dict[str, Any]:
+    """Statistics of the bands the recipe selects, over its ``data.train`` shards; write them to ``out``."""
+    from .domains.remote_sensing import band_statistics
+    from .recipe import RecipeError, load_recipe
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    if recipe.model.domain.name != "remote_sensing":
+        raise RecipeError(f"{recipe_path}: data stats is for model.domain remote_sensing, not {recipe.model.domain.name!r}")
+    options = {k: v for k, v in recipe.model.domain.options.items() if k != "stats"}  # raw bands, not standardised
+    domain = build_domain("remote_sensing", options)
+    stats = band_statistics(domain, _members(expand_shards(recipe.data.train), max_samples))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
