@@ -188,3 +188,23 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, tiny_spec, monkeypa
         model.save_pretrained(str(tmp_path / "ckpt"), proc.tokenizer)
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_per_sample_media_counts_differ_within_a_batch(tiny_spec):
+    """Samples with 2, 0 and 1 images in one batch: each image lands in its own sample's block, in order, so the
+    batch's per-token log-likelihoods equal those of each sample run alone."""
+    model, proc = build_model(tiny_spec)
+    model.eval()
+    img = lambda: {"type": "image", "image": torch.rand(3, 32, 32)}  # noqa: E731
+    convs = [
+        [{"role": "user", "content": [img(), {"type": "text", "text": "compare"}, img()]}, {"role": "assistant", "content": "left"}],
+        [{"role": "user", "content": "where is the lesion ?"}, {"role": "assistant", "content": "upper left"}],
+        [{"role": "user", "content": [img(), {"type": "text", "text": "where ?"}]}, {"role": "assistant", "content": "right"}],
+    ]
+    samples = [proc(c, key=str(i)) for i, c in enumerate(convs)]
+    batch = proc.collate(samples)
+    assert batch["pixel_values"].shape[0] == 3
+    with torch.no_grad():
+        together = model.sequence_logprobs(**batch)
+        alone = torch.cat([model.sequence_logprobs(**proc.collate([s])) for s in samples])
+    assert torch.allclose(together, alone, atol=1e-5)

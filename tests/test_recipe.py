@@ -1,6 +1,7 @@
 """Recipes: every shipped recipe validates; typos, duplicates and bad values are named errors; overrides work."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -79,21 +80,87 @@ def test_components_are_registry_names_not_python_paths(tmp_path):
         build_model(recipe.model)
 
 
-def _stand_ins(tmp_path):
-    """Tiny random models of the families the non-demo recipes name: a SigLIP tower and a Qwen2 chat LLM."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+def _qwen_stand_in(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mmdomain.tiny_models import word_tokenizer
 
     from .conftest import CHATML, WORDS
 
-    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                         image_size=32, patch_size=8)).save_pretrained(str(tmp_path / "siglip"))
     tok = word_tokenizer(WORDS + ["<|im_start|>", "<|im_end|>", "user", "assistant", "system"], chat_template=CHATML)
     Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(str(tmp_path / "qwen"))
     tok.save_pretrained(str(tmp_path / "qwen"))
-    return tmp_path / "siglip", tmp_path / "qwen"
+    return tmp_path / "qwen"
+
+
+def _encoder_stand_in(recipe, tmp_path) -> list[str]:
+    """Overrides that swap the recipe's encoder for a tiny random model of the same family, saved like the real one."""
+    import torch
+    from safetensors.torch import save_file
+
+    family, _, _ = recipe.model.encoder.name.partition(":")
+    if family == "hf":
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                             image_size=32, patch_size=8)).save_pretrained(str(tmp_path / "enc"))
+        return [f"model.encoder.name=hf:{tmp_path / 'enc'}"]
+    if family == "open_clip":
+        from open_clip import get_model_config
+        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+        cfg = get_model_config("ViT-B-32")
+        cfg["vision_cfg"].update(width=32, layers=3, head_width=16, image_size=64, patch_size=16)
+        (tmp_path / "enc").mkdir()
+        (tmp_path / "enc" / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+        tower = _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]))
+        save_file({f"visual.{k}": v.contiguous() for k, v in tower.state_dict().items()}, str(tmp_path / "enc" / "open_clip_model.safetensors"))
+        return [f"model.encoder.name=open_clip:{tmp_path / 'enc'}"]
+    if family == "timm":
+        import timm
+
+        save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict(), str(tmp_path / "vit.safetensors"))
+        return ["model.encoder.name=timm:vit_tiny_patch16_224", f"model.encoder.options.weights={tmp_path / 'vit.safetensors'}"]
+    if family == "hf_audio":
+        from transformers import WhisperConfig, WhisperModel
+
+        WhisperModel(WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, num_mel_bins=80,
+                                   max_source_positions=50, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64,
+                                   vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                                   max_target_positions=16)).save_pretrained(str(tmp_path / "enc"))
+        return [f"model.encoder.name=hf_audio:{tmp_path / 'enc'}"]
+    raise AssertionError(f"no stand-in for encoder family {family!r}: add one so the recipe is checked")
+
+
+def _media_file(recipe, tmp_path) -> tuple[str, bytes, list[str]]:
+    """A raw media file of the recipe's domain, and overrides its options need (e.g. band statistics)."""
+    import io
+
+    import numpy as np
+
+    from .domain_tasks import ct_slice, multiband_tile, write_dicom, write_geotiff
+
+    domain = recipe.model.domain.name
+    if domain == "medical":
+        write_dicom(tmp_path / "x.dcm", ct_slice(np.random.default_rng(0), 1), monochrome1=True, intercept=-1024.0, slope=1.0)
+        return "x.dcm", (tmp_path / "x.dcm").read_bytes(), []
+    if domain == "remote_sensing":
+        write_geotiff(tmp_path / "x.tif", multiband_tile(np.random.default_rng(0), 1))
+        n = len(recipe.model.domain.options.get("bands") or range(6))
+        (tmp_path / "stats.json").write_text(json.dumps({"mean": [1500.0] * n, "std": [400.0] * n}))
+        return "x.tif", (tmp_path / "x.tif").read_bytes(), [f"model.domain.options.stats={tmp_path / 'stats.json'}"]
+    if domain == "audio":
+        import soundfile as sf
+
+        buf = io.BytesIO()
+        sf.write(buf, np.random.default_rng(0).normal(size=(22050, 2)).astype(np.float32) * 0.1, 22050, format="WAV")
+        return "x.wav", buf.getvalue(), []
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf, format="PNG")
+    return "x.png", buf.getvalue(), []
 
 
 REAL = [p for p in RECIPES if "demo" not in p.parts]
@@ -101,22 +168,26 @@ REAL = [p for p in RECIPES if "demo" not in p.parts]
 
 @pytest.mark.parametrize("path", REAL, ids=[str(p.relative_to(p.parents[1])) for p in REAL])
 def test_real_model_recipes_build_with_tiny_stand_ins(path, tmp_path):
+    """Each shipped recipe, with its encoder and LLM swapped for tiny models of the same families, decodes a file
+    of its domain, trains one backward pass through what it says trains, and keeps its other settings."""
     import torch
 
     from mmdomain.model import build_model
     from mmdomain.trainability import apply_trainable
 
-    siglip, qwen = _stand_ins(tmp_path)
-    encoder = load_recipe(path).model.encoder.name
-    family = encoder.split(":", 1)[0]
-    recipe = load_recipe(path, [f"model.encoder.name={family}:{siglip}", f"model.llm.path={qwen}"])
+    original = load_recipe(path)
+    name, data, extra = _media_file(original, tmp_path)
+    recipe = load_recipe(path, [*_encoder_stand_in(original, tmp_path), f"model.llm.path={_qwen_stand_in(tmp_path)}", *extra])
     model, proc = build_model(recipe.model)
     apply_trainable(model, recipe.trainable)
-    conv = [{"role": "user", "content": [{"type": "image", "image": torch.rand(3, 40, 40)}, {"type": "text", "text": "where is the lesion ?"}]},
-            {"role": "assistant", "content": "upper left"}]
-    out = model(**proc.collate([proc(conv, key="k")]))
+    conv, media = proc.decode_media([{"role": "user", "content": "<image> where is the lesion ?"}, {"role": "assistant", "content": "upper left"}],
+                                    [(name, data)])
+    out = model(**proc.collate([proc(conv, media, key="k")]))
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None for p in model.connector.parameters())
     if recipe.trainable.llm == "lora":
         assert any(p.grad is not None for n, p in model.llm.named_parameters() if "lora_" in n)
+    if recipe.trainable.encoder:
+        assert any(p.grad is not None for p in model.encoder.parameters())
+    assert recipe.model.connector == original.model.connector and recipe.model.domain.name == original.model.domain.name

@@ -1,0 +1,163 @@
+"""Synthetic domain tasks for the "decoding matters" tests: a CT finding visible only in the right HU window, and
+land cover that differs only in non-RGB bands. Each is trained through a recipe twice: with the domain adapter,
+and with the naive path every LLaVA-family codebase takes (an 8-bit RGB/grey picture of the file's raw values)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+QUADRANTS = ["upper left", "upper right", "lower left", "lower right"]
+COVERS = ["water", "forest", "crop", "urban"]
+WORDS = "where is the finding ? what land cover is this".split() + " ".join(QUADRANTS).split() + COVERS
+SIZE = 64
+
+
+def _smooth(rng: np.random.Generator, scale: int = 8) -> np.ndarray:
+    coarse = rng.normal(size=(SIZE // scale + 1, SIZE // scale + 1))
+    up = np.kron(coarse, np.ones((scale, scale)))[:SIZE, :SIZE]
+    return (up - up.mean()) / (up.std() + 1e-6)
+
+
+def _blob(cy: float, cx: float, sigma: float) -> np.ndarray:
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    return np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma**2))
+
+
+def ct_slice(rng: np.random.Generator, quadrant: int) -> np.ndarray:
+    """HU image: air outside a round body, soft tissue at 40 +- 3 HU, a +12 HU finding in one quadrant, and a small
+    metal implant at 3071 HU (the full CT range, so a min-max picture has 16 HU per grey level)."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    body = (y - 31.5) ** 2 + (x - 31.5) ** 2 < 30**2
+    hu = np.full((SIZE, SIZE), -1024.0)
+    tissue = 40 + 1.5 * _smooth(rng) + 2.5 * rng.normal(size=(SIZE, SIZE))
+    half = SIZE // 2
+    cy = rng.uniform(10, half - 8) + (half - 2 if quadrant >= 2 else 0)
+    cx = rng.uniform(10, half - 8) + (half - 2 if quadrant % 2 else 0)
+    tissue += 14 * _blob(cy, cx, rng.uniform(3.5, 5))
+    hu[body] = tissue[body]
+    iy, ix = rng.integers(20, 44, size=2)
+    hu[iy : iy + 3, ix : ix + 3] = 3071
+    return hu
+
+
+def write_dicom(path: Path, hu: np.ndarray, *, monochrome1: bool, intercept: float, slope: float, patient: str = "Anon^Synthetic") -> None:
+    """A CT DICOM whose displayed picture through the right window is the same whichever photometric it uses:
+    MONOCHROME1 files store values whose modality output is mirrored around the window centre."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    values = (80.0 - hu) if monochrome1 else hu  # 40 - (hu - 40): inversion after windowing undoes the mirror
+    stored = np.round((values - intercept) / slope).astype(np.int16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID, ds.StudyDate = patient, "SYN-" + path.stem, "20240101"
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = intercept, slope
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def naive_png(dicom_path: Path, png_path: Path) -> None:
+    """What generic pipelines do: the raw stored array, min-max scaled to 8 bits, no LUT, no photometric."""
+    from pydicom import dcmread
+
+    raw = dcmread(dicom_path).pixel_array.astype(np.float64)
+    Image.fromarray(np.round((raw - raw.min()) / max(np.ptp(raw), 1) * 255).astype(np.uint8)).save(png_path)
+
+
+def write_ct_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """``root/{dicom,naive}/{train,test}.jsonl`` plus media; a third of files MONOCHROME1, intercepts 0 or -1024."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows_dicom, rows_png = [], []
+        for i in range(n):
+            q = int(rng.integers(4))
+            name = f"{split}-{i:05d}"
+            media = root / "media"
+            media.mkdir(parents=True, exist_ok=True)
+            write_dicom(media / f"{name}.dcm", ct_slice(rng, q), monochrome1=i % 3 == 0,
+                        intercept=[-1024.0, 0.0][i % 2], slope=2.0 if i % 5 == 0 else 1.0)
+            naive_png(media / f"{name}.dcm", media / f"{name}.png")
+            row = {"id": name, "question": "where is the finding ?", "answer": QUADRANTS[q], "choices": QUADRANTS}
+            rows_dicom.append({**row, "image": f"{name}.dcm"})
+            rows_png.append({**row, "image": f"{name}.png"})
+        for kind, rows in (("dicom", rows_dicom), ("naive", rows_png)):
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            (root / kind / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def multiband_tile(rng: np.random.Generator, cover: int) -> np.ndarray:
+    """6 bands (B, G, R, NIR, SWIR1, SWIR2) uint16 reflectance x 10000. RGB statistics are the same for every class;
+    the class is carried by the NIR level and the SWIR1/SWIR2 balance only."""
+    tile = np.empty((SIZE, SIZE, 6), np.float64)
+    for b in range(3):
+        tile[..., b] = 1200 + 300 * _smooth(rng) + 80 * rng.normal(size=(SIZE, SIZE))
+    nir_high, swir_high = cover // 2, cover % 2
+    tile[..., 3] = (2400 if nir_high else 1600) + 250 * _smooth(rng) + 100 * rng.normal(size=(SIZE, SIZE))
+    tile[..., 4] = (2200 if swir_high else 1500) + 250 * _smooth(rng) + 100 * rng.normal(size=(SIZE, SIZE))
+    tile[..., 5] = (1500 if swir_high else 2200) + 250 * _smooth(rng) + 100 * rng.normal(size=(SIZE, SIZE))
+    tile[:2, :2] = 0  # a nodata corner
+    return np.clip(tile, 0, 10000).astype(np.uint16)
+
+
+def write_geotiff(path: Path, tile: np.ndarray) -> None:
+    import tifffile
+
+    names = ["B02", "B03", "B04", "B08", "B11", "B12"]
+    meta = "<GDALMetadata>" + "".join(f'<Item name="DESCRIPTION" sample="{i}" role="description">{n}</Item>' for i, n in enumerate(names)) + "</GDALMetadata>"
+    tifffile.imwrite(path, tile, planarconfig="contig", photometric="minisblack",
+                     extratags=[(42112, "s", 0, meta, True), (42113, "s", 0, "0", True)])
+
+
+def write_multiband_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows_tif, rows_png = [], []
+        for i in range(n):
+            cover = int(rng.integers(4))
+            name = f"{split}-{i:05d}"
+            media = root / "media"
+            media.mkdir(parents=True, exist_ok=True)
+            tile = multiband_tile(rng, cover)
+            write_geotiff(media / f"{name}.tif", tile)
+            rgb = tile[..., [2, 1, 0]].astype(np.float64)  # the naive path: an RGB picture, other bands dropped
+            Image.fromarray(np.clip(rgb / 3000 * 255, 0, 255).astype(np.uint8)).save(media / f"{name}.png")
+            row = {"id": name, "question": "what land cover is this ?", "answer": COVERS[cover], "choices": COVERS}
+            rows_tif.append({**row, "image": f"{name}.tif"})
+            rows_png.append({**row, "image": f"{name}.png"})
+        for kind, rows in (("tif", rows_tif), ("naive", rows_png)):
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            (root / kind / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain: dict, channels: int, steps: int = 300) -> float:
+    """make-shards with ``domain``, train connector + the tiny LLM (encoder frozen), return held-out accuracy."""
+    from mmdomain.domains import build_domain
+    from mmdomain.recipe import validate_recipe
+    from mmdomain.shards import make_shards
+    from mmdomain.train import train
+
+    shards = out / "shards"
+    for split in ("train", "test"):
+        make_shards(jsonl_dir / f"{split}.jsonl", media, shards, prefix=split, samples_per_shard=500,
+                    domain=build_domain(domain["name"], domain.get("options")))
+    recipe = validate_recipe({
+        "stage": "instruct",
+        "model": {"encoder": {"name": "tiny-vit", "options": {"image_size": SIZE, "patch_size": 8, "dim": 64, "depth": 2, "channels": channels}},
+                  "connector": {"name": "mlp"}, "llm": {"path": llm_dir}, "domain": domain, "max_length": 128},
+        "trainable": {"connector": True, "llm": "full"},
+        "data": {"train": str(shards / "train-*.tar"), "eval": str(shards / "test-*.tar"), "shuffle_buffer": 500},
+        "optim": {"lr": 1e-3, "warmup_steps": 20, "max_steps": steps, "batch_size": 32},
+        "output_dir": str(out / "run"), "log_every": 50,
+    })
+    return train(recipe)["eval"]["closed"]["accuracy"]
