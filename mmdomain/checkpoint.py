@@ -44,13 +44,20 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         raise
 
 
+def _parts(model: "MultimodalLM") -> list[tuple[str, Any, bool]]:
+    """(name, module, store whole) for every part: connectors always; encoders unless their weights are a local path."""
+    parts = [("encoder", model.encoder, not model.spec.encoder.is_referenced()), ("connector", model.connector, True),
+             ("llm", model.llm, False)]
+    for i, (branch, media) in enumerate(zip(model.extra, model.spec.extra_media)):
+        parts += [(f"extra.{i}.encoder", branch.encoder, not media.encoder.is_referenced()), (f"extra.{i}.connector", branch.connector, True)]
+    return parts
+
+
 def _selected_state(model: "MultimodalLM") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Weights to store, and per part what was stored: ``all`` / ``trained`` (requires_grad or restored) / ``none``."""
     state: dict[str, torch.Tensor] = {}
     stored = {}
-    parts = {"encoder": model.encoder, "connector": model.connector, "llm": model.llm}
-    for part, module in parts.items():
-        keep_all = part == "connector" or (part == "encoder" and not model.spec.encoder.is_referenced())
+    for part, module, keep_all in _parts(model):
         chosen = {}
         for name, param in module.named_parameters():
             full = f"{part}.{name}"
@@ -105,7 +112,7 @@ def load_model(directory: str | Path) -> tuple["MultimodalLM", "MultimodalProces
     if shapes:
         raise ValueError(f"{directory / WEIGHTS}: shape mismatch for {shapes[:3]}")
     model.load_state_dict(state, strict=False)
-    model.restored = {k for k in state if not k.startswith("connector.")}
+    model.restored = {k for k in state if ".connector." not in f".{k}"}
     return model, processor
 
 
@@ -131,7 +138,7 @@ def init_from_checkpoint(model: "MultimodalLM", path: str | Path) -> list[str]:
     directory = resolve_checkpoint(path)
     config = json.loads((directory / CONFIG).read_text())
     previous = ModelSpec.model_validate(config["spec"])
-    for part in ("encoder", "connector"):
+    for part in ("encoder", "connector", "extra_media"):
         if getattr(previous, part) != getattr(model.spec, part):
             raise ValueError(
                 f"init_from {directory}: its {part} is {getattr(previous, part).model_dump()} but this recipe's is "
@@ -148,5 +155,5 @@ def init_from_checkpoint(model: "MultimodalLM", path: str | Path) -> list[str]:
     if unknown:
         raise ValueError(f"init_from {directory}: {len(unknown)} stored weights have no place in this model (first: {unknown[:3]})")
     model.load_state_dict(mapped, strict=False)
-    model.restored |= {k for k in mapped if not k.startswith("connector.")}
+    model.restored |= {k for k in mapped if ".connector." not in f".{k}"}
     return sorted(mapped)

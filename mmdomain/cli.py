@@ -56,12 +56,14 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
     if args.recipe:
         from .recipe import load_recipe
 
-        spec = load_recipe(args.recipe).model.domain
-        domain = build_domain(spec.name, spec.options)
+        model = load_recipe(args.recipe).model
+        domains = {model.media_token: build_domain(model.domain.name, model.domain.options)}
+        domains.update({m.token: build_domain(m.domain.name, m.domain.options) for m in model.extra_media})
+        media_token = model.media_token
     else:
-        domain = build_domain(args.domain, json.loads(args.domain_options))
+        domains, media_token = build_domain(args.domain, json.loads(args.domain_options)), "<image>"
     manifest = make_shards(args.jsonl, args.media, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
-                           caption_prompt=args.caption_prompt, overwrite=args.overwrite, domain=domain)
+                           caption_prompt=args.caption_prompt, overwrite=args.overwrite, domain=domains, media_token=media_token)
     print(json.dumps(manifest, indent=2))
     return 0
 
@@ -106,7 +108,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     batch = processor.collate([sample], padding_side="left")
     model.eval()
     with torch.no_grad():
-        new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=args.max_new_tokens,
+        new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], extra_media=batch["extra_media"],
+                             max_new_tokens=args.max_new_tokens,
                              pad_token_id=processor.tokenizer.pad_token_id)
     print(processor.tokenizer.decode(new[0], skip_special_tokens=True).strip())
     return 0

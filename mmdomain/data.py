@@ -91,11 +91,12 @@ def _open_local(shards: list[str]) -> Iterator[dict[str, Any]]:
             yield {"url": shard, "stream": stream}
 
 
-def iter_records(shards: list[str], domain: Domain, *, failures: FailureBudget, shuffle_shards: bool = False,
+def iter_records(shards: list[str], domains: Domain | dict[str, Domain], *, failures: FailureBudget, shuffle_shards: bool = False,
                  seed: int = 0, epoch: int = 0, split: bool = True, layout: SampleFormat = SampleFormat(),
                  media_token: str = "<image>") -> Iterator[Record]:
     """Decoded records in shard order (shards shuffled by ``seed + epoch`` when asked), split across ranks and
-    DataLoader workers by whole shards. Media are decoded by ``domain`` (the recipe's allow-list)."""
+    DataLoader workers by whole shards. Media are decoded by ``domains`` (the recipe's allow-list; a mapping
+    from marker token to domain when the model takes several media kinds)."""
     from webdataset.shardlists import split_by_node, split_by_worker
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -107,12 +108,12 @@ def iter_records(shards: list[str], domain: Domain, *, failures: FailureBudget, 
     for raw in group_by_keys(tar_file_expander(_open_local(order))):
         key = f"{Path(raw['__url__']).name}:{raw['__key__']}"
         try:
-            yield _decode(raw, key, layout, domain, media_token)
+            yield _decode(raw, key, layout, domains, media_token)
         except (DecodeError, SampleError, ValueError, KeyError) as exc:
             failures.record(key, str(exc))
 
 
-def _decode(raw: dict[str, Any], key: str, layout: SampleFormat, domain: Domain, media_token: str) -> Record:
+def _decode(raw: dict[str, Any], key: str, layout: SampleFormat, domains: Domain | dict[str, Domain], media_token: str) -> Record:
     members = sorted(k for k in raw if not k.startswith("__"))
     if layout.media_keys is not None:
         missing = [k for k in layout.media_keys if k not in raw]
@@ -136,8 +137,10 @@ def _decode(raw: dict[str, Any], key: str, layout: SampleFormat, domain: Domain,
             raise DecodeError(f"no caption member {layout.caption_key!r} (data.caption_key); members: {members}")
         sample = {"caption": raw[layout.caption_key].decode("utf-8").strip()}
     # The same normalisation as make-shards: markers checked (or added) against the media, choices checked.
-    record = normalise_record({**sample, "media": names}, key, media_token=media_token, caption_prompt=layout.caption_prompt)
-    conversations, decoded = decode_media(domain, record["conversations"], [(name, raw[name]) for name in names], media_token)
+    others = tuple(t for t in domains if t != media_token) if isinstance(domains, dict) else ()
+    record = normalise_record({**sample, "media": names}, key, media_token=media_token, caption_prompt=layout.caption_prompt,
+                              other_tokens=others)
+    conversations, decoded = decode_media(domains, record["conversations"], [(name, raw[name]) for name in names], media_token)
     return Record(key, conversations, decoded, record.get("choices"), record.get("answer_type"), sample.get("meta", {}))
 
 
@@ -159,7 +162,7 @@ class TrainStream(IterableDataset):
         info = torch.utils.data.get_worker_info()
         rng = random.Random((self.seed * 1000003 + self.epoch) * 101 + (info.id if info else 0))
         # With a sample limit the subset must not change between epochs, so shard order stays fixed then.
-        records = iter_records(self.shards, self.processor.domain, media_token=self.processor.media_token, failures=self.failures, shuffle_shards=self.limit is None, seed=self.seed,
+        records = iter_records(self.shards, self.processor.domains, media_token=self.processor.media_token, failures=self.failures, shuffle_shards=self.limit is None, seed=self.seed,
                                epoch=self.epoch, layout=self.layout)
         buffer: list[Any] = []
         for n, record in enumerate(records):

@@ -14,7 +14,7 @@ from encoders import audio_transform, create_encoder, image_transform
 
 from .domains import build_domain
 from .llm import add_media_token, apply_lora, load_llm
-from .processor import IGNORE, MultimodalProcessor
+from .processor import IGNORE, MediaKind, MultimodalProcessor
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,18 @@ class MultimodalOutput:
     """``[B, T, V]`` when asked for (``return_logits=True`` or no labels), else None: training never builds it."""
 
 
+class MediaBranch(nn.Module):
+    """Encoder + connector of one further media kind (``ModelSpec.extra_media``)."""
+
+    def __init__(self, encoder: nn.Module, connector: nn.Module, token_id: int) -> None:
+        super().__init__()
+        self.encoder, self.connector, self.token_id = encoder, connector, token_id
+
+    @property
+    def tokens_per_item(self) -> int:
+        return self.connector.num_output_tokens(self.encoder.info.num_tokens())
+
+
 class MultimodalLM(nn.Module):
     """Joins an encoder, a connector and a (possibly LoRA-wrapped) causal LM.
 
@@ -38,11 +50,13 @@ class MultimodalLM(nn.Module):
     those positions, in order, in one masked scatter, after checking that the counts agree.
     """
 
-    def __init__(self, encoder: nn.Module, connector: nn.Module, llm: nn.Module, *, media_token_id: int, spec: ModelSpec) -> None:
+    def __init__(self, encoder: nn.Module, connector: nn.Module, llm: nn.Module, *, media_token_id: int, spec: ModelSpec,
+                 extra: list[MediaBranch] | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.connector = connector
         self.llm = llm
+        self.extra = nn.ModuleList(extra or [])
         self.media_token_id = media_token_id
         self.spec = spec
         self.restored: set[str] = set()  # parameter names loaded from a checkpoint: saved again by save_pretrained
@@ -58,30 +72,34 @@ class MultimodalLM(nn.Module):
     def tokens_per_item(self) -> int:
         return self.connector.num_output_tokens(self.encoder.info.num_tokens())
 
-    def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[n_items, C, H, W]`` -> ``[n_items, tokens_per_item, hidden]`` in the LLM's dtype."""
-        enc_dtype = next(self.encoder.parameters()).dtype
-        features = self.encoder(pixel_values.to(enc_dtype))
-        con_dtype = next(self.connector.parameters()).dtype
-        return self.connector(features.to(con_dtype))
+    def encode_media(self, pixel_values: torch.Tensor, branch: int | None = None) -> torch.Tensor:
+        """``[n_items, ...]`` -> ``[n_items, tokens_per_item, hidden]``; ``branch`` picks an extra media kind."""
+        encoder, connector = (self.encoder, self.connector) if branch is None else (self.extra[branch].encoder, self.extra[branch].connector)
+        features = encoder(pixel_values.to(next(encoder.parameters()).dtype))
+        return connector(features.to(next(connector.parameters()).dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        embed_tokens = self.causal_lm.get_input_embeddings()
-        embeds = embed_tokens(input_ids)
-        slots = input_ids == self.media_token_id
-        n_slots = int(slots.sum())
-        if pixel_values is None or len(pixel_values) == 0:
-            if n_slots:
-                raise ValueError(f"input_ids hold {n_slots} media placeholder tokens but no media were given")
-            return embeds
-        media = self.encode_media(pixel_values)
-        if media.shape[0] * media.shape[1] != n_slots:
-            raise ValueError(
-                f"input_ids hold {n_slots} media placeholder tokens but {media.shape[0]} media items x {media.shape[1]} "
-                "connector tokens were given; build inputs with this model's processor so each item expands to "
-                f"{media.shape[1]} tokens"
-            )
-        return embeds.masked_scatter(slots.unsqueeze(-1), media.to(embeds.dtype))
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              extra_media: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Token embeddings with each media kind's connector outputs scattered at its placeholder positions."""
+        embeds = self.causal_lm.get_input_embeddings()(input_ids)
+        kinds = [(None, self.media_token_id, pixel_values)]
+        kinds += [(i, b.token_id, (extra_media or [None] * len(self.extra))[i]) for i, b in enumerate(self.extra)]
+        for branch, token_id, values in kinds:
+            slots = input_ids == token_id
+            n_slots = int(slots.sum())
+            if values is None or len(values) == 0:
+                if n_slots:
+                    raise ValueError(f"input_ids hold {n_slots} placeholder tokens (id {token_id}) but no media of that kind were given")
+                continue
+            media = self.encode_media(values, branch)
+            if media.shape[0] * media.shape[1] != n_slots:
+                raise ValueError(
+                    f"input_ids hold {n_slots} media placeholder tokens (id {token_id}) but {media.shape[0]} media items x "
+                    f"{media.shape[1]} connector tokens were given; build inputs with this model's processor so each item "
+                    f"expands to {media.shape[1]} tokens"
+                )
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), media.to(embeds.dtype))
+        return embeds
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -93,11 +111,12 @@ class MultimodalLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_logits: bool = False,
+        extra_media: list[torch.Tensor | None] | None = None,
         **_: Any,
     ) -> MultimodalOutput:
         """Loss over supervised positions only: the LM head and cross-entropy never see the other positions (on
         small LLMs the all-position ``[B, T, V]`` logits dominate the step). Same value as HF's causal-LM loss."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids, extra_media)
         logits = self.logits(hidden) if (return_logits or labels is None) else None
         if labels is None:
             return MultimodalOutput(None, None, 0, logits)
@@ -109,17 +128,19 @@ class MultimodalLM(nn.Module):
         return MultimodalOutput(loss_sum / max(count, 1), loss_sum, count, logits)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      extra_media: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Final-layer hidden states ``[B, T, H]`` of the LLM over the spliced sequence (no LM head)."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, extra_media)
         return self.causal_lm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
 
     def sequence_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                          pixel_values: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+                          pixel_values: torch.Tensor | None = None, extra_media: list[torch.Tensor | None] | None = None,
+                          **_: Any) -> torch.Tensor:
         """Summed log-probability of each row's supervised tokens ``[B]``: scores answer choices."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, extra_media=extra_media)
         targets = labels[:, 1:]
         supervised = targets != IGNORE
         logp = torch.log_softmax(self.logits(hidden[:, :-1][supervised]).float(), dim=-1)
@@ -139,10 +160,11 @@ class MultimodalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
-        """New token ids ``[B, new]`` (batch with left padding). The media token itself is never generated."""
-        embeds = self.embed(input_ids, pixel_values)
-        generate_kwargs.setdefault("suppress_tokens", [self.media_token_id])
+                 pixel_values: torch.Tensor | None = None, extra_media: list[torch.Tensor | None] | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor:
+        """New token ids ``[B, new]`` (batch with left padding). Media placeholder tokens are never generated."""
+        embeds = self.embed(input_ids, pixel_values, extra_media)
+        generate_kwargs.setdefault("suppress_tokens", [self.media_token_id, *(b.token_id for b in self.extra)])
         generate_kwargs.setdefault("do_sample", False)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
@@ -177,10 +199,19 @@ def build_model(spec: ModelSpec, *, tokenizer_dir: str | None = None) -> tuple[M
     connector = create_connector(spec.connector.name, in_dim=encoder.info.embed_dim, out_dim=hidden, **spec.connector.options)
     # The connector always trains in fp32 (it is small); its output is cast to the LLM's dtype at the splice.
     encoder.requires_grad_(False)
+    extra, kinds = [], []
+    for media in spec.extra_media:
+        extra_encoder = create_encoder(media.encoder.name, **media.encoder.options).requires_grad_(False)
+        extra_domain = build_domain(media.domain.name, media.domain.options, extra_encoder.info)
+        extra_connector = create_connector(media.connector.name, in_dim=extra_encoder.info.embed_dim, out_dim=hidden, **media.connector.options)
+        branch = MediaBranch(extra_encoder, extra_connector, add_media_token(llm, tokenizer, media.token))
+        extra.append(branch)
+        kinds.append(MediaKind(media.name, media.token, branch.token_id, branch.tokens_per_item,
+                               media_transform(extra_encoder.info, extra_domain), extra_domain))
     llm.requires_grad_(False)
     if spec.llm.lora is not None:
         llm = apply_lora(llm, spec.llm.lora)
-    model = MultimodalLM(encoder, connector, llm, media_token_id=media_token_id, spec=spec)
+    model = MultimodalLM(encoder, connector, llm, media_token_id=media_token_id, spec=spec, extra=extra)
     processor = MultimodalProcessor(
         tokenizer,
         media_token=spec.media_token,
@@ -188,6 +219,8 @@ def build_model(spec: ModelSpec, *, tokenizer_dir: str | None = None) -> tuple[M
         max_length=spec.max_length,
         transform=media_transform(encoder.info, domain),
         domain=domain,
+        modality=encoder.info.modality,
+        extra_kinds=kinds,
     )
     return model, processor
 

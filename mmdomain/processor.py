@@ -9,12 +9,16 @@ Template: the tokenizer's own chat template when it has one. Otherwise the plain
 
 A media item is written in text as ``media_token`` (``<image>`` by default, LLaVA's marker) and, after
 tokenisation, expanded to exactly ``tokens_per_item`` copies of its id, the number the connector produces.
+Further media kinds (``ModelSpec.extra_media``, e.g. ``<audio>``) have their own token, count and transform;
+media passed as a list are matched to markers of any kind in order of appearance.
 Only assistant replies (through their end-of-turn token or EOS) are supervised; every other label is -100.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+import re
 
 import torch
 
@@ -32,6 +36,20 @@ class ProcessedSample:
     pixel_values: torch.Tensor | None
     key: str
     truncated_tokens: int = 0
+    extra_media: tuple[torch.Tensor | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class MediaKind:
+    """One kind of media the model takes: content parts of type ``name`` and ``token`` markers become
+    ``tokens_per_item`` placeholder ids; ``transform`` fits decoded items to the encoder; ``domain`` decodes files."""
+
+    name: str
+    token: str
+    token_id: int
+    tokens_per_item: int
+    transform: Callable[[Any], torch.Tensor] | None = None
+    domain: Any = None
 
 
 class MultimodalProcessor:
@@ -44,6 +62,8 @@ class MultimodalProcessor:
         max_length: int = 2048,
         transform: Callable[[Any], torch.Tensor] | None = None,
         domain: Any = None,
+        modality: str = "image",
+        extra_kinds: Sequence[MediaKind] = (),
         use_chat_template: bool | None = None,
     ) -> None:
         self.tokenizer = tokenizer
@@ -53,6 +73,12 @@ class MultimodalProcessor:
         self.max_length = max_length
         self.transform = transform
         self.domain = domain  # decodes raw media files (see mmdomain.domains); None: media arrive decoded
+        # kinds[0] is the primary media; its parts may say "media", "image" or its modality.
+        self.kinds = [MediaKind(modality, media_token, self.media_token_id, tokens_per_item, transform, domain), *extra_kinds]
+        self._kind_of_part = {"media": 0, "image": 0, modality: 0, **{k.name: i + 1 for i, k in enumerate(extra_kinds)}}
+        self._kind_of_token = {k.token: i for i, k in enumerate(self.kinds)}
+        self._count_of_id = {k.token_id: k.tokens_per_item for k in self.kinds}
+        self._marker = re.compile("|".join(re.escape(k.token) for k in sorted(self.kinds, key=lambda k: -len(k.token))))
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.use_chat_template = has_template if use_chat_template is None else use_chat_template
         if self.use_chat_template and not has_template:
@@ -72,8 +98,11 @@ class MultimodalProcessor:
         ids, labels = self._tokenize(text, spans, key)
         ids, labels = self._expand(ids, labels)
         ids, labels, cut = self._truncate(ids, labels, key, add_generation_prompt)
-        pixels = torch.stack([self._transform(m) for m in items]) if items else None
-        return ProcessedSample(torch.tensor(ids), torch.tensor(labels), pixels, key, cut)
+        stacks = []
+        for k, kind in enumerate(self.kinds):
+            mine = [self._transform(item, kind) for kind_index, item in items if kind_index == k]
+            stacks.append(torch.stack(mine) if mine else None)
+        return ProcessedSample(torch.tensor(ids), torch.tensor(labels), stacks[0], key, cut, tuple(stacks[1:]))
 
     def collate(self, samples: Sequence[ProcessedSample], padding_side: str = "right") -> dict[str, Any]:
         """Pad to the longest sample; media are concatenated in sample order (the order the model splices them)."""
@@ -86,18 +115,23 @@ class MultimodalProcessor:
             n = len(s.input_ids)
             sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
             ids[i, sl], labels[i, sl], mask[i, sl] = s.input_ids, s.labels, 1
-        pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
+        def cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+            present = [t for t in tensors if t is not None]
+            return torch.cat(present) if present else None
+
         return {
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
-            "pixel_values": torch.cat(pixels) if pixels else None,
+            "pixel_values": cat([s.pixel_values for s in samples]),
+            "extra_media": [cat([s.extra_media[k] for s in samples]) for k in range(len(self.kinds) - 1)] or None,
             "keys": [s.key for s in samples],
         }
 
     # -- steps --------------------------------------------------------------------------------------------------
 
-    def _normalise(self, conversation: Sequence[dict[str, Any]], media: list[Any], key: str) -> tuple[list[dict[str, str]], list[Any]]:
+    def _normalise(self, conversation: Sequence[dict[str, Any]], media: list[Any], key: str) -> tuple[list[dict[str, str]], list[tuple[int, Any]]]:
+        """Messages with markers in the text, and ``(kind index, item)`` for each media item in marker order."""
         messages, items = [], []
         for turn, message in enumerate(conversation):
             role, content = message.get("role"), message.get("content")
@@ -111,23 +145,26 @@ class MultimodalProcessor:
                     kind = part.get("type")
                     if kind == "text":
                         pieces.append(part["text"])
-                    elif kind in ("image", "media", "audio"):
-                        pieces.append(self.media_token)
-                        items.append(part.get(kind, part.get("data")))
+                    elif kind in self._kind_of_part:
+                        index = self._kind_of_part[kind]
+                        pieces.append(self.kinds[index].token)
+                        items.append((index, part.get(kind, part.get("data"))))
                     else:
-                        raise SampleError(f"sample {key}, turn {turn}: content part type {kind!r} is not text/image/audio")
+                        raise SampleError(f"sample {key}, turn {turn}: content part type {kind!r} is not text or one of {sorted(self._kind_of_part)}")
                 text = " ".join(p for p in pieces if p)
             else:
                 raise SampleError(f"sample {key}, turn {turn}: content must be a string or a list of parts")
-            if role == "assistant" and self.media_token in text:
+            if role == "assistant" and self._marker.search(text):
                 raise SampleError(f"sample {key}, turn {turn}: media in an assistant turn cannot be supervised; move it to a user turn")
             messages.append({"role": role, "content": text})
         if items and media:
             raise SampleError(f"sample {key}: media given both inside the conversation and as a separate list; use one")
-        items = items or media
-        markers = sum(m["content"].count(self.media_token) for m in messages)
-        if markers != len(items):
-            raise SampleError(f"sample {key}: {markers} {self.media_token!r} markers in the text but {len(items)} media items; they must match one to one")
+        markers = [self._kind_of_token[m] for msg in messages for m in self._marker.findall(msg["content"])]
+        if not items:
+            if len(markers) != len(media):
+                tokens = " / ".join(repr(k.token) for k in self.kinds)
+                raise SampleError(f"sample {key}: {len(markers)} {tokens} markers in the text but {len(media)} media items; they must match one to one")
+            items = list(zip(markers, media))
         return messages, items
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool, key: str) -> tuple[str, list[tuple[int, int]]]:
@@ -184,9 +221,10 @@ class MultimodalProcessor:
     def _expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         out_ids, out_labels = [], []
         for tok_id, label in zip(ids, labels):
-            if tok_id == self.media_token_id:
-                out_ids += [tok_id] * self.tokens_per_item
-                out_labels += [IGNORE] * self.tokens_per_item
+            count = self._count_of_id.get(tok_id)
+            if count is not None:
+                out_ids += [tok_id] * count
+                out_labels += [IGNORE] * count
             else:
                 out_ids.append(tok_id)
                 out_labels.append(label)
@@ -195,7 +233,7 @@ class MultimodalProcessor:
     def _truncate(self, ids: list[int], labels: list[int], key: str, generating: bool) -> tuple[list[int], list[int], int]:
         if len(ids) <= self.max_length:
             return ids, labels, 0
-        media_end = max((i + 1 for i, t in enumerate(ids) if t == self.media_token_id), default=0)
+        media_end = max((i + 1 for i, t in enumerate(ids) if t in self._count_of_id), default=0)
         if media_end > self.max_length or generating:
             raise SampleError(
                 f"sample {key}: {len(ids)} tokens exceed max_length={self.max_length}"
@@ -208,12 +246,13 @@ class MultimodalProcessor:
             raise SampleError(f"sample {key}: truncation to max_length={self.max_length} removes every supervised token; raise max_length")
         return ids, labels, cut
 
-    def _transform(self, item: Any) -> torch.Tensor:
-        if self.transform is None:
+    @staticmethod
+    def _transform(item: Any, kind: MediaKind) -> torch.Tensor:
+        if kind.transform is None:
             if not isinstance(item, torch.Tensor):
-                raise SampleError("media items must be tensors when the processor has no transform")
+                raise SampleError(f"{kind.name} items must be tensors when the processor has no transform for them")
             return item
-        return self.transform(item)
+        return kind.transform(item)
 
     def decode_media(self, conversation: list[dict[str, Any]], named: list[tuple[str, bytes]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Decode raw media files with this processor's domain (see ``mmdomain.domains.decode_media``)."""
@@ -221,4 +260,9 @@ class MultimodalProcessor:
             raise ValueError("this processor has no domain to decode raw media with")
         from .domains import decode_media
 
-        return decode_media(self.domain, conversation, named, self.media_token)
+        return decode_media(self.domains, conversation, named, self.media_token)
+
+    @property
+    def domains(self) -> dict[str, Any]:
+        """Marker token -> the domain that decodes files of that kind."""
+        return {k.token: k.domain for k in self.kinds}

@@ -33,8 +33,12 @@ class ShardError(ValueError):
     """Bad input for make-shards; the message names the JSONL line, field or file and the fix."""
 
 
-def normalise_record(record: dict[str, Any], where: str, media_token: str = "<image>", caption_prompt: str = "Describe the image.") -> dict[str, Any]:
-    """One JSONL record -> ``{"conversations", "media", "choices"?, "answer_type"?}`` with markers matching media."""
+def normalise_record(record: dict[str, Any], where: str, media_token: str = "<image>", caption_prompt: str = "Describe the image.",
+                     other_tokens: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One JSONL record -> ``{"conversations", "media", "choices"?, "answer_type"?}`` with markers matching media.
+
+    Markers of any kind (``media_token`` and ``other_tokens``) count; a record with none gets ``media_token``
+    markers prepended to its first user turn (with several media kinds, write the markers yourself)."""
     media = record.get("media", record.get("image", []))
     media = [media] if isinstance(media, str) else list(media)
     if "conversations" in record:
@@ -53,14 +57,14 @@ def normalise_record(record: dict[str, Any], where: str, media_token: str = "<im
         raise ShardError(f"{where}: a sample needs 'conversations', or 'question' + 'answer', or 'caption' (keys: {sorted(record)})")
     if not any(t["role"] == "assistant" for t in turns):
         raise ShardError(f"{where}: no assistant turn to learn from")
-    markers = sum(t["content"].count(media_token) for t in turns)
+    markers = sum(t["content"].count(token) for t in turns for token in (media_token, *other_tokens))
     if markers == 0 and media:
         first_user = next((t for t in turns if t["role"] == "user"), None)
         if first_user is None:
             raise ShardError(f"{where}: media given but no user turn to attach them to")
         first_user["content"] = " ".join([media_token] * len(media) + [first_user["content"]])
     elif markers != len(media):
-        raise ShardError(f"{where}: {markers} {media_token!r} markers but {len(media)} media files; they must match one to one")
+        raise ShardError(f"{where}: {markers} {' / '.join(repr(t) for t in (media_token, *other_tokens))} markers but {len(media)} media files; they must match one to one")
     out: dict[str, Any] = {"conversations": turns, "media": media}
     if "choices" in record:
         choices = [str(c) for c in record["choices"]]
@@ -89,13 +93,16 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, *, prefix: str = "train",
                 samples_per_shard: int = 1000, caption_prompt: str = "Describe the image.", overwrite: bool = False,
-                domain: Domain | None = None) -> dict[str, Any]:
+                domain: Domain | dict[str, Domain] | None = None, media_token: str = "<image>") -> dict[str, Any]:
     """Write ``{out_dir}/{prefix}-NNNNNN.tar`` and ``{out_dir}/manifest.json``; return the manifest.
 
     ``domain`` (default generic) decides which media types are allowed and what is stored for each: a medical
-    domain stores DICOMs rebuilt without identifying attributes, so no PHI reaches the shards.
+    domain stores DICOMs rebuilt without identifying attributes, so no PHI reaches the shards. With several media
+    kinds, ``domain`` maps each marker token to its domain and each file is checked by its marker's domain.
     """
-    domain = domain or build_domain("generic")
+    domains = domain if isinstance(domain, dict) else {media_token: domain or build_domain("generic")}
+    others = tuple(t for t in domains if t != media_token)
+    marker = re.compile("|".join(re.escape(t) for t in sorted(domains, key=len, reverse=True)))
     jsonl, media_root, out_dir = Path(jsonl), Path(media_root), Path(out_dir)
     if not jsonl.is_file():
         raise ShardError(f"samples file {str(jsonl)!r} does not exist")
@@ -105,7 +112,6 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
     stale = sorted(out_dir.glob(f"{prefix}-*.tar"))
     if stale and not overwrite:
         raise ShardError(f"{out_dir} already holds {len(stale)} '{prefix}-*.tar' shards; choose another --out or --prefix, or pass --overwrite")
-    allowed = set(domain.media_types())
 
     shards: list[dict[str, Any]] = []
     keys: set[str] = set()
@@ -126,22 +132,24 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ShardError(f"{where}: not valid JSON ({exc.msg})") from None
-            sample = normalise_record(record, where, caption_prompt=caption_prompt)
+            sample = normalise_record(record, where, media_token=media_token, caption_prompt=caption_prompt, other_tokens=others)
+            kinds = [m for t in sample["conversations"] for m in marker.findall(t["content"])]
             key = _sample_key(record, prefix, line_no)
             if key in keys:
                 raise ShardError(f"{where}: sample id {key!r} appears twice; ids must be unique")
             keys.add(key)
             blobs = []
-            for i, rel in enumerate(sample.pop("media")):
+            for i, (rel, kind) in enumerate(zip(sample.pop("media"), kinds)):
                 path = media_root / rel
                 ext = media_type(path.name)
-                if ext not in allowed:
-                    raise ShardError(f"{where}: media {rel!r} has type .{ext}; the {domain.name} domain allows "
-                                     f"{', '.join(sorted(allowed))} (choose the domain with --domain or --recipe)")
+                domain_of = domains[kind]
+                if ext not in domain_of.media_types():
+                    raise ShardError(f"{where}: media {rel!r} has type .{ext}; the {domain_of.name} domain allows "
+                                     f"{', '.join(domain_of.media_types())} (choose the domain with --domain or --recipe)")
                 if not path.is_file():
                     raise ShardError(f"{where}: media file {str(path)!r} does not exist")
                 try:
-                    blobs.append((f"{key}.{i}.{ext}", domain.prepare_for_shard(path.name, path.read_bytes())))
+                    blobs.append((f"{key}.{i}.{ext}", domain_of.prepare_for_shard(path.name, path.read_bytes())))
                 except DecodeError as exc:
                     raise ShardError(f"{where}: media {rel!r}: {exc}") from None
             if tar is None or shards[-1]["samples"] >= samples_per_shard:

@@ -67,10 +67,28 @@ class LLMSpec(_Strict):
     lora: LoraSpec | None = None
 
 
+class MediaSpec(_Strict):
+    """A further kind of media in the same conversations (e.g. heart sounds beside chest images): its own encoder,
+    connector, decoding domain and placeholder token. In content parts it is ``{"type": name, name: data}``."""
+
+    name: str
+    token: str
+    encoder: EncoderSpec
+    connector: ConnectorSpec = Field(default_factory=ConnectorSpec)
+    domain: DomainSpec = Field(default_factory=DomainSpec)
+
+
 class ModelSpec(_Strict):
     encoder: EncoderSpec
     connector: ConnectorSpec = Field(default_factory=ConnectorSpec)
     llm: LLMSpec
     domain: DomainSpec = Field(default_factory=DomainSpec)
     media_token: str = "<image>"
+    extra_media: list[MediaSpec] = Field(default_factory=list)
     max_length: int = 2048
+
+    def model_post_init(self, __context: Any) -> None:
+        tokens = [self.media_token] + [m.token for m in self.extra_media]
+        names = [m.name for m in self.extra_media]
+        if len(set(tokens)) != len(tokens) or len(set(names)) != len(names) or {"text", "media"} & set(names):
+            raise ValueError(f"extra_media need distinct names (not text/media) and tokens distinct from media_token; got tokens {tokens}, names {names}")

@@ -14,13 +14,19 @@ log = logging.getLogger(__name__)
 MODULES = ("encoder", "connector", "llm")
 
 
+def modules_of(model: nn.Module, kind: str) -> list[nn.Module]:
+    """The modules a switch covers: ``encoder`` and ``connector`` include those of every extra media kind."""
+    extra = [getattr(b, kind) for b in getattr(model, "extra", [])] if kind != "llm" else []
+    return [getattr(model, kind), *extra]
+
+
 def apply_trainable(model: nn.Module, trainable: Trainable) -> None:
     """Set ``requires_grad`` on every parameter from the recipe; globs match full names like ``llm.*lm_head*``."""
     model.requires_grad_(False)
-    if trainable.encoder:
-        model.encoder.requires_grad_(True)
-    if trainable.connector:
-        model.connector.requires_grad_(True)
+    for kind in ("encoder", "connector"):
+        if getattr(trainable, kind):
+            for module in modules_of(model, kind):
+                module.requires_grad_(True)
     if trainable.llm == "full":
         model.llm.requires_grad_(True)
     elif trainable.llm == "lora":
@@ -42,9 +48,10 @@ def param_groups(model: nn.Module, lr: ModuleLR, default_lr: float, weight_decay
     groups = []
     for module in MODULES:
         decay, no_decay = [], []
-        for name, param in getattr(model, module).named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 else decay).append(param)
+        for part in modules_of(model, module):
+            for param in part.parameters():
+                if param.requires_grad:
+                    (no_decay if param.ndim < 2 else decay).append(param)
         module_lr = getattr(lr, module) or default_lr
         for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, ".no_decay")):
             if params:
@@ -57,7 +64,7 @@ def trainable_table(model: nn.Module) -> str:
     rows = [("module", "parameters", "trainable", "share")]
     total_all = total_train = 0
     for module in MODULES:
-        params = list(getattr(model, module).parameters())
+        params = [p for part in modules_of(model, module) for p in part.parameters()]
         total = sum(p.numel() for p in params)
         train = sum(p.numel() for p in params if p.requires_grad)
         total_all, total_train = total_all + total, total_train + train

@@ -41,13 +41,22 @@ def build_domain(name: str = "generic", options: dict[str, Any] | None = None, e
     return cls(opts_cls.model_validate(options or {}), encoder_info)
 
 
-def decode_media(domain: Domain, conversation: list[dict[str, Any]], named: list[tuple[str, bytes]],
+def decode_media(domains: Domain | dict[str, Domain], conversation: list[dict[str, Any]], named: list[tuple[str, bytes]],
                  media_token: str = "<image>") -> tuple[list[dict[str, Any]], list[Any]]:
-    """Decode ``(name, bytes)`` media files in order. A file that yields several items (tiles, volume slices) has its
-    marker repeated once per item, so each item still gets its own placeholder block. Returns (conversation, media)."""
+    """Decode ``(name, bytes)`` media files in order; file i belongs to the i-th marker of any kind, and is decoded
+    by that kind's domain (``domains`` maps marker token -> domain; a single domain serves ``media_token``). A
+    file that yields several items (tiles, volume slices) has its marker repeated once per item, so each item
+    still gets its own placeholder block. Returns (conversation, media)."""
+    import re
+
+    table = domains if isinstance(domains, dict) else {media_token: domains}
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(table, key=len, reverse=True)))
+    markers = [m for turn in conversation for m in pattern.findall(turn["content"])]
+    if len(markers) != len(named):
+        raise DecodeError(f"{len(markers)} media markers ({', '.join(table)}) but {len(named)} media files")
     counts, media = [], []
-    for name, data in named:
-        items = domain.decode(name, data)
+    for marker, (name, data) in zip(markers, named):
+        items = table[marker].decode(name, data)
         counts.append(len(items))
         media += items
     if all(c == 1 for c in counts):
@@ -55,10 +64,11 @@ def decode_media(domain: Domain, conversation: list[dict[str, Any]], named: list
     pending = iter(counts)
     out = []
     for turn in conversation:
-        parts = turn["content"].split(media_token)
-        text = parts[0]
-        for part in parts[1:]:
-            text += " ".join([media_token] * next(pending, 1)) + part
+        pieces = pattern.split(turn["content"])
+        found = pattern.findall(turn["content"])
+        text = pieces[0]
+        for marker, piece in zip(found, pieces[1:]):
+            text += " ".join([marker] * next(pending)) + piece
         out.append({**turn, "content": text})
     return out, media
 
