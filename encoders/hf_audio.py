@@ -1,13 +1,15 @@
 """Adapter for transformers audio encoders (``hf_audio:<dir>`` or ``hf_audio:<model type>`` with ``config=``):
-the Whisper encoder and the wav2vec2 / HuBERT family. ``forward`` takes mono waveforms ``[B, samples]`` at
-``info.sample_rate``, padded or cropped to ``info.input_size``; features (Whisper's log-mel) are computed inside,
-in torch, so they run on the same device as the model."""
+the Whisper encoder, the wav2vec2 / HuBERT family and the CLAP audio tower (HTSAT). ``forward`` takes mono
+waveforms ``[B, samples]`` at ``info.sample_rate``, padded or cropped to ``info.input_size``. Whisper's log-mel is
+computed inside, in torch, on the model's device; CLAP's fused mel features come from its own feature extractor
+(NumPy, on the CPU) because HTSAT expects exactly that layout."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,7 @@ from .base import EncoderInfo, resolve_layer
 
 _WHISPER = ("whisper",)
 _WAV2VEC = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
+_CLAP = ("clap", "clap_audio_model")
 
 
 class WhisperLogMel(nn.Module):
@@ -41,7 +44,7 @@ class WhisperLogMel(nn.Module):
 
 class HFAudioEncoder(nn.Module):
     def __init__(self, model: nn.Module, info: EncoderInfo, is_last: bool, kind: str, normalize: bool,
-                 features: nn.Module | None) -> None:
+                 features: Any) -> None:
         super().__init__()
         self.model, self.info, self.features = model, info, features
         self._is_last, self._kind, self._normalize = is_last, kind, normalize
@@ -53,6 +56,12 @@ class HFAudioEncoder(nn.Module):
         dtype = next(self.model.parameters()).dtype
         if self._kind == "whisper":
             inputs = {"input_features": self.features(waveform).to(dtype)}
+        elif self._kind == "clap":
+            clips = [w.detach().float().cpu().numpy() for w in waveform]
+            feats = self.features(clips, sampling_rate=self.info.sample_rate, return_tensors="pt")
+            out = self.model(input_features=feats["input_features"].to(waveform.device, dtype),
+                             is_longer=feats["is_longer"].to(waveform.device)).last_hidden_state
+            return out.flatten(2).transpose(1, 2)  # [B, D, F, T] map -> [B, F*T, D] tokens
         else:
             if self._normalize:  # wav2vec2's feature extractor: zero mean, unit variance per clip
                 waveform = (waveform - waveform.mean(-1, keepdim=True)) / (waveform.var(-1, keepdim=True) + 1e-7).sqrt()
@@ -88,8 +97,10 @@ def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, l
         kind, num_layers = "whisper", int(cfg.encoder_layers)
     elif model_type in _WAV2VEC:
         kind, num_layers = "wav2vec", int(cfg.num_hidden_layers)
+    elif model_type in _CLAP:
+        return _build_clap(path if local else None, cfg, layer, license)
     else:
-        raise KeyError(f"hf_audio supports {', '.join(_WHISPER + _WAV2VEC)}; got model type {model_type!r}")
+        raise KeyError(f"hf_audio supports {', '.join(_WHISPER + _WAV2VEC + _CLAP)}; got model type {model_type!r}")
     block_index, is_last = resolve_layer(layer, num_layers, f"hf_audio:{spec}")
     sample_rate, normalize = 16000, True
     if local and (path / "preprocessor_config.json").is_file():
@@ -123,6 +134,39 @@ def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, l
         layer=layer, sample_rate=sample_rate, exact_tokens=tokens,
     )
     return HFAudioEncoder(model, info, is_last, kind, normalize, features)
+
+
+def _build_clap(path: Path | None, cfg: Any, layer: int, license: str | None) -> HFAudioEncoder:
+    """CLAP's HTSAT audio tower. Its stages change resolution, so only the final features (layer -1) are offered;
+    the token count comes from one forward pass of silence (pure computation, no I/O)."""
+    import transformers
+
+    if layer != -1:
+        raise ValueError(f"hf_audio CLAP offers layer=-1 only (HTSAT stages change resolution); got layer={layer}")
+    audio_cfg = getattr(cfg, "audio_config", cfg)
+    if path is None:
+        model = transformers.ClapAudioModel(audio_cfg)
+    elif getattr(cfg, "model_type", "") == "clap":
+        model = _load(transformers.ClapModel, path, cfg).audio_model  # the text tower is dropped after loading
+    else:
+        model = _load(transformers.ClapAudioModel, path, audio_cfg)
+    extractor_kwargs = {"truncation": "rand_trunc", "feature_size": int(audio_cfg.num_mel_bins)}
+    if path is not None and (path / "preprocessor_config.json").is_file():
+        pre = json.loads((path / "preprocessor_config.json").read_text())
+        extractor_kwargs.update({k: pre[k] for k in ("sampling_rate", "hop_length", "fft_window_size", "max_length_s",
+                                                      "frequency_min", "frequency_max") if k in pre})
+    features = transformers.ClapFeatureExtractor(**extractor_kwargs)
+    samples = int(features.nb_max_samples)  # clips are cropped to this, so rand_trunc never draws a random crop
+    model.eval()
+    probe = features([np.zeros(samples, np.float32)], sampling_rate=features.sampling_rate, return_tensors="pt")
+    with torch.no_grad():
+        grid = model(**probe).last_hidden_state.shape  # [1, D, F, T]
+    info = EncoderInfo(
+        modality="audio", embed_dim=int(grid[1]), input_size=(samples,), patch_size=(samples // (grid[2] * grid[3]),), channels=1,
+        mean=(0.0,), std=(1.0,), source=f"hf_audio:{path or 'clap'}", license=license or ("see the model directory's README" if path else "n/a (random init)"),
+        layer=layer, sample_rate=int(features.sampling_rate), exact_tokens=int(grid[2] * grid[3]),
+    )
+    return HFAudioEncoder(model, info, True, "clap", False, features)
 
 
 def _load(model_class: Any, path: Path, cfg: Any) -> nn.Module:

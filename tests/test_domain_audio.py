@@ -117,3 +117,30 @@ def test_whisper_directory_trains_from_wav_shards(tmp_path, tiny_llm_dir):
     assert main(["-q", "run", str(tmp_path / "r.yaml")]) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["eval"]["samples"] == 4 and result["skipped_samples"] == 0
+
+
+CLAP_AUDIO = dict(depths=[1, 1], num_attention_heads=[2, 4], patch_embeds_hidden_size=32, hidden_size=64, spec_size=256,
+                  window_size=8, num_mel_bins=64, enable_fusion=False)
+
+
+def test_clap_audio_tower_from_a_full_clap_directory(tmp_path):
+    from transformers import ClapConfig, ClapModel
+
+    full = ClapModel(ClapConfig(audio_config=CLAP_AUDIO, projection_dim=16,
+                                text_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=64, max_position_embeddings=64))).eval()
+    full.save_pretrained(str(tmp_path / "clap"))
+    enc = create_encoder(f"hf_audio:{tmp_path / 'clap'}")
+    assert enc.info.sample_rate == 48000 and enc.info.input_size == (480000,)
+    assert not any(n.startswith("text") for n, _ in enc.model.named_parameters())  # only the audio tower is kept
+    wave = torch.randn(2, 480000) * 0.1
+    out = enc(wave)
+    assert out.shape == (2, enc.info.num_tokens(), 64) and enc.info.tokens_per_second == enc.info.num_tokens() / 10
+    from transformers import ClapFeatureExtractor
+
+    feats = ClapFeatureExtractor(truncation="rand_trunc")([w.numpy() for w in wave], sampling_rate=48000, return_tensors="pt")
+    with torch.no_grad():
+        ref = full.audio_model(**feats).last_hidden_state.flatten(2).transpose(1, 2)
+        assert torch.allclose(enc(wave), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="layer=-1 only"):
+        create_encoder("hf_audio:clap_audio_model", config=CLAP_AUDIO, layer=-2)
