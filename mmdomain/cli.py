@@ -76,6 +76,16 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_features(args: argparse.Namespace) -> int:
+    from .feature_cache import cache_features
+    from .recipe import load_recipe
+
+    meta = cache_features(load_recipe(args.recipe, args.overrides), args.out, batch_size=args.batch_size, device=args.device)
+    print(json.dumps(meta, indent=2))
+    print(f"# train from it: mmdomain run {args.recipe} data.feature_cache={args.out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import resolve_checkpoint
     from .evaluate import evaluate_shards
@@ -158,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="take the domain and its options from this recipe's model.domain instead")
     p.set_defaults(func=_cmd_make_shards)
 
+    p = sub.add_parser("cache-features", help="run the recipe's frozen encoder once over its shards and store the features")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_cache_features)
+
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("stats", help="per-band mean/std of a remote-sensing recipe's training shards, as JSON for options.stats")
@@ -201,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     from .data import DataError
     from .domains import DecodeError
+    from .feature_cache import FeatureCacheError
     from .processor import SampleError
     from .recipe import RecipeError
     from .shards import ShardError
@@ -208,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (RecipeError, ShardError, DataError, DecodeError, SampleError, NonFiniteLossError, RunDirectoryError, FileNotFoundError, KeyError) as exc:
+    except (RecipeError, ShardError, DataError, DecodeError, FeatureCacheError, SampleError, NonFiniteLossError, RunDirectoryError, FileNotFoundError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() adds quotes
         print(f"mmdomain {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -68,8 +68,8 @@ def _choose(model: MultimodalLM, processor: MultimodalProcessor, records: list[R
 def _generate(model: MultimodalLM, processor: MultimodalProcessor, records: list[Record], device: torch.device, max_new_tokens: int) -> list[str]:
     samples = [processor(_split(r)[0], r.media, key=r.key, add_generation_prompt=True) for r in records]
     batch = _to(processor.collate(samples, padding_side="left"), device)
-    new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], extra_media=batch["extra_media"],
-                         max_new_tokens=max_new_tokens,
+    new = model.generate(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), extra_media=batch["extra_media"],
+                         features=batch.get("features"), max_new_tokens=max_new_tokens,
                          pad_token_id=processor.tokenizer.pad_token_id)
     return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 

@@ -72,17 +72,21 @@ class MultimodalLM(nn.Module):
     def tokens_per_item(self) -> int:
         return self.connector.num_output_tokens(self.encoder.info.num_tokens())
 
-    def encode_media(self, pixel_values: torch.Tensor, branch: int | None = None) -> torch.Tensor:
-        """``[n_items, ...]`` -> ``[n_items, tokens_per_item, hidden]``; ``branch`` picks an extra media kind."""
+    def encode_media(self, pixel_values: torch.Tensor, branch: int | str | None = None) -> torch.Tensor:
+        """``[n_items, ...]`` -> ``[n_items, tokens_per_item, hidden]``; ``branch`` picks an extra media kind, or
+        ``"features"`` when the input already is the encoder's output."""
+        if branch == "features":
+            return self.connector(pixel_values.to(next(self.connector.parameters()).dtype))
         encoder, connector = (self.encoder, self.connector) if branch is None else (self.extra[branch].encoder, self.extra[branch].connector)
         features = encoder(pixel_values.to(next(encoder.parameters()).dtype))
         return connector(features.to(next(connector.parameters()).dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              extra_media: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-        """Token embeddings with each media kind's connector outputs scattered at its placeholder positions."""
+              extra_media: list[torch.Tensor | None] | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each media kind's connector outputs scattered at its placeholder positions.
+        ``features`` (precomputed encoder outputs ``[n, N, D]``, from a feature cache) replace ``pixel_values``."""
         embeds = self.causal_lm.get_input_embeddings()(input_ids)
-        kinds = [(None, self.media_token_id, pixel_values)]
+        kinds = [("features" if features is not None else None, self.media_token_id, features if features is not None else pixel_values)]
         kinds += [(i, b.token_id, (extra_media or [None] * len(self.extra))[i]) for i, b in enumerate(self.extra)]
         for branch, token_id, values in kinds:
             slots = input_ids == token_id
@@ -112,11 +116,12 @@ class MultimodalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         return_logits: bool = False,
         extra_media: list[torch.Tensor | None] | None = None,
+        features: torch.Tensor | None = None,
         **_: Any,
     ) -> MultimodalOutput:
         """Loss over supervised positions only: the LM head and cross-entropy never see the other positions (on
         small LLMs the all-position ``[B, T, V]`` logits dominate the step). Same value as HF's causal-LM loss."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids, extra_media)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids, extra_media, features)
         logits = self.logits(hidden) if (return_logits or labels is None) else None
         if labels is None:
             return MultimodalOutput(None, None, 0, logits)
@@ -129,18 +134,18 @@ class MultimodalLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                      extra_media: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+                      extra_media: list[torch.Tensor | None] | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """Final-layer hidden states ``[B, T, H]`` of the LLM over the spliced sequence (no LM head)."""
-        embeds = self.embed(input_ids, pixel_values, extra_media)
+        embeds = self.embed(input_ids, pixel_values, extra_media, features)
         return self.causal_lm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
 
     def sequence_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
                           pixel_values: torch.Tensor | None = None, extra_media: list[torch.Tensor | None] | None = None,
-                          **_: Any) -> torch.Tensor:
+                          features: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         """Summed log-probability of each row's supervised tokens ``[B]``: scores answer choices."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, extra_media=extra_media)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, extra_media=extra_media, features=features)
         targets = labels[:, 1:]
         supervised = targets != IGNORE
         logp = torch.log_softmax(self.logits(hidden[:, :-1][supervised]).float(), dim=-1)
@@ -161,9 +166,9 @@ class MultimodalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, extra_media: list[torch.Tensor | None] | None = None,
-                 **generate_kwargs: Any) -> torch.Tensor:
+                 features: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
         """New token ids ``[B, new]`` (batch with left padding). Media placeholder tokens are never generated."""
-        embeds = self.embed(input_ids, pixel_values, extra_media)
+        embeds = self.embed(input_ids, pixel_values, extra_media, features)
         generate_kwargs.setdefault("suppress_tokens", [self.media_token_id, *(b.token_id for b in self.extra)])
         generate_kwargs.setdefault("do_sample", False)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import re
 
+import numpy as np
 import torch
 
 IGNORE = -100
@@ -73,6 +74,7 @@ class MultimodalProcessor:
         self.max_length = max_length
         self.transform = transform
         self.domain = domain  # decodes raw media files (see mmdomain.domains); None: media arrive decoded
+        self.cached = False  # True once media are precomputed encoder features (see use_cached_features)
         # kinds[0] is the primary media; its parts may say "media", "image" or its modality.
         self.kinds = [MediaKind(modality, media_token, self.media_token_id, tokens_per_item, transform, domain), *extra_kinds]
         self._kind_of_part = {"media": 0, "image": 0, modality: 0, **{k.name: i + 1 for i, k in enumerate(extra_kinds)}}
@@ -123,7 +125,7 @@ class MultimodalProcessor:
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
-            "pixel_values": cat([s.pixel_values for s in samples]),
+            ("features" if self.cached else "pixel_values"): cat([s.pixel_values for s in samples]),
             "extra_media": [cat([s.extra_media[k] for s in samples]) for k in range(len(self.kinds) - 1)] or None,
             "keys": [s.key for s in samples],
         }
@@ -261,6 +263,17 @@ class MultimodalProcessor:
         from .domains import decode_media
 
         return decode_media(self.domains, conversation, named, self.media_token)
+
+    def use_cached_features(self) -> None:
+        """Media now arrive as encoder features (``.npy`` members of a feature cache): decoded by the generic domain,
+        turned into float tensors, and batched under ``features`` so the model skips its encoder."""
+        from .domains import build_domain
+
+        def to_tensor(array: Any) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(array, dtype=np.float32))
+
+        self.transform, self.domain, self.cached = to_tensor, build_domain("generic"), True
+        self.kinds[0] = MediaKind(self.kinds[0].name, self.media_token, self.media_token_id, self.tokens_per_item, to_tensor, self.domain)
 
     @property
     def domains(self) -> dict[str, Any]:

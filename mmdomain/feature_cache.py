@@ -1,0 +1,161 @@
+"""`mmdomain cache-features`: run a frozen encoder once over a recipe's shards and store its features.
+
+Stage 1 trains only the connector, so the encoder recomputes identical features every epoch. The cache stores them
+as fp16 ``.npy`` members (no pickle) in new shards, under a key hashed from everything that determines them: the
+encoder's spec and actual weights, the decoding domain and the preprocessing. A recipe trains from the cache with
+``data.feature_cache: DIR``; a cache whose key differs from the recipe's is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import FailureBudget, expand_shards, iter_records
+from .domains import build_domain
+
+log = logging.getLogger(__name__)
+
+META = "feature_cache.json"
+
+
+class FeatureCacheError(ValueError):
+    """A feature cache that cannot serve this recipe; the message says why and how to rebuild it."""
+
+
+def feature_key(spec: Any, encoder: torch.nn.Module, transform: Any) -> str:
+    """Hash of the encoder spec, its weights as loaded, the domain and the preprocessing."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"encoder": spec.encoder.model_dump(mode="json"), "domain": spec.domain.model_dump(mode="json"),
+                         "transform": repr(transform)}, sort_keys=True).encode())
+    for name, tensor in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _encoder_for(recipe: Any) -> tuple[torch.nn.Module, Any, Any]:
+    """The recipe's encoder exactly as training would build it (same seed; init_from weights if it stores any)."""
+    from encoders import create_encoder
+
+    from .checkpoint import WEIGHTS, resolve_checkpoint
+    from .model import media_transform
+
+    torch.manual_seed(recipe.seed)
+    encoder = create_encoder(recipe.model.encoder.name, **recipe.model.encoder.options)
+    if recipe.init_from:
+        from safetensors.torch import load_file
+
+        stored = load_file(str(resolve_checkpoint(recipe.init_from) / WEIGHTS))
+        mine = {k.removeprefix("encoder."): v for k, v in stored.items() if k.startswith("encoder.")}
+        if mine:
+            encoder.load_state_dict(mine, strict=False)
+    domain = build_domain(recipe.model.domain.name, recipe.model.domain.options, encoder.info)
+    return encoder.eval(), domain, media_transform(encoder.info, domain)
+
+
+def check_cacheable(recipe: Any) -> None:
+    if recipe.trainable.encoder or any(p.startswith("encoder.") or p.startswith("*") for p in recipe.trainable.params):
+        raise FeatureCacheError("the recipe trains the encoder, so its features change every step: a feature cache cannot serve it")
+    if recipe.model.extra_media:
+        raise FeatureCacheError("feature caching covers models with one media kind; this recipe has extra_media")
+
+
+def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
+    """Write ``{out_dir}/train-*.tar`` (and ``eval-*.tar`` when the recipe has eval shards) plus feature_cache.json."""
+    from .shards import MANIFEST
+
+    check_cacheable(recipe)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoder, domain, transform = _encoder_for(recipe)
+    encoder.to(device)
+    key = feature_key(recipe.model, encoder, transform)
+    token = recipe.model.media_token
+    manifest: dict[str, Any] = {}
+    splits = {"train": recipe.data.train, **({"eval": recipe.data.eval} if recipe.data.eval else {})}
+    for split, pattern in splits.items():
+        failures = FailureBudget(recipe.data.decode_error_budget)
+        records = iter_records(expand_shards(pattern), domain, failures=failures, split=False, media_token=token)
+        shards, count, pending = [], 0, []
+        tmp = out_dir / f".{split}.tmp"
+        tar = None
+
+        def flush() -> None:
+            items = [transform(m) for r in pending for m in r.media]
+            feats = []
+            with torch.no_grad():
+                for i in range(0, len(items), batch_size):
+                    feats.append(encoder(torch.stack(items[i : i + batch_size]).to(device)).float().cpu())
+            feats = torch.cat(feats) if feats else torch.empty(0)
+            at = 0
+            for r in pending:
+                sample = {"conversations": r.conversations, **({"choices": r.choices} if r.choices else {}),
+                          **({"answer_type": r.answer_type} if r.answer_type else {})}
+                name = r.key.replace(":", "__").replace(".", "_")
+                _add(tar, f"{name}.json", json.dumps(sample).encode())
+                for i in range(len(r.media)):
+                    buf = io.BytesIO()
+                    np.save(buf, feats[at].numpy().astype(np.float16), allow_pickle=False)
+                    _add(tar, f"{name}.{i}.npy", buf.getvalue())
+                    at += 1
+            pending.clear()
+
+        for record in tqdm(records, desc=f"cache {split}", leave=False):
+            if tar is None or shards[-1]["samples"] >= 1000:
+                if tar is not None:
+                    flush()
+                    tar.close()
+                    os.replace(tmp, out_dir / shards[-1]["name"])
+                shards.append({"name": f"{split}-{len(shards):06d}.tar", "samples": 0})
+                tar = tarfile.open(tmp, "w")
+            pending.append(record)
+            shards[-1]["samples"] += 1
+            count += 1
+            if len(pending) >= batch_size:
+                flush()
+        if tar is not None:
+            flush()
+            tar.close()
+            os.replace(tmp, out_dir / shards[-1]["name"])
+        manifest[split] = {"prefix": split, "source": str(pattern), "total": count, "shards": shards}
+        log.info("cached %d %s samples (%d skipped) in %s", count, split, len(failures.failures), out_dir)
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    meta = {"key": key, "encoder": recipe.model.encoder.model_dump(mode="json"), "domain": recipe.model.domain.model_dump(mode="json"),
+            "embed_dim": encoder.info.embed_dim, "tokens_per_item": encoder.info.num_tokens(), "dtype": "float16",
+            "splits": {s: m["total"] for s, m in manifest.items()}}
+    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")  # written last: a cache without it is incomplete
+    return meta
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def open_cache(directory: str | Path, model: Any, processor: Any) -> dict[str, str]:
+    """Check a cache against the built model and switch the processor to cached features; returns shard patterns."""
+    directory = Path(directory)
+    meta_file = directory / META
+    if not meta_file.is_file():
+        raise FeatureCacheError(f"{directory} is not a complete feature cache (no {META}); build it with `mmdomain cache-features RECIPE --out {directory}`")
+    meta = json.loads(meta_file.read_text())
+    key = feature_key(model.spec, model.encoder, processor.transform)
+    if meta["key"] != key:
+        raise FeatureCacheError(
+            f"feature cache {directory} was made with key {meta['key']} (encoder {meta['encoder']['name']}, domain "
+            f"{meta['domain']['name']}), but this recipe's encoder, weights, domain and preprocessing give {key}; rebuild it with "
+            f"`mmdomain cache-features RECIPE --out {directory}`"
+        )
+    processor.use_cached_features()
+    return {split: str(directory / f"{split}-*.tar") for split in meta["splits"]}

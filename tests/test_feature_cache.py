@@ -1,0 +1,65 @@
+"""Feature cache: cached features reproduce the loss of the full pipeline, and a cache made for another encoder,
+weights or preprocessing is refused."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmdomain.cli import main
+from mmdomain.data import FailureBudget, expand_shards, iter_records
+from mmdomain.feature_cache import FeatureCacheError, open_cache
+from mmdomain.model import build_model
+from mmdomain.recipe import load_recipe
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_llm_dir):
+    (tmp_path / "media").mkdir()
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(tmp_path / "media" / f"{i}.png")
+        rows.append({"id": f"c{i}", "image": f"{i}.png", "question": "where is the lesion ?", "answer": ["left", "right"][i % 2],
+                     "choices": ["left", "right"]})
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["-q", "make-shards", "--jsonl", str(tmp_path / "s.jsonl"), "--media", str(tmp_path / "media"), "--out", str(tmp_path / "shards")]) == 0
+    recipe = {"model": {"encoder": {"name": "tiny-vit", "options": {"image_size": 32, "dim": 32, "channels": 1}}, "llm": {"path": tiny_llm_dir}},
+              "data": {"train": str(tmp_path / "shards" / "*.tar"), "eval": str(tmp_path / "shards" / "*.tar"), "shuffle_buffer": 0},
+              "optim": {"max_steps": 3, "batch_size": 8}, "output_dir": str(tmp_path / "run"), "seed": 3}
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    assert main(["-q", "cache-features", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "cache")]) == 0
+    return tmp_path
+
+
+def test_cached_features_give_the_same_loss(setup):
+    recipe = load_recipe(setup / "r.yaml")
+    torch.manual_seed(recipe.seed)  # as training builds it: the random encoder the cache was made with
+    model, proc = build_model(recipe.model)
+    raw = list(iter_records(expand_shards(recipe.data.train), proc.domains, failures=FailureBudget(0), split=False))
+    full = model(**proc.collate([proc(r.conversations, r.media, key=r.key) for r in raw[:8]]))
+    patterns = open_cache(setup / "cache", model, proc)
+    cached = list(iter_records(expand_shards(patterns["train"]), proc.domains, failures=FailureBudget(0), split=False))
+    assert [r.conversations for r in cached[:8]] == [r.conversations for r in raw[:8]]
+    batch = proc.collate([proc(r.conversations, r.media, key=r.key) for r in cached[:8]])
+    assert "features" in batch and batch["features"].shape == (8, 16, 32)
+    assert abs(model(**batch).loss.item() - full.loss.item()) < 1e-3  # fp16 storage of the features
+
+
+def test_training_runs_from_the_cache_and_mismatches_are_refused(setup, capsys):
+    assert main(["-q", "run", str(setup / "r.yaml"), f"data.feature_cache={setup / 'cache'}"]) == 0
+    result = json.loads((setup / "run" / "result.json").read_text())
+    assert result["eval"]["samples"] == 24
+    for change in ("seed=4", "model.encoder.options.layer=1", "model.encoder.options.image_size=64"):
+        assert main(["-q", "run", str(setup / "r.yaml"), f"data.feature_cache={setup / 'cache'}", change, f"output_dir={setup / 'x'}", "overwrite=true"]) == 2
+        assert "feature cache" in capsys.readouterr().err
+    assert main(["-q", "run", str(setup / "r.yaml"), f"data.feature_cache={setup / 'cache'}", "trainable.encoder=true",
+                 f"output_dir={setup / 'y'}"]) == 2
+    assert "trains the encoder" in capsys.readouterr().err
+    with pytest.raises(FeatureCacheError, match="not a complete feature cache"):
+        recipe = load_recipe(setup / "r.yaml")
+        model, proc = build_model(recipe.model)
+        open_cache(setup / "shards", model, proc)
