@@ -1,0 +1,171 @@
+"""Stage-1 (and stage-2) training step: HF LlavaForConditionalGeneration vs mmdomain, same seeded weights, same batch.
+
+Variants: `baseline` (HF Llava, vision + LLM frozen, AdamW over the projector), `default` (mmdomain: pruned tower,
+LM head at supervised positions only), `cache` (mmdomain from precomputed encoder features: the feature cache),
+`lora` (stage 2: connector + LoRA r16 on all linear layers), `full` (stage 2: connector + the whole LLM). All run in
+one process, interleaved step by step for --rounds rounds; each reports median step ms (IQR), samples/s, tokens/s,
+its ratio to the baseline (median of per-round ratios, IQR), step-0 loss (must equal the baseline's to 1e-5 in fp32,
+else the run is marked invalid), analytic GFLOP/s and the fraction of the measured GEMM ceiling. Peak step memory
+is measured in a fresh process per variant: peak RSS during 3 steps minus RSS before step 0 (VmHWM reset through
+/proc/self/clear_refs); on a GPU, max_memory_allocated.
+
+    python benchmarks/bench_step.py --preset tiny --rounds 12 --out benchmarks/results/step_tiny_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from environment import environment  # noqa: E402
+from gemm_peak import gemm_peak, step_flops  # noqa: E402
+from presets import build, copy_projector, spec  # noqa: E402
+
+VARIANTS = ("baseline", "default", "cache", "lora", "full")
+
+
+def make_variants(names, built, device):
+    """name -> (step function returning the loss tensor, parameters trained)."""
+    from mmdomain.model import build_model
+
+    llava, batch = built.llava.to(device), {k: v.to(device) if torch.is_tensor(v) else v for k, v in built.batch.items()}
+    out = {}
+    for name in names:
+        if name == "baseline":
+            llava.requires_grad_(False)
+            llava.model.multi_modal_projector.requires_grad_(True)
+            params = list(llava.model.multi_modal_projector.parameters())
+            fn = lambda: llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],  # noqa: E731
+                               pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+        else:
+            llm = {"lora": {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}}}.get(name, {})
+            model, _ = build_model(spec(built.root, **llm))
+            copy_projector(model, llava)
+            model.to(device).train()
+            if name == "full":
+                model.llm.requires_grad_(True)
+            if name == "cache":
+                with torch.no_grad():
+                    features = model.encoder(batch["pixel_values"])  # fp32 here: the same computation, exactly
+                cached = {**batch, "pixel_values": None, "features": features}
+                fn = (lambda m, b: lambda: m(**b).loss)(model, cached)
+            else:
+                fn = (lambda m: lambda: m(**batch).loss)(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5)
+
+        def step(fn=fn, opt=opt):
+            loss = fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        out[name] = (step, fn)
+    return out
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_of(variant: str, preset: str, device: str) -> dict:
+    """Run in a fresh process: peak step memory of one variant."""
+    built = build(preset)
+    step, _ = make_variants([variant], built, device)[variant]
+    step()  # first step allocates optimizer state; measure the steady step after it
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        return {"peak_step_bytes": torch.cuda.max_memory_allocated() - before, "kind": "cuda max_memory_allocated"}
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak RSS) to the current RSS
+    before = _rss_kib("VmRSS")
+    for _ in range(3):
+        step()
+    return {"peak_step_bytes": (_rss_kib("VmHWM") - before) * 1024, "kind": "peak RSS - RSS before step"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-only", help=argparse.SUPPRESS)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_only:
+        print(json.dumps(memory_of(args.memory_only, args.preset, args.device)))
+        return
+
+    names = args.variants.split(",")
+    built = build(args.preset)
+    variants = make_variants(names, built, args.device)
+    losses = {n: fn().item() for n, (_, fn) in variants.items()}
+    for n, (step, _) in variants.items():  # warm-up: optimizer state, allocator, kernels
+        step()
+    times = {n: [] for n in names}
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    for _ in range(args.rounds):
+        for n, (step, _) in variants.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[n].append(time.perf_counter() - t0)
+
+    peak = gemm_peak(args.device)
+    tokens = int(built.batch["attention_mask"].sum())
+    results = {}
+    for n in names:
+        med = statistics.median(times[n])
+        q = statistics.quantiles(times[n], n=4)
+        flops = step_flops(built.preset, built.batch, n)
+        row = {"median_ms": 1000 * med, "iqr_ms": [1000 * q[0], 1000 * q[2]], "samples_per_s": built.preset["batch"] / med,
+               "tokens_per_s": tokens / med, "step0_loss": losses[n], "gflop_per_step": flops / 1e9,
+               "gflop_per_s": flops / med / 1e9, "fraction_of_gemm_peak": flops / med / peak["flop_per_s"]}
+        if "baseline" in times:
+            ratios = [b / t for b, t in zip(times["baseline"], times[n])]
+            rq = statistics.quantiles(ratios, n=4)
+            row["speedup_vs_baseline"] = {"median": statistics.median(ratios), "iqr": [rq[0], rq[2]]}
+            row["loss_matches_baseline_1e-5"] = abs(losses[n] - losses["baseline"]) <= 1e-5
+        results[n] = row
+    if not args.no_memory:
+        for n in names:
+            proc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--memory-only", n]
+                                  + (["--threads", str(args.threads)] if args.threads else []), capture_output=True, text=True, check=True)
+            results[n]["memory"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if "baseline" in results:
+            base = results["baseline"]["memory"]["peak_step_bytes"]
+            for n in names:
+                results[n]["memory"]["ratio_vs_baseline"] = results[n]["memory"]["peak_step_bytes"] / max(base, 1)
+    report = {"preset": args.preset, "preset_dims": built.preset, "rounds": args.rounds, "seq_len": int(built.batch["input_ids"].shape[1]),
+              "supervised_tokens": int((built.batch["labels"][:, 1:] != -100).sum()), "gemm_peak": peak, "variants": results,
+              "valid": all(r.get("loss_matches_baseline_1e-5", True) for r in results.values()), "env": environment(args.device)}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
