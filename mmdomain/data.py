@@ -1,6 +1,7 @@
 """Stream webdataset shards: allow-listed decoding, counted failures, seeded order, rank/worker splitting, batching."""
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -186,9 +187,9 @@ class TrainStream(IterableDataset):
         yield from buffer
 
 
-def train_loader(stream: TrainStream, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=stream.processor.collate,
-                      persistent_workers=False)
+def train_loader(stream: TrainStream, batch_size: int, num_workers: int, pack_length: int | None = None) -> DataLoader:
+    collate = stream.processor.collate if pack_length is None else functools.partial(stream.processor.collate_packed, pack_length=pack_length)
+    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, persistent_workers=False)
 
 
 def epochs_of_batches(loader: DataLoader, stream: TrainStream) -> Iterator[tuple[int, dict[str, Any]]]:

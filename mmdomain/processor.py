@@ -117,17 +117,60 @@ class MultimodalProcessor:
             n = len(s.input_ids)
             sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
             ids[i, sl], labels[i, sl], mask[i, sl] = s.input_ids, s.labels, 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            **self._media(samples),
+            "keys": [s.key for s in samples],
+            "num_tokens": int(mask.sum()),
+        }
+
+    def collate_packed(self, samples: Sequence[ProcessedSample], pack_length: int) -> dict[str, Any]:
+        """Pack samples into rows of at most ``pack_length`` tokens (first-fit, longest first) instead of padding each
+        to the longest. ``position_ids`` restart at 0 for every sample and ``attention_mask`` is None, so the LLM
+        builds a block-diagonal causal mask (transformers' packed-sequence path): no sample attends to another, and
+        the loss equals the padded batch's. Media follow the order of the samples in the rows."""
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids)):
+            n = len(samples[i].input_ids)
+            if n > pack_length:
+                raise SampleError(f"sample {samples[i].key}: {n} tokens do not fit data.pack_length={pack_length}; raise it")
+            slot = next((r for r, free in enumerate(room) if n <= free), None)
+            if slot is None:
+                rows.append([])
+                room.append(pack_length)
+                slot = len(rows) - 1
+            rows[slot].append(i)
+            room[slot] -= n
+        width = max(pack_length - free for free in room)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        order = []
+        for r, members in enumerate(rows):
+            at = 0
+            for i in sorted(members):
+                n = len(samples[i].input_ids)
+                ids[r, at : at + n], labels[r, at : at + n] = samples[i].input_ids, samples[i].labels
+                labels[r, at] = IGNORE  # never predict a sample's first token from the previous sample
+                positions[r, at : at + n] = torch.arange(n)
+                at += n
+                order.append(i)
+            positions[r, at:] = torch.arange(width - at)  # padding is a block of its own
+        packed = [samples[i] for i in order]
+        return {"input_ids": ids, "attention_mask": None, "position_ids": positions, "labels": labels, **self._media(packed),
+                "keys": [s.key for s in packed], "num_tokens": sum(len(s.input_ids) for s in packed)}
+
+    def _media(self, samples: Sequence[ProcessedSample]) -> dict[str, Any]:
         def cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
             present = [t for t in tensors if t is not None]
             return torch.cat(present) if present else None
 
         return {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": labels,
             ("features" if self.cached else "pixel_values"): cat([s.pixel_values for s in samples]),
             "extra_media": [cat([s.extra_media[k] for s in samples]) for k in range(len(self.kinds) - 1)] or None,
-            "keys": [s.key for s in samples],
         }
 
     # -- steps --------------------------------------------------------------------------------------------------

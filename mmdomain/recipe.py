@@ -61,6 +61,8 @@ class Data(_Strict):
                           "default: the numbered members (0.png, 1.dcm, ...) that make-shards writes")
     caption_key: str | None = Field(None, description="for plain image-text shards: the member holding the caption, e.g. txt")
     caption_prompt: str = "Describe the image."
+    pack_length: int | None = Field(None, ge=8, description="pack each batch's samples into rows of this many tokens "
+                                    "(block-diagonal attention, positions restart per sample) instead of padding")
     feature_cache: str | None = Field(None, description="train (and evaluate) from `mmdomain cache-features` output instead of decoding media")
     decode_error_budget: int = Field(10, ge=0, description="samples allowed to fail decoding before the run stops")
 

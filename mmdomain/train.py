@@ -133,7 +133,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     stream = TrainStream(shards, processor, seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
                          error_budget=recipe.data.decode_error_budget, limit=recipe.data.max_train_samples,
                          layout=SampleFormat.from_recipe(recipe.data))
-    batches = epochs_of_batches(train_loader(stream, recipe.optim.batch_size, recipe.data.num_workers), stream)
+    batches = epochs_of_batches(train_loader(stream, recipe.optim.batch_size, recipe.data.num_workers, recipe.data.pack_length), stream)
     steps = total_steps(recipe, shards)
 
     # Optimizer and schedule.
@@ -174,7 +174,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
         losses.append(step_loss)
         window["samples"] += sum(len(b["keys"]) for b in micro)
-        window["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro)
+        window["tokens"] += sum(b["num_tokens"] for b in micro)
         window["seconds"] += time.perf_counter() - t0
         window["loss"] += step_loss
         window["steps"] += 1

@@ -208,3 +208,21 @@ def test_per_sample_media_counts_differ_within_a_batch(tiny_spec):
         together = model.sequence_logprobs(**batch)
         alone = torch.cat([model.sequence_logprobs(**proc.collate([s])) for s in samples])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_packed_batch_gives_the_padded_loss(tiny_spec):
+    """Packing several samples per row (positions restarting, block-diagonal attention) changes no token's loss."""
+    model, proc = build_model(tiny_spec)
+    model.eval()
+    convs = _conversations(5) + [[{"role": "user", "content": "where is the lesion ?"}, {"role": "assistant", "content": "upper left"}]]
+    samples = [proc(c, key=str(i)) for i, c in enumerate(convs)]
+    padded = proc.collate(samples)
+    packed = proc.collate_packed(samples, pack_length=64)
+    assert packed["input_ids"].shape[0] < len(samples) and packed["attention_mask"] is None
+    assert packed["num_tokens"] == padded["num_tokens"] and sorted(packed["keys"]) == sorted(padded["keys"])
+    with torch.no_grad():
+        a, b = model(**padded), model(**packed)
+        assert a.num_supervised == b.num_supervised
+        assert abs(a.loss.item() - b.loss.item()) < 1e-5  # fails if any sample attends across its row
+    with pytest.raises(Exception, match="do not fit data.pack_length=8"):
+        proc.collate_packed(samples, pack_length=8)

@@ -86,6 +86,13 @@ def test_gradient_accumulation_is_token_weighted_and_exact(tiny_llm_dir, shard_d
         assert torch.allclose(weights["one"][k], weights["accum"][k], atol=1e-6), k
 
 
+def test_training_with_packing(tiny_llm_dir, shard_dir, tmp_path):
+    main(["-q", "make-shards", "--jsonl", str(shard_dir / "samples.jsonl"), "--media", str(shard_dir / "media"), "--out", str(tmp_path / "s")])
+    result = train(_recipe(tiny_llm_dir, str(tmp_path / "s" / "*.tar"), tmp_path / "run", optim__max_steps=4, data__pack_length=128))
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert result["steps"] == 4 and all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in rows)
+
+
 def test_non_finite_loss_stops_with_step_and_keys(tiny_llm_dir, shard_dir, tmp_path, monkeypatch):
     main(["-q", "make-shards", "--jsonl", str(shard_dir / "samples.jsonl"), "--media", str(shard_dir / "media"), "--out", str(tmp_path / "s")])
     recipe = _recipe(tiny_llm_dir, str(tmp_path / "s" / "*.tar"), tmp_path / "run", optim__max_steps=5)
