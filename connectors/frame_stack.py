@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_connector
+from .mlp import MLPConnector
 
 
 @register_connector("frame_stack")
@@ -20,13 +21,7 @@ class FrameStackConnector(nn.Module):
         if k < 1 or depth < 1:
             raise ValueError(f"frame_stack needs k >= 1 and depth >= 1, got k={k}, depth={depth}")
         self.in_dim, self.out_dim, self.k = in_dim, out_dim, k
-        dims = [in_dim * k] + [out_dim] * depth
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            if i:
-                layers.append(nn.GELU())
-            layers.append(nn.Linear(a, b))
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = MLPConnector(in_dim=in_dim * k, out_dim=out_dim, depth=depth)
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return math.ceil(num_input_tokens / self.k)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ._registry import register_connector
+from .mlp import MLPConnector
 
 
 @register_connector("pixel_shuffle")
@@ -16,13 +17,8 @@ class PixelShuffleConnector(nn.Module):
     def __init__(self, *, in_dim: int, out_dim: int, factor: int = 2, depth: int = 2) -> None:
         super().__init__()
         self.in_dim, self.out_dim, self.factor = in_dim, out_dim, factor
-        dims = [in_dim * factor * factor] + [out_dim] * depth
-        layers: list[nn.Module] = [nn.LayerNorm(dims[0])]
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            if i:
-                layers.append(nn.GELU())
-            layers.append(nn.Linear(a, b))
-        self.mlp = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(in_dim * factor * factor)
+        self.mlp = MLPConnector(in_dim=in_dim * factor * factor, out_dim=out_dim, depth=depth)
 
     def _side(self, n: int) -> int:
         side = math.isqrt(n)
@@ -40,4 +36,4 @@ class PixelShuffleConnector(nn.Module):
         b, n, d = tokens.shape
         s, f = self._side(n), self.factor
         x = tokens.reshape(b, s // f, f, s // f, f, d).permute(0, 1, 3, 2, 4, 5).reshape(b, (s // f) ** 2, f * f * d)
-        return self.mlp(x)
+        return self.mlp(self.norm(x))

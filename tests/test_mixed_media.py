@@ -55,7 +55,7 @@ def test_each_kind_gets_its_own_block(tiny_llm_dir):
     assert batch["pixel_values"].shape[0] == 1 and batch["extra_media"][0].shape[0] == 2
     out = model(**batch)
     out.loss.backward()
-    assert torch.isfinite(out.loss) and model.extra[0].connector.mlp[0].weight.grad is not None
+    assert torch.isfinite(out.loss) and model.extra[0].connector.mlp.layers[0].weight.grad is not None
     with pytest.raises(ValueError, match="no media of that kind"):
         model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"], extra_media=[None])
 
