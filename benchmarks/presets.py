@@ -33,7 +33,6 @@ def build(name: str, dtype: torch.dtype = torch.float32) -> Built:
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
     from mmdomain.model import build_model
-    from mmdomain.spec import ModelSpec
     from mmdomain.tiny_models import PLAIN_TEMPLATE_WORDS, SPECIAL, word_tokenizer
 
     p = PRESETS[name]

@@ -5,19 +5,14 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from .data import expand_shards
+from .data import expand_shards, open_local_shards
 from .domains import build_domain
 
 
 def _members(shards: list[str], max_samples: int) -> Iterator[tuple[str, bytes]]:
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    def streams() -> Iterator[dict[str, Any]]:
-        for shard in shards:
-            with open(shard, "rb") as f:
-                yield {"url": shard, "stream": f}
-
-    for n, raw in enumerate(group_by_keys(tar_file_expander(streams()))):
+    for n, raw in enumerate(group_by_keys(tar_file_expander(open_local_shards(shards)))):
         if n >= max_samples:
             return
         for name, data in raw.items():

@@ -86,7 +86,7 @@ class FailureBudget:
             )
 
 
-def _open_local(shards: list[str]) -> Iterator[dict[str, Any]]:
+def open_local_shards(shards: list[str]) -> Iterator[dict[str, Any]]:
     for shard in shards:
         with open(shard, "rb") as stream:  # local files only: webdataset's URL opener would also run pipes
             yield {"url": shard, "stream": stream}
@@ -106,7 +106,7 @@ def iter_records(shards: list[str], domains: Domain | dict[str, Domain], *, fail
         random.Random(seed * 100003 + epoch).shuffle(order)
     if split:
         order = list(split_by_worker(split_by_node(order)))
-    for raw in group_by_keys(tar_file_expander(_open_local(order))):
+    for raw in group_by_keys(tar_file_expander(open_local_shards(order))):
         key = f"{Path(raw['__url__']).name}:{raw['__key__']}"
         try:
             yield _decode(raw, key, layout, domains, media_token)
@@ -163,8 +163,8 @@ class TrainStream(IterableDataset):
         info = torch.utils.data.get_worker_info()
         rng = random.Random((self.seed * 1000003 + self.epoch) * 101 + (info.id if info else 0))
         # With a sample limit the subset must not change between epochs, so shard order stays fixed then.
-        records = iter_records(self.shards, self.processor.domains, media_token=self.processor.media_token, failures=self.failures, shuffle_shards=self.limit is None, seed=self.seed,
-                               epoch=self.epoch, layout=self.layout)
+        records = iter_records(self.shards, self.processor.domains, media_token=self.processor.media_token, failures=self.failures,
+                               shuffle_shards=self.limit is None, seed=self.seed, epoch=self.epoch, layout=self.layout)
         buffer: list[Any] = []
         for n, record in enumerate(records):
             if self.limit is not None and n >= self.limit:

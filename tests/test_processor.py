@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmdomain.model import build_model
-from mmdomain.processor import IGNORE, MultimodalProcessor, SampleError
+from mmdomain.processor import IGNORE, SampleError
 from mmdomain.spec import ModelSpec
 
 CONV = [

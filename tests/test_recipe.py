@@ -96,7 +96,6 @@ def _qwen_stand_in(tmp_path):
 
 def _encoder_stand_in(recipe, tmp_path) -> list[str]:
     """Overrides that swap the recipe's encoder for a tiny random model of the same family, saved like the real one."""
-    import torch
     from safetensors.torch import save_file
 
     family, _, _ = recipe.model.encoder.name.partition(":")

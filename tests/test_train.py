@@ -15,7 +15,6 @@ from mmdomain.recipe import validate_recipe
 from mmdomain.train import NonFiniteLossError, lr_factor, train
 from mmdomain.trainability import apply_trainable, param_groups, trainable_table
 
-from .conftest import WORDS
 
 
 def test_lr_schedule_warmup_then_cosine():

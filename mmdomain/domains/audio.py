@@ -58,7 +58,6 @@ class AudioDomain:
         return list(AUDIO_EXTENSIONS)
 
     def decode(self, name: str, data: bytes) -> list[np.ndarray]:
-        import soundfile as sf
 
         if not self.rate:
             raise ValueError("the audio domain needs a target rate: use an audio encoder (its sample rate) or set options.sample_rate")
