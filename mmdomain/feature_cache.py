@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import FailureBudget, expand_shards, iter_records
+from .data import FailureBudget, SampleFormat, expand_shards, iter_records
 from .domains import build_domain
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
     splits = {"train": recipe.data.train, **({"eval": recipe.data.eval} if recipe.data.eval else {})}
     for split, pattern in splits.items():
         failures = FailureBudget(recipe.data.decode_error_budget)
-        records = iter_records(expand_shards(pattern), domain, failures=failures, split=False, media_token=token)
+        records = iter_records(expand_shards(pattern), domain, failures=failures, split=False, media_token=token,
+                               layout=SampleFormat.from_recipe(recipe.data))
         shards, count, pending = [], 0, []
         tmp = out_dir / f".{split}.tmp"
         tar = None

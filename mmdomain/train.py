@@ -93,13 +93,13 @@ class MetricsLog:
 
 
 def run_eval(model: MultimodalLM, processor: MultimodalProcessor, recipe: Recipe, path: Path | None = None,
-             patterns: str | list[str] | None = None) -> dict[str, Any] | None:
+             patterns: str | list[str] | None = None, layout: SampleFormat | None = None) -> dict[str, Any] | None:
     patterns = patterns or recipe.data.eval
     if patterns is None:
         return None
     return evaluate_shards(model, processor, patterns, max_samples=recipe.eval.max_samples, batch_size=recipe.eval.batch_size,
                            max_new_tokens=recipe.eval.max_new_tokens, error_budget=recipe.data.decode_error_budget,
-                           predictions_path=path, layout=SampleFormat.from_recipe(recipe.data))
+                           predictions_path=path, layout=layout or SampleFormat.from_recipe(recipe.data))
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
@@ -123,16 +123,17 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     # Data: media shards, or a feature cache made by the same frozen encoder (checked by key).
     train_patterns, eval_patterns = recipe.data.train, recipe.data.eval
+    layout = SampleFormat.from_recipe(recipe.data)
     if recipe.data.feature_cache:
         check_cacheable(recipe)
         cached = open_cache(recipe.data.feature_cache, model, processor)
         train_patterns, eval_patterns = cached["train"], (cached.get("eval") if recipe.data.eval else None)
+        layout = SampleFormat()  # cache shards always hold numbered members, whatever the source shards used
         model.encoder.to("cpu")  # never called while training from features
         log.info("training from feature cache %s", recipe.data.feature_cache)
     shards = expand_shards(train_patterns)
     stream = TrainStream(shards, processor, seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
-                         error_budget=recipe.data.decode_error_budget, limit=recipe.data.max_train_samples,
-                         layout=SampleFormat.from_recipe(recipe.data))
+                         error_budget=recipe.data.decode_error_budget, limit=recipe.data.max_train_samples, layout=layout)
     batches = epochs_of_batches(train_loader(stream, recipe.optim.batch_size, recipe.data.num_workers, recipe.data.pack_length), stream)
     steps = total_steps(recipe, shards)
 
@@ -184,7 +185,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                           tokens_per_s=window["tokens"] / window["seconds"])
             window = {"samples": 0, "tokens": 0, "seconds": 0.0, "loss": 0.0, "steps": 0}
         if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step != steps:
-            report = run_eval(model, processor, recipe, patterns=eval_patterns)
+            report = run_eval(model, processor, recipe, patterns=eval_patterns, layout=layout)
             if report is not None:
                 metrics.write(step=step, eval=report)
                 log.info("step %d eval: %s", step, json.dumps(report))
@@ -192,7 +193,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             model.save_pretrained(str(run_dir / "checkpoint"), processor.tokenizer)
 
     model.save_pretrained(str(run_dir / "checkpoint"), processor.tokenizer)
-    report = run_eval(model, processor, recipe, run_dir / "eval_predictions.jsonl", patterns=eval_patterns)
+    report = run_eval(model, processor, recipe, run_dir / "eval_predictions.jsonl", patterns=eval_patterns, layout=layout)
     if report is not None:
         metrics.write(step=steps, eval=report)
     tail = losses[-max(1, min(20, len(losses) // 5)) :]
