@@ -1,8 +1,8 @@
 """Stage-1 training step with the LM head at supervised positions only vs at every position (same model, same loss).
 
-Preset `tiny` (issue 6's): HF CLIP vision 256 wide, 4 layers, 224 px, patch 16 -> 196 tokens, layer -2, CLS dropped;
-Llama 256 wide, 4 layers, FFN 688, vocab 32000, untied; batch 8; an image followed by a 62-word caption (+ EOS)
-supervised. Encoder and LLM frozen, AdamW over the connector. Both variants run in this one process, interleaved
+Preset `tiny` (benchmarks/presets.py): HF CLIP vision 256 wide, 4 layers, 224 px, patch 16 -> 196 tokens, layer
+-2, CLS dropped; Llama 256 wide, 4 layers, FFN 688, vocab 32000, untied; batch 8; an image and a 60-word caption
+(+ EOS) supervised. Encoder and LLM frozen, AdamW over the connector. Both variants run in this one process, interleaved
 step by step; the ratio is the median of per-round ratios (these machines are noisy, so never compare absolute
 times across runs).
 
@@ -12,38 +12,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from environment import environment  # noqa: E402
+from presets import build, spec  # noqa: E402
 
-def build(tmp: Path):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
 
+def build_tiny():
+    """The `tiny` preset's model (benchmarks/presets.py) and its batch."""
     from mmdomain.model import build_model
-    from mmdomain.spec import ModelSpec
-    from mmdomain.tiny_models import SPECIAL, PLAIN_TEMPLATE_WORDS, write_tiny_llm
 
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                                     image_size=224, patch_size=16)).save_pretrained(str(tmp / "clip"))
-    words = [f"w{i}" for i in range(32000 - len(SPECIAL) - len(PLAIN_TEMPLATE_WORDS))]
-    write_tiny_llm(tmp / "llm", words, hidden=256, ffn=688, layers=4, heads=4)
-    spec = ModelSpec.model_validate({"encoder": {"name": f"hf:{tmp / 'clip'}", "options": {"layer": -2}},
-                                     "connector": {"name": "mlp"}, "llm": {"path": str(tmp / "llm")}})
-    model, proc = build_model(spec)
-    g = torch.Generator().manual_seed(1)
-    samples = []
-    for i in range(8):
-        caption = " ".join(f"w{int(j)}" for j in torch.randint(0, len(words), (62,), generator=g))
-        samples.append(proc([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": caption}],
-                            [torch.rand(3, 224, 224, generator=g)], key=str(i)))
-    return model, proc.collate(samples)
+    built = build("tiny")
+    model, _ = build_model(spec(built.root))
+    return model, built.batch
 
 
 def full_logit_loss(model, batch):
@@ -61,8 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        model, batch = build(Path(tmp))
+    model, batch = build_tiny()
     model.train()
     opt = torch.optim.AdamW(model.connector.parameters(), lr=1e-4)
     variants = {"supervised_only": lambda: model(**batch).loss, "all_positions": lambda: full_logit_loss(model, batch)}
@@ -87,8 +74,7 @@ def main() -> None:
         "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
         "speedup_supervised_only_vs_all_positions": {"median": statistics.median(ratios), "iqr": [q[0], q[2]]},
         "step0_loss": losses, "loss_equal_1e-5": abs(losses["supervised_only"] - losses["all_positions"]) < 1e-5,
-        "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                "python": platform.python_version()},
+        "env": environment(),
     }
     print(json.dumps(result, indent=2))
     if args.out:
