@@ -70,12 +70,10 @@ class MultimodalProcessor:
         self.tokenizer = tokenizer
         self.media_token = media_token
         self.media_token_id = tokenizer.convert_tokens_to_ids(media_token)
-        self.tokens_per_item = tokens_per_item
         self.max_length = max_length
-        self.transform = transform
-        self.domain = domain  # decodes raw media files (see mmdomain.domains); None: media arrive decoded
         self.cached = False  # True once media are precomputed encoder features (see use_cached_features)
-        # kinds[0] is the primary media; its parts may say "media", "image" or its modality.
+        # kinds[0] is the primary media (its domain decodes raw files; None: media arrive decoded); its content parts
+        # may say "media", "image" or its modality.
         self.kinds = [MediaKind(modality, media_token, self.media_token_id, tokens_per_item, transform, domain), *extra_kinds]
         self._kind_of_part = {"media": 0, "image": 0, modality: 0, **{k.name: i + 1 for i, k in enumerate(extra_kinds)}}
         self._kind_of_token = {k.token: i for i, k in enumerate(self.kinds)}
@@ -85,6 +83,18 @@ class MultimodalProcessor:
         self.use_chat_template = has_template if use_chat_template is None else use_chat_template
         if self.use_chat_template and not has_template:
             raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
+
+    @property
+    def tokens_per_item(self) -> int:
+        return self.kinds[0].tokens_per_item
+
+    @property
+    def transform(self) -> Callable[[Any], torch.Tensor] | None:
+        return self.kinds[0].transform
+
+    @property
+    def domain(self) -> Any:
+        return self.kinds[0].domain
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -315,8 +325,9 @@ class MultimodalProcessor:
         def to_tensor(array: Any) -> torch.Tensor:
             return torch.as_tensor(np.asarray(array, dtype=np.float32))
 
-        self.transform, self.domain, self.cached = to_tensor, build_domain("generic"), True
-        self.kinds[0] = MediaKind(self.kinds[0].name, self.media_token, self.media_token_id, self.tokens_per_item, to_tensor, self.domain)
+        self.cached = True
+        self.kinds[0] = MediaKind(self.kinds[0].name, self.media_token, self.media_token_id, self.tokens_per_item, to_tensor,
+                                  build_domain("generic"))
 
     @property
     def domains(self) -> dict[str, Any]:
