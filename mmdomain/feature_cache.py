@@ -11,8 +11,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -72,76 +70,55 @@ def check_cacheable(recipe: Any) -> None:
 
 def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
     """Write ``{out_dir}/train-*.tar`` (and ``eval-*.tar`` when the recipe has eval shards) plus feature_cache.json."""
-    from .shards import MANIFEST
+    from .shards import ShardWriter, write_manifest
 
     check_cacheable(recipe)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / META).unlink(missing_ok=True)  # shards are about to change: an interrupted rebuild must not look complete
     encoder, domain, transform = _encoder_for(recipe)
     encoder.to(device)
     key = feature_key(recipe.model, encoder, transform)
-    token = recipe.model.media_token
     manifest: dict[str, Any] = {}
     splits = {"train": recipe.data.train, **({"eval": recipe.data.eval} if recipe.data.eval else {})}
     for split, pattern in splits.items():
         failures = FailureBudget(recipe.data.decode_error_budget)
-        records = iter_records(expand_shards(pattern), domain, failures=failures, split=False, media_token=token,
+        records = iter_records(expand_shards(pattern), domain, failures=failures, split=False, media_token=recipe.model.media_token,
                                layout=SampleFormat.from_recipe(recipe.data))
-        shards, count, pending = [], 0, []
-        tmp = out_dir / f".{split}.tmp"
-        tar = None
+        pending: list[Any] = []
 
-        def flush() -> None:
+        def flush(writer: ShardWriter) -> None:
+            """Encode the pending records' media in batches and write each record with its features."""
             items = [transform(m) for r in pending for m in r.media]
-            feats = []
             with torch.no_grad():
-                for i in range(0, len(items), batch_size):
-                    feats.append(encoder(torch.stack(items[i : i + batch_size]).to(device)).float().cpu())
-            feats = torch.cat(feats) if feats else torch.empty(0)
-            at = 0
+                feats = [encoder(torch.stack(items[i : i + batch_size]).to(device)).float().cpu() for i in range(0, len(items), batch_size)]
+            feats = iter(torch.cat(feats)) if feats else iter(())
             for r in pending:
                 sample = {"conversations": r.conversations, **({"choices": r.choices} if r.choices else {}),
                           **({"answer_type": r.answer_type} if r.answer_type else {})}
-                name = r.key.replace(":", "__").replace(".", "_")
-                _add(tar, f"{name}.json", json.dumps(sample).encode())
+                members = [("json", json.dumps(sample).encode())]
                 for i in range(len(r.media)):
                     buf = io.BytesIO()
-                    np.save(buf, feats[at].numpy().astype(np.float16), allow_pickle=False)
-                    _add(tar, f"{name}.{i}.npy", buf.getvalue())
-                    at += 1
+                    np.save(buf, next(feats).numpy().astype(np.float16), allow_pickle=False)
+                    members.append((f"{i}.npy", buf.getvalue()))
+                writer.write(r.key.replace(":", "__").replace(".", "_"), members)
             pending.clear()
 
-        for record in tqdm(records, desc=f"cache {split}", leave=False):
-            if tar is None or shards[-1]["samples"] >= 1000:
-                if tar is not None:
-                    flush()
-                    tar.close()
-                    os.replace(tmp, out_dir / shards[-1]["name"])
-                shards.append({"name": f"{split}-{len(shards):06d}.tar", "samples": 0})
-                tar = tarfile.open(tmp, "w")
-            pending.append(record)
-            shards[-1]["samples"] += 1
-            count += 1
-            if len(pending) >= batch_size:
-                flush()
-        if tar is not None:
-            flush()
-            tar.close()
-            os.replace(tmp, out_dir / shards[-1]["name"])
-        manifest[split] = {"prefix": split, "source": str(pattern), "total": count, "shards": shards}
-        log.info("cached %d %s samples (%d skipped) in %s", count, split, len(failures.failures), out_dir)
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        with ShardWriter(out_dir, split, 1000) as writer:
+            for record in tqdm(records, desc=f"cache {split}", leave=False):
+                pending.append(record)
+                if len(pending) >= batch_size:
+                    flush(writer)
+            flush(writer)
+        total = sum(s["samples"] for s in writer.shards)
+        manifest[split] = {"prefix": split, "source": str(pattern), "total": total, "shards": writer.shards}
+        log.info("cached %d %s samples (%d skipped) in %s", total, split, len(failures.failures), out_dir)
+    write_manifest(out_dir, manifest)
     meta = {"key": key, "encoder": recipe.model.encoder.model_dump(mode="json"), "domain": recipe.model.domain.model_dump(mode="json"),
             "embed_dim": encoder.info.embed_dim, "tokens_per_item": encoder.info.num_tokens(), "dtype": "float16",
             "splits": {s: m["total"] for s, m in manifest.items()}}
     (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")  # written last: a cache without it is incomplete
     return meta
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def open_cache(directory: str | Path, model: Any, processor: Any) -> dict[str, str]:

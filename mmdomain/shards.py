@@ -84,11 +84,54 @@ def _sample_key(record: dict[str, Any], prefix: str, line: int) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", raw)  # webdataset splits keys at the first dot
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
+class ShardWriter:
+    """Writes samples into ``{prefix}-NNNNNN.tar`` shards of at most ``per_shard`` samples. Each shard is written
+    under a temporary name and renamed only when complete; if the ``with`` block fails, the partial shard is removed.
+    ``shards`` lists the finished shards with their sample counts (the manifest entries)."""
+
+    def __init__(self, out_dir: Path, prefix: str, per_shard: int) -> None:
+        self.out_dir, self.prefix, self.per_shard = Path(out_dir), prefix, per_shard
+        self.shards: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+
+    def write(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        """One sample: ``members`` are (suffix, bytes), stored as ``{key}.{suffix}``."""
+        if self._tar is None or self.shards[-1]["samples"] >= self.per_shard:
+            self._finish()
+            self.shards.append({"name": f"{self.prefix}-{len(self.shards):06d}.tar", "samples": 0})
+            self._tmp = self.out_dir / f".{self.shards[-1]['name']}.tmp"
+            self._tar = tarfile.open(self._tmp, "w")
+        for suffix, data in members:
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size = len(data)
+            info.mode = 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self.shards[-1]["samples"] += 1
+
+    def _finish(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            os.replace(self._tmp, self.out_dir / self.shards[-1]["name"])
+            self._tar = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if kind is None:
+            self._finish()
+        elif self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def write_manifest(out_dir: Path, entries: dict[str, Any]) -> None:
+    """Merge ``{prefix: entry}`` into ``out_dir/manifest.json`` (one entry per prefix), replacing it in one rename."""
+    merged = {**(read_manifest(out_dir) or {}), **entries}
+    tmp = Path(out_dir) / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    os.replace(tmp, Path(out_dir) / MANIFEST)
 
 
 def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, *, prefix: str = "train",
@@ -113,19 +156,8 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
     if stale and not overwrite:
         raise ShardError(f"{out_dir} already holds {len(stale)} '{prefix}-*.tar' shards; choose another --out or --prefix, or pass --overwrite")
 
-    shards: list[dict[str, Any]] = []
     keys: set[str] = set()
-    tar: tarfile.TarFile | None = None
-    tmp_path: Path | None = None
-
-    def finish() -> None:
-        nonlocal tar
-        if tar is not None:
-            tar.close()
-            os.replace(tmp_path, out_dir / shards[-1]["name"])
-            tar = None
-
-    try:
+    with ShardWriter(out_dir, prefix, samples_per_shard) as writer:
         for line_no, line in enumerate(_lines(jsonl), start=1):
             where = f"{jsonl}:{line_no}"
             try:
@@ -149,34 +181,18 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
                 if not path.is_file():
                     raise ShardError(f"{where}: media file {str(path)!r} does not exist")
                 try:
-                    blobs.append((f"{key}.{i}.{ext}", domain_of.prepare_for_shard(path.name, path.read_bytes())))
+                    blobs.append((f"{i}.{ext}", domain_of.prepare_for_shard(path.name, path.read_bytes())))
                 except DecodeError as exc:
                     raise ShardError(f"{where}: media {rel!r}: {exc}") from None
-            if tar is None or shards[-1]["samples"] >= samples_per_shard:
-                finish()
-                shards.append({"name": f"{prefix}-{len(shards):06d}.tar", "samples": 0})
-                tmp_path = out_dir / f".{shards[-1]['name']}.tmp"
-                tar = tarfile.open(tmp_path, "w")
-            _add(tar, f"{key}.json", json.dumps(sample).encode())
-            for name, data in blobs:
-                _add(tar, name, data)
-            shards[-1]["samples"] += 1
-        finish()
-    except BaseException:
-        if tar is not None:
-            tar.close()
-            tmp_path.unlink(missing_ok=True)
-        raise
+            writer.write(key, [("json", json.dumps(sample).encode()), *blobs])
+    shards = writer.shards
     if not shards:
         raise ShardError(f"{jsonl} holds no samples")
     for old in stale:  # older shards beyond the new set would be picked up by a glob
         if old.name not in {s["name"] for s in shards}:
             old.unlink()
     manifest = {"prefix": prefix, "source": str(jsonl), "total": sum(s["samples"] for s in shards), "shards": shards}
-    merged = {**(read_manifest(out_dir) or {}), prefix: manifest}  # one entry per prefix (train, eval, ...)
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(merged, indent=2) + "\n")
-    os.replace(tmp, out_dir / MANIFEST)
+    write_manifest(out_dir, {prefix: manifest})
     log.info("wrote %d samples in %d shards to %s", manifest["total"], len(shards), out_dir)
     return manifest
 
