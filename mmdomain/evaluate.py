@@ -56,7 +56,7 @@ def _choose(model: MultimodalLM, processor: MultimodalProcessor, records: list[R
         for choice in record.choices:
             samples.append(processor(prompt + [{"role": "assistant", "content": choice}], record.media, key=record.key))
             owners.append((i, choice))
-    scores = model.sequence_logprobs(**_to(processor.collate(samples), device)).cpu().tolist()
+    scores = model.sequence_logprobs(**to_device(processor.collate(samples), device)).cpu().tolist()
     best: dict[int, tuple[float, str]] = {}
     for score, (i, choice) in zip(scores, owners):
         if i not in best or score > best[i][0]:
@@ -67,15 +67,21 @@ def _choose(model: MultimodalLM, processor: MultimodalProcessor, records: list[R
 @torch.no_grad()
 def _generate(model: MultimodalLM, processor: MultimodalProcessor, records: list[Record], device: torch.device, max_new_tokens: int) -> list[str]:
     samples = [processor(_split(r)[0], r.media, key=r.key, add_generation_prompt=True) for r in records]
-    batch = _to(processor.collate(samples, padding_side="left"), device)
+    batch = to_device(processor.collate(samples, padding_side="left"), device)
     new = model.generate(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), extra_media=batch["extra_media"],
                          features=batch.get("features"), max_new_tokens=max_new_tokens,
                          pad_token_id=processor.tokenizer.pad_token_id)
     return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated batch with its tensors on ``device``, the per-kind tensors of ``extra_media`` included."""
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        return [move(x) for x in v] if isinstance(v, list) and any(isinstance(x, torch.Tensor) for x in v) else v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def evaluate_records(model: MultimodalLM, processor: MultimodalProcessor, records: Iterable[Record], *, batch_size: int = 16,

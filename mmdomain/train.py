@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .checkpoint import init_from_checkpoint
 from .data import SampleFormat, TrainStream, epochs_of_batches, expand_shards, train_loader
-from .evaluate import evaluate_shards
+from .evaluate import evaluate_shards, to_device
 from .feature_cache import check_cacheable, open_cache
 from .model import MultimodalLM, build_model
 from .processor import IGNORE, MultimodalProcessor
@@ -62,10 +62,6 @@ def _device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def total_steps(recipe: Recipe, shards: list[str]) -> int:
@@ -161,7 +157,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         step_loss = 0.0
         for batch in micro:
             with autocast:
-                out = model(**_to(batch, device))
+                out = model(**to_device(batch, device))
             if not torch.isfinite(out.loss_sum):
                 raise NonFiniteLossError(f"step {step}: loss is {out.loss_sum.item()} on samples {batch['keys']}; no checkpoint was written from it")
             (out.loss_sum / max(supervised, 1)).backward()
