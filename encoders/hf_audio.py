@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._hf_loading import load_pruned
 from .base import EncoderInfo, resolve_layer
 
 _WHISPER = ("whisper",)
@@ -111,7 +112,7 @@ def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, l
         cfg.encoder_layers = block_index + 1
         cfg.decoder_layers = 1  # only the encoder is kept; do not build (or hold) the decoder stack
         if local:
-            model = _load(transformers.WhisperModel, path, cfg).encoder
+            model = load_pruned(transformers.WhisperModel, path, cfg).encoder
         else:
             from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -122,7 +123,7 @@ def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, l
         dim = int(cfg.d_model)
     else:
         cfg.num_hidden_layers = block_index + 1
-        model = _load(transformers.AutoModel, path, cfg) if local else transformers.AutoModel.from_config(cfg)
+        model = load_pruned(transformers.AutoModel, path, cfg) if local else transformers.AutoModel.from_config(cfg)
         samples = int(round((clip_seconds or 10.0) * sample_rate))
         tokens = int(model._get_feat_extract_output_lengths(torch.tensor(samples)))
         features, dim = None, int(cfg.hidden_size)
@@ -147,9 +148,9 @@ def _build_clap(path: Path | None, cfg: Any, layer: int, license: str | None) ->
     if path is None:
         model = transformers.ClapAudioModel(audio_cfg)
     elif getattr(cfg, "model_type", "") == "clap":
-        model = _load(transformers.ClapModel, path, cfg).audio_model  # the text tower is dropped after loading
+        model = load_pruned(transformers.ClapModel, path, cfg).audio_model  # the text tower is dropped after loading
     else:
-        model = _load(transformers.ClapAudioModel, path, audio_cfg)
+        model = load_pruned(transformers.ClapAudioModel, path, audio_cfg)
     extractor_kwargs = {"truncation": "rand_trunc", "feature_size": int(audio_cfg.num_mel_bins)}
     if path is not None and (path / "preprocessor_config.json").is_file():
         pre = json.loads((path / "preprocessor_config.json").read_text())
@@ -167,17 +168,6 @@ def _build_clap(path: Path | None, cfg: Any, layer: int, license: str | None) ->
         layer=layer, sample_rate=int(features.sampling_rate), exact_tokens=int(grid[2] * grid[3]),
     )
     return HFAudioEncoder(model, info, True, "clap", False, features)
-
-
-def _load(model_class: Any, path: Path, cfg: Any) -> nn.Module:
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the pruned layers would each be reported as "unexpected"
-    try:
-        return model_class.from_pretrained(str(path), config=cfg, local_files_only=True)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 __all__ = ["HFAudioEncoder", "WhisperLogMel", "build_hf_audio_encoder"]

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._hf_loading import load_pruned
 from .base import HALF, IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderInfo, as_pair, fit_channels, resolve_layer
 
 # model_type -> (transformers class name, default mean, default std, prefix tokens before the patches)
@@ -92,13 +93,7 @@ def build_hf_vision_encoder(
     num_prefix += int(getattr(cfg, "num_register_tokens", 0) or 0)
 
     if local:
-        # The checkpoint holds the pruned layers too; transformers would report each as "unexpected" at warning level.
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        try:
-            model = model_class.from_pretrained(str(path), config=cfg, local_files_only=True)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
+        model = load_pruned(model_class, path, cfg)
         mean, std, size = _preprocessor_stats(path, mean, std)
     else:
         model = model_class(cfg) if class_name != "AutoModel" else transformers.AutoModel.from_config(cfg)
