@@ -17,13 +17,14 @@ from torch.utils.data import DataLoader, IterableDataset
 from .domains import DecodeError, Domain, decode_media
 from .processor import MultimodalProcessor, SampleError
 from .shards import normalise_record
+from .errors import MmdomainError
 
 log = logging.getLogger(__name__)
 
 _MEDIA_MEMBER = re.compile(r"^(\d+)\.([A-Za-z0-9.]+)$")  # 0.png, 1.nii.gz
 
 
-class DataError(RuntimeError):
+class DataError(MmdomainError, RuntimeError):
     """The data cannot feed the run (no shards, or more bad samples than the budget allows)."""
 
 

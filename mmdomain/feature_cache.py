@@ -20,13 +20,14 @@ from tqdm import tqdm
 
 from .data import FailureBudget, SampleFormat, expand_shards, iter_records
 from .domains import build_domain
+from .errors import MmdomainError
 
 log = logging.getLogger(__name__)
 
 META = "feature_cache.json"
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(MmdomainError, ValueError):
     """A feature cache that cannot serve this recipe; the message says why and how to rebuild it."""
 
 

@@ -22,11 +22,12 @@ import re
 
 import numpy as np
 import torch
+from .errors import MmdomainError
 
 IGNORE = -100
 
 
-class SampleError(ValueError):
+class SampleError(MmdomainError, ValueError):
     """A sample that cannot be turned into a training example; the message names the sample and the fix."""
 
 

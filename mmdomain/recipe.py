@@ -24,10 +24,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import MmdomainError
 from .spec import ModelSpec
 
 
-class RecipeError(ValueError):
+class RecipeError(MmdomainError, ValueError):
     """A recipe that cannot be used; the message names the file, the field and the fix."""
 
 

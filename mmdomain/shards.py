@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .domains import DecodeError, Domain, build_domain, media_type
+from .errors import MmdomainError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ MANIFEST = "manifest.json"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class ShardError(ValueError):
+class ShardError(MmdomainError, ValueError):
     """Bad input for make-shards; the message names the JSONL line, field or file and the fix."""
 
 

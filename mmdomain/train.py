@@ -25,16 +25,17 @@ from .processor import IGNORE, MultimodalProcessor
 from .recipe import Recipe, dump_recipe
 from .shards import count_samples
 from .trainability import apply_trainable, param_groups, trainable_table
+from .errors import MmdomainError
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MmdomainError, RuntimeError):
     """The loss or gradient became NaN/inf; the run stops before any checkpoint is written from it."""
 
 
-class RunDirectoryError(RuntimeError):
-    pass
+class RunDirectoryError(MmdomainError, RuntimeError):
+    """An output_dir that cannot take this run (it holds another run, or cannot be written)."""
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:

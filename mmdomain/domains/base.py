@@ -4,11 +4,12 @@ from __future__ import annotations
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from ..errors import MmdomainError
 
 Output = Literal["unit", "standardized", "waveform"]
 
 
-class DecodeError(ValueError):
+class DecodeError(MmdomainError, ValueError):
     """A media member that cannot be decoded; the message names the member and why (never a header value)."""
 
 
