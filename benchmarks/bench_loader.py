@@ -29,11 +29,11 @@ def _rate(loader, batch_key: str | None = None) -> float:
 
 
 def main() -> None:
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    from mmdomain.data import TrainStream, expand_shards, train_loader
+    from mmdomain.data import FailureBudget, SampleFormat, ShardCatalog, expand_shards
     from mmdomain.feature_cache import cache_features, open_cache
-    from mmdomain.model import build_model
+    from mmdomain.shard_index import ShardReader
+    from mmdomain.train_stream import BatchStream, TrainBatches
+    from mmdomain.builder import build_model
     from mmdomain.recipe import validate_recipe
     from mmdomain.shards import make_shards
 
@@ -63,22 +63,25 @@ def main() -> None:
     shards = expand_shards(recipe.data.train)
 
     def raw_members():
-        def streams():
-            for s in shards:
-                with open(s, "rb") as f:
-                    yield {"url": s, "stream": f}
-        return group_by_keys(tar_file_expander(streams()))
+        reader = ShardReader(shards)  # the tar index and member reads training uses, without decoding
+        return (reader.read(s, i) for s in range(len(shards)) for i in range(len(reader.index(s).samples)))
+
+    def one_epoch(patterns, proc, workers):
+        failures = FailureBudget(0)
+        dataset = TrainBatches(ShardCatalog(patterns, failures), proc, layout=SampleFormat(), seed=0, shuffle_buffer=0, limit=None,
+                               batch_size=8)
+        stream = BatchStream(dataset, num_workers=workers, failures=failures)
+        return (stream.next_batch()[1] for _ in range(dataset.batches_per_epoch()))
 
     results["raw_tar_read"] = {"workers_0": _rate(raw_members())}
     for mode in ("decode_preprocess", "cached_features"):
         model, proc = build_model(recipe.model)
         patterns = shards
         if mode == "cached_features":
-            patterns = expand_shards(open_cache(work / "cache", model, proc)["train"])
+            patterns = expand_shards(open_cache(work / "cache", model, proc, recipe)[0])
         for workers in (0, 2):
-            stream = TrainStream(patterns, proc, seed=0, shuffle_buffer=0, error_budget=0)
-            _rate(train_loader(stream, 8, workers))  # warm the page cache
-            results.setdefault(mode, {})[f"workers_{workers}"] = _rate(train_loader(stream, 8, workers))
+            _rate(one_epoch(patterns, proc, workers))  # warm the page cache
+            results.setdefault(mode, {})[f"workers_{workers}"] = _rate(one_epoch(patterns, proc, workers))
     report = {"samples": args.samples, "samples_per_s": results, "env": environment()}
     if args.step_json:
         step = json.loads(Path(args.step_json).read_text())["variants"]

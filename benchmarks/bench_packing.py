@@ -36,7 +36,7 @@ def conversations(rng: np.random.Generator, n: int, vocab: int) -> list[list[dic
 
 
 def main() -> None:
-    from mmdomain.model import build_model
+    from mmdomain.builder import build_model
     from mmdomain.spec import ModelSpec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

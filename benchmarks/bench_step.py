@@ -33,9 +33,11 @@ VARIANTS = ("baseline", "default", "cache", "lora", "full")
 
 def make_variants(names, built, device):
     """name -> (step function returning the loss tensor, parameters trained)."""
-    from mmdomain.model import build_model
+    from mmdomain.builder import build_model
+    from mmdomain.evaluate import to_device
+    from mmdomain.media import MediaBatch
 
-    llava, batch = built.llava.to(device), {k: v.to(device) if torch.is_tensor(v) else v for k, v in built.batch.items()}
+    llava, batch = built.llava.to(device), to_device(built.batch, device)
     out = {}
     for name in names:
         if name == "baseline":
@@ -43,7 +45,7 @@ def make_variants(names, built, device):
             llava.model.multi_modal_projector.requires_grad_(True)
             params = list(llava.model.multi_modal_projector.parameters())
             fn = lambda: llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],  # noqa: E731
-                               pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+                               pixel_values=batch["media"][0].values, labels=batch["labels"]).loss
         else:
             llm = {"lora": {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}}}.get(name, {})
             model, _ = build_model(spec(built.root, **llm))
@@ -53,8 +55,8 @@ def make_variants(names, built, device):
                 model.llm.requires_grad_(True)
             if name == "cache":
                 with torch.no_grad():
-                    features = model.encoder(batch["pixel_values"])  # fp32 here: the same computation, exactly
-                cached = {**batch, "pixel_values": None, "features": features}
+                    features = model.encoder(batch["media"][0].values)  # fp32 here: the same computation, exactly
+                cached = {**batch, "media": [MediaBatch(features, encoded=True)]}
                 fn = (lambda m, b: lambda: m(**b).loss)(model, cached)
             else:
                 fn = (lambda m: lambda: m(**batch).loss)(model)

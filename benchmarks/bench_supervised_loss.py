@@ -27,7 +27,7 @@ from presets import build, spec  # noqa: E402
 
 def build_tiny():
     """The `tiny` preset's model (benchmarks/presets.py) and its batch."""
-    from mmdomain.model import build_model
+    from mmdomain.builder import build_model
 
     built = build("tiny")
     model, _ = build_model(spec(built.root))

@@ -32,7 +32,7 @@ def build(name: str, dtype: torch.dtype = torch.float32) -> Built:
     BOS, "User:", 196 image tokens, "Assistant:", a caption, EOS; the caption (+ EOS) is supervised."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-    from mmdomain.model import build_model
+    from mmdomain.builder import build_model
     from mmdomain.tiny_models import PLAIN_TEMPLATE_WORDS, SPECIAL, word_tokenizer
 
     p = PRESETS[name]

@@ -5,19 +5,23 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from .data import expand_shards, open_local_shards
+from .data import expand_shards
 from .domains import build_domain
+from .shard_index import ShardReader
 
 
 def _members(shards: list[str], max_samples: int) -> Iterator[tuple[str, bytes]]:
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    for n, raw in enumerate(group_by_keys(tar_file_expander(open_local_shards(shards)))):
-        if n >= max_samples:
-            return
-        for name, data in raw.items():
-            if not name.startswith("__") and isinstance(data, bytes) and name != "json":
-                yield name, data
+    """Media members of the first ``max_samples`` samples, in shard order."""
+    reader = ShardReader(shards)
+    seen = 0
+    for shard in range(len(shards)):
+        for sample in range(len(reader.index(shard).samples)):
+            if seen >= max_samples:
+                return
+            seen += 1
+            for name, data in reader.read(shard, sample).items():
+                if name != "json":
+                    yield name, data
 
 
 def write_band_stats(recipe_path: str, out: str, *, overrides: list[str] = (), max_samples: int = 2000) -> dict[str, Any]:

@@ -1,159 +1,281 @@
-"""Save and load a MultimodalLM as JSON + safetensors, storing only what is not a referenced, unchanged base."""
+"""Checkpoint directories on disk: written whole or not at all, found, verified and pruned. File I/O only.
+
+A checkpoint is a directory of safetensors and JSON files. It is written into ``.{name}.tmp-{pid}`` beside its
+final place, every file fsynced, then a ``COMPLETE`` marker listing each file and its size is written last, and the
+directory is made visible by one rename (and the parent fsynced). A crash at any moment leaves either the complete
+directory or a temporary one that readers ignore (and the next run removes), never a half-written checkpoint under
+the final name. A run keeps its checkpoints as ``checkpoints/step-NNNNNNNN/`` with a ``latest`` pointer updated after
+the rename; retention never deletes the newest complete one.
+
+Nothing here knows what a model is: ``builder`` decides which tensors a model checkpoint holds, ``train_state`` what
+a run adds (optimizer, RNG streams, data position).
+"""
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .spec import ModelSpec
+from .errors import CheckpointError
 
-if TYPE_CHECKING:
-    from .model import MultimodalLM
-    from .processor import MultimodalProcessor
+log = logging.getLogger(__name__)
 
-FORMAT = "mmdomain-checkpoint/1"
-CONFIG = "mmdomain_config.json"
-WEIGHTS = "model.safetensors"
+FORMAT = "mmdomain-checkpoint/2"
+MARKER = "COMPLETE"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+_STEP = re.compile(r"^step-(\d+)$")
 
 
-@contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``target`` in one rename, so a crash never
-    leaves a half-written directory that looks complete, and a good old one survives until the new one is whole."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk, so a rename after it never outlives its content."""
+    fd = os.open(str(path), os.O_RDONLY)
     try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename, fsynced: readers see the old content or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+class CheckpointWriter:
+    """Write a checkpoint directory atomically::
+
+        with CheckpointWriter(run_dir / "checkpoints" / "step-00000100", step=100) as ckpt:
+            ckpt.tensors("model.safetensors", state)
+            ckpt.json("trainer_state.json", {...})
+            tokenizer.save_pretrained(ckpt.path / "tokenizer")
+
+    On leaving the block without an error the directory appears under its final name, complete; on an error the
+    temporary directory is removed, a ``target`` that already existed is untouched, and an ``OSError`` (disk full,
+    permissions) becomes a ``CheckpointError`` naming the target.
+    """
+
+    def __init__(self, target: str | Path, *, step: int | None = None) -> None:
+        self.target = Path(target)
+        self.step = step
+        self.path = self.target.with_name(f".{self.target.name}.tmp-{os.getpid()}")
+
+    def __enter__(self) -> "CheckpointWriter":
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # left by an earlier attempt of this same process id
+            shutil.rmtree(self.path)
+        self.path.mkdir()  # plain mkdir (not mkdtemp's 0700): teammates on a shared machine can read checkpoints
+        return self
+
+    def tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.path / name),
+                  metadata={"format": FORMAT, **(metadata or {})})
+
+    def json(self, name: str, data: Any) -> None:
+        (self.path / name).write_text(json.dumps(data, indent=2) + "\n")
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if kind is None:
+            try:
+                self._commit()
+                return
+            except BaseException as error:  # noqa: BLE001 - cleaned up, then re-raised (named when it is an OSError)
+                shutil.rmtree(self.path, ignore_errors=True)
+                if isinstance(error, OSError):
+                    raise self._named(error) from error
+                raise
+        shutil.rmtree(self.path, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+            raise self._named(exc) from exc
+
+    def _named(self, error: OSError) -> CheckpointError:
+        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        where = f" ({error.filename})" if error.filename else ""
+        return CheckpointError(f"could not write checkpoint {self.target}: {reason}{where}; nothing under that name was changed")
+
+    def _commit(self) -> None:
+        files = {}
+        for path in sorted(self.path.rglob("*")):
+            if path.is_file():
+                fsync_path(path)
+                files[str(path.relative_to(self.path))] = path.stat().st_size
+        for path in sorted((p for p in self.path.rglob("*") if p.is_dir()), reverse=True):
+            fsync_path(path)
+        marker = self.path / MARKER
+        with open(marker, "w") as f:
+            f.write(json.dumps({"format": FORMAT, "step": self.step, "files": files}, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(self.path)
+        _publish(self.path, self.target)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Make ``tmp`` visible as ``target`` in one rename. An existing ``target`` is first renamed aside (and removed
+    after), so a crash in between leaves the complete old or new directory under a name ``resolve_checkpoint``
+    reports."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if old.exists():
             shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.replace(target, old)
+    os.replace(tmp, target)
+    fsync_path(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def _parts(model: "MultimodalLM") -> list[tuple[str, Any, bool]]:
-    """(name, module, store whole) for every part: connectors always; encoders unless their weights are a local path."""
-    parts = [("encoder", model.encoder, not model.spec.encoder.is_referenced()), ("connector", model.connector, True),
-             ("llm", model.llm, False)]
-    for i, (branch, media) in enumerate(zip(model.extra, model.spec.extra_media)):
-        parts += [(f"extra.{i}.encoder", branch.encoder, not media.encoder.is_referenced()), (f"extra.{i}.connector", branch.connector, True)]
-    return parts
+def read_marker(directory: Path) -> dict[str, Any] | None:
+    """The completion marker of ``directory``, or None when the directory is not a complete checkpoint."""
+    marker = Path(directory) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
-def _selected_state(model: "MultimodalLM") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Weights to store, and per part what was stored: ``all`` / ``trained`` (requires_grad or restored) / ``none``."""
-    state: dict[str, torch.Tensor] = {}
-    stored = {}
-    for part, module, keep_all in _parts(model):
-        chosen = {}
-        for name, param in module.named_parameters():
-            full = f"{part}.{name}"
-            if keep_all or param.requires_grad or full in model.restored:
-                chosen[full] = param.detach().contiguous().cpu()
-        if keep_all:  # persistent buffers of a non-referenced part (e.g. norm statistics) are part of its weights too
-            persistent = set(module.state_dict())
-            chosen.update({f"{part}.{n}": b.detach().contiguous().cpu() for n, b in module.named_buffers() if n in persistent})
-        state.update(chosen)
-        stored[part] = "all" if keep_all else ("trained" if chosen else "none")
-    return state, stored
+def verify(directory: str | Path) -> dict[str, Any]:
+    """Check that every file the marker lists is there with its recorded size; returns the marker.
 
-
-def save_model(model: "MultimodalLM", directory: str | Path, tokenizer: Any = None) -> None:
-    state, stored = _selected_state(model)
-    with atomic_directory(directory) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        config = {
-            "format": FORMAT,
-            "spec": model.spec.model_dump(mode="json"),
-            "stored": stored,
-            "media_token_id": model.media_token_id,
-            "tokens_per_item": model.tokens_per_item,
-            "encoder_info": model.encoder.info.to_dict(),
-        }
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-
-
-def load_model(directory: str | Path) -> tuple["MultimodalLM", "MultimodalProcessor"]:
-    from .model import build_model
-
+    Raises ``CheckpointError`` naming the directory and the first missing or truncated file."""
     directory = Path(directory)
-    config_file = directory / CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{str(directory)!r} is not an mmdomain checkpoint: it has no {CONFIG}")
-    config = json.loads(config_file.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{config_file} has format {config.get('format')!r}; this mmdomain reads {FORMAT!r}")
-    spec = ModelSpec.model_validate(config["spec"])
-    tok_dir = directory / "tokenizer"
-    model, processor = build_model(spec, tokenizer_dir=str(tok_dir) if tok_dir.is_dir() else None)
-    if model.media_token_id != config["media_token_id"]:
-        raise ValueError(f"media token id {model.media_token_id} differs from the checkpoint's {config['media_token_id']}; the LLM or tokenizer at {spec.llm.path} changed")
-    state = load_file(str(directory / WEIGHTS))
-    own = model.state_dict()
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise ValueError(f"{directory / WEIGHTS} holds {len(unknown)} weights this model does not have (first: {unknown[:3]}); was the spec edited?")
-    shapes = [k for k in state if state[k].shape != own[k].shape]
-    if shapes:
-        raise ValueError(f"{directory / WEIGHTS}: shape mismatch for {shapes[:3]}")
-    model.load_state_dict(state, strict=False)
-    model.restored = {k for k in state if ".connector." not in f".{k}"}
-    return model, processor
+    marker = read_marker(directory)
+    if marker is None:
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no {MARKER} marker): it was interrupted while being "
+                              "written; use an earlier checkpoint")
+    if marker.get("format") != FORMAT:
+        raise CheckpointError(f"{directory} has format {marker.get('format')!r}; this mmdomain reads {FORMAT!r}")
+    for name, size in marker["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing from checkpoint {directory}; the directory was changed after it was written")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{path} has {actual} bytes but was written with {size}: the file is truncated or was replaced; "
+                                  "use an earlier checkpoint (or restore this file from a backup)")
+    return marker
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file; a damaged or foreign file is a ``CheckpointError`` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}): it is truncated or corrupt; "
+                              "use an earlier checkpoint") from None
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is damaged") from None
+
+
+# -- a run's checkpoints ----------------------------------------------------------------------------------------
+
+
+def step_directory(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every complete checkpoint of a run, oldest first. Incomplete ones (a crash while
+    writing) are skipped with a log line naming them."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        match = _STEP.match(path.name)
+        if not path.is_dir():
+            continue
+        if match is None:
+            if path.name.startswith("."):
+                log.info("ignoring %s: an unfinished checkpoint write (removed when a run next writes here)", path)
+            continue
+        if read_marker(path) is None:
+            log.warning("ignoring %s: it has no %s marker, so it was never completely written", path, MARKER)
+            continue
+        found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run (the highest step; ``latest`` is a pointer for people and tools)."""
+    found = complete_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def point_latest(run_dir: str | Path, directory: Path) -> None:
+    write_text_durably(Path(run_dir) / CHECKPOINTS / LATEST, directory.name + "\n")
+
+
+def remove_unfinished(run_dir: str | Path) -> list[Path]:
+    """Delete the leftovers of interrupted writes (temporary directories, directories without a marker)."""
+    root = Path(run_dir) / CHECKPOINTS
+    removed = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        unfinished = path.is_dir() and (path.name.startswith(".") or (_STEP.match(path.name) and read_marker(path) is None))
+        if unfinished:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            log.info("removed %s, left by an interrupted checkpoint write", path)
+    return removed
+
+
+def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Keep the newest ``keep_last`` complete checkpoints (at least one: the newest is never deleted)."""
+    found = complete_checkpoints(run_dir)
+    doomed = [path for _, path in found[: max(0, len(found) - max(1, keep_last))]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory whose ``checkpoint/`` holds one."""
+    """A checkpoint directory, or a run directory (its newest complete checkpoint). Errors say what was found."""
     path = Path(path)
-    for candidate in (path, path / "checkpoint"):
-        if (candidate / CONFIG).is_file():
-            return candidate
-    raise FileNotFoundError(f"{str(path)!r} is neither an mmdomain checkpoint nor a run directory with checkpoint/{CONFIG}")
-
-
-def _canonical(name: str) -> str:
-    """Parameter name without peft's wrapping, so a stage-1 LLM weight finds its place under stage 2's LoRA."""
-    return name.replace("llm.base_model.model.", "llm.", 1).replace(".base_layer.", ".")
-
-
-def init_from_checkpoint(model: "MultimodalLM", path: str | Path) -> list[str]:
-    """Load a previous stage's stored weights into ``model`` (built from this stage's spec); returns their names.
-
-    The encoder and connector must be the same components; the LLM may gain LoRA in between (names are mapped).
-    """
-    directory = resolve_checkpoint(path)
-    config = json.loads((directory / CONFIG).read_text())
-    previous = ModelSpec.model_validate(config["spec"])
-    for part in ("encoder", "connector", "extra_media"):
-        if getattr(previous, part) != getattr(model.spec, part):
-            raise ValueError(
-                f"init_from {directory}: its {part} is {getattr(previous, part).model_dump()} but this recipe's is "
-                f"{getattr(model.spec, part).model_dump()}; stages must share the {part}"
-            )
-    if config["media_token_id"] != model.media_token_id:
-        raise ValueError(f"init_from {directory}: media token id {config['media_token_id']} != {model.media_token_id}; the LLM or media_token changed")
-    state = load_file(str(directory / WEIGHTS))
-    own = {_canonical(n): n for n in model.state_dict()}
-    mapped, unknown = {}, []
-    for name, tensor in state.items():
-        target = own.get(_canonical(name))
-        (unknown.append(name) if target is None else mapped.__setitem__(target, tensor))
-    if unknown:
-        raise ValueError(f"init_from {directory}: {len(unknown)} stored weights have no place in this model (first: {unknown[:3]})")
-    model.load_state_dict(mapped, strict=False)
-    model.restored |= {k for k in mapped if ".connector." not in f".{k}"}
-    return sorted(mapped)
+    if read_marker(path) is not None:
+        return path
+    newest = latest_checkpoint(path)
+    if newest is not None:
+        return newest
+    for config in (path / "mmdomain_config.json", path / "checkpoint" / "mmdomain_config.json"):
+        if config.is_file():
+            if '"mmdomain-checkpoint/1"' in config.read_text():
+                raise CheckpointError(f"{config.parent} is a checkpoint of an older mmdomain (format 1); re-run the stage with this version")
+            raise CheckpointError(f"{config.parent} has no {MARKER} marker, so it was never completely written (or the marker was "
+                                  "deleted); use another checkpoint")
+    siblings = sorted(path.parent.glob(f".{path.name}.*")) if path.name else []
+    complete_siblings = [s for s in siblings if read_marker(s) is not None]
+    if complete_siblings:
+        raise CheckpointError(f"{path} is missing, but {complete_siblings[-1]} is a complete checkpoint left by an interrupted "
+                              f"save: rename it to {path}")
+    if (path / CHECKPOINTS).is_dir():
+        raise CheckpointError(f"run {path} has no complete checkpoint yet (the run stopped before its first save)")
+    raise CheckpointError(f"{str(path)!r} is neither a checkpoint nor a run directory with {CHECKPOINTS}/")

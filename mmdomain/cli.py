@@ -11,11 +11,18 @@ from typing import Sequence
 log = logging.getLogger("mmdomain")
 
 
+def _recipe_path(given: str) -> Path:
+    """A recipe file, or a run directory (its resolved recipe.yaml), so `mmdomain run runs/x --resume` works."""
+    path = Path(given)
+    return path / "recipe.yaml" if path.is_dir() and (path / "recipe.yaml").is_file() else path
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .recipe import load_recipe
     from .train import train
 
-    result = train(load_recipe(args.recipe, args.overrides))
+    overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
+    result = train(load_recipe(_recipe_path(args.recipe), overrides), accept_changes=args.accept_changes)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -23,7 +30,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .recipe import dump_recipe, load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(_recipe_path(args.recipe), args.overrides)
     print(dump_recipe(recipe), end="")
     print(f"# {args.recipe}: valid", file=sys.stderr)
     return 0
@@ -58,7 +65,7 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
 
         model = load_recipe(args.recipe).model
         domains = {model.media_token: build_domain(model.domain.name, model.domain.options)}
-        domains.update({m.token: build_domain(m.domain.name, m.domain.options) for m in model.extra_media})
+        domains.update({k.token: build_domain(k.domain.name, k.domain.options) for k in model.extra_kinds})
         media_token = model.media_token
     else:
         domains, media_token = build_domain(args.domain, json.loads(args.domain_options)), "<image>"
@@ -87,15 +94,17 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import resolve_checkpoint
+    from .builder import load_pretrained
+    from .checkpoint import CHECKPOINTS, resolve_checkpoint
     from .evaluate import evaluate_shards
-    from .model import MultimodalLM
 
     checkpoint = resolve_checkpoint(args.checkpoint)
-    model, processor = MultimodalLM.from_pretrained(str(checkpoint))
-    out = Path(args.out) if args.out else checkpoint.parent / "eval_report.json"
+    model, processor = load_pretrained(checkpoint)
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
+    out = Path(args.out) if args.out else run_dir / "eval_report.json"
     report = evaluate_shards(model, processor, args.data, max_samples=args.max_samples, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, predictions_path=out.with_suffix(".predictions.jsonl"), progress=True)
+                             max_new_tokens=args.max_new_tokens, predictions_path=out.with_suffix(".predictions.jsonl"), progress=True,
+                             choice_score=args.choice_score)
     report.update(checkpoint=str(checkpoint), data=args.data)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
@@ -105,10 +114,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import resolve_checkpoint
-    from .model import MultimodalLM
+    from .builder import load_pretrained
 
-    model, processor = MultimodalLM.from_pretrained(str(resolve_checkpoint(args.checkpoint)))
+    model, processor = load_pretrained(args.checkpoint)
     media = Path(args.image)
     if not media.is_file():
         raise FileNotFoundError(f"image {str(media)!r} does not exist")
@@ -118,8 +126,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     batch = processor.collate([sample], padding_side="left")
     model.eval()
     with torch.no_grad():
-        new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], extra_media=batch["extra_media"],
-                             max_new_tokens=args.max_new_tokens,
+        new = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=args.max_new_tokens,
                              pad_token_id=processor.tokenizer.pad_token_id)
     print(processor.tokenizer.decode(new[0], skip_special_tokens=True).strip())
     return 0
@@ -139,11 +146,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmdomain", description="Build domain multimodal models from an encoder, a connector and a local LLM.")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run one recipe stage: mmdomain run RECIPE [key=value ...]")
-    p.add_argument("recipe")
+    p.add_argument("recipe", help="a recipe file, or a run directory (its recipe.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.max_steps=100")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest complete checkpoint")
+    p.add_argument("--accept-changes", action="store_true",
+                   help="with --resume: continue even though the model, data or trainable settings changed")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("validate", help="load and check a recipe; print it fully resolved")
@@ -191,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--out", help="JSON report path (default: eval_report.json beside the checkpoint)")
+    p.add_argument("--choice-score", choices=["mean", "sum"], default="mean",
+                   help="closed questions: mean (per token, default) or summed log-likelihood of each choice")
+    p.add_argument("--out", help="JSON report path (default: eval_report.json in the run directory)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="answer one question about one image with a trained run")
@@ -217,20 +230,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from .data import DataError
-    from .domains import DecodeError
-    from .feature_cache import FeatureCacheError
-    from .processor import SampleError
-    from .recipe import RecipeError
-    from .shards import ShardError
-    from .train import NonFiniteLossError, RunDirectoryError
-
     try:
         return args.func(args)
-    except (RecipeError, ShardError, DataError, DecodeError, FeatureCacheError, SampleError, NonFiniteLossError, RunDirectoryError, FileNotFoundError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() adds quotes
-        print(f"mmdomain {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line (the traceback with --debug)
+        if args.debug:
+            raise
+        from .train import RunInterrupted
+
+        print(f"mmdomain {args.command}: {describe_error(exc)}", file=sys.stderr)
+        return 130 if isinstance(exc, RunInterrupted) else 2 if is_user_error(exc) else 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"mmdomain {args.command}: interrupted; a run continues from its newest checkpoint with `mmdomain run RECIPE --resume`",
+              file=sys.stderr)
+        return 130
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Errors about the user's input or machine (fixable there), as opposed to a defect in mmdomain."""
+    from pydantic import ValidationError
+
+    import encoders
+
+    from .errors import MmdomainError
+
+    EncoderError = getattr(encoders, "EncoderError", KeyError)  # noqa: N806 - until encoders exports it
+
+    return isinstance(exc, (MmdomainError, EncoderError, OSError, KeyError, ValidationError))
+
+
+def describe_error(exc: BaseException) -> str:
+    if not is_user_error(exc):
+        return (f"internal error: {type(exc).__name__}: {exc} (this is a defect in mmdomain, not in your input: rerun with --debug "
+                "for the traceback and please report it)")
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() adds quotes
+    if isinstance(exc, OSError) and not str(message):
+        message = f"{type(exc).__name__} {exc.filename or ''}".strip()
+    return f"error: {message}"
 
 
 if __name__ == "__main__":

@@ -1,27 +1,29 @@
-"""Stream webdataset shards: allow-listed decoding, counted failures, seeded order, rank/worker splitting, batching."""
+"""Shard data as samples: shard patterns, the failure budget, decoding a sample's members into a Record, and
+reading records in order (evaluation, feature caching, statistics). Training's resumable order is train_stream."""
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import logging
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
 
 from .domains import DecodeError, Domain, decode_media
-from .processor import MultimodalProcessor, SampleError
-from .shards import normalise_record
 from .errors import MmdomainError
+from .processor import SampleError
+from .shard_index import ShardReader
+from .shards import normalise_record, read_manifest
 
 log = logging.getLogger(__name__)
 
 _MEDIA_MEMBER = re.compile(r"^(\d+)\.([A-Za-z0-9.]+)$")  # 0.png, 1.nii.gz
+
+# What a bad sample raises while it is decoded and processed: counted against the budget, never a crash.
+SAMPLE_FAILURES = (DecodeError, SampleError, ValueError, KeyError)
 
 
 class DataError(MmdomainError, RuntimeError):
@@ -69,54 +71,82 @@ def expand_shards(patterns: str | list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+
 class FailureBudget:
-    """Counts samples that failed to decode or process; past ``budget`` the run stops with the names."""
+    """Counts samples that cannot be used, each once however often it is met (every epoch, every worker), and stops
+    the run with their names once more than ``budget`` have failed. Lives in the main process; workers report."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.failures: list[str] = []
+        self.failures: dict[str, tuple[str, int]] = {}  # key -> (first reason, samples it stands for)
 
-    def record(self, key: str, reason: str) -> None:
-        self.failures.append(f"{key}: {reason}")
-        log.warning("skipped sample %s (failure %d, budget %d): %s", key, len(self.failures), self.budget, reason)
-        if len(self.failures) > self.budget:
-            shown = "\n  ".join(self.failures[:5])
+    @property
+    def total(self) -> int:
+        return sum(count for _, count in self.failures.values())
+
+    def record(self, key: str, reason: str, count: int = 1) -> None:
+        if key in self.failures:
+            return
+        self.failures[key] = (reason, count)
+        log.warning("skipped %s (%d failed so far, budget %d): %s", key if count == 1 else f"{count} samples of {key}",
+                    self.total, self.budget, reason)
+        if self.total > self.budget:
+            shown = "\n  ".join(f"{k}: {r}" for k, (r, _) in list(self.failures.items())[:5])
             raise DataError(
-                f"{len(self.failures)} samples failed, over data.decode_error_budget={self.budget}:\n  {shown}\n"
+                f"{self.total} samples failed, over data.decode_error_budget={self.budget}:\n  {shown}\n"
                 "fix or drop those samples (or raise the budget if losing them is acceptable)"
             )
 
+    def state(self) -> dict[str, list[Any]]:
+        return {key: [reason, count] for key, (reason, count) in self.failures.items()}
 
-def open_local_shards(shards: list[str]) -> Iterator[dict[str, Any]]:
-    for shard in shards:
-        with open(shard, "rb") as stream:  # local files only: webdataset's URL opener would also run pipes
-            yield {"url": shard, "stream": stream}
-
-
-def iter_records(shards: list[str], domains: Domain | dict[str, Domain], *, failures: FailureBudget, shuffle_shards: bool = False,
-                 seed: int = 0, epoch: int = 0, split: bool = True, layout: SampleFormat = SampleFormat(),
-                 media_token: str = "<image>") -> Iterator[Record]:
-    """Decoded records in shard order (shards shuffled by ``seed + epoch`` when asked), split across ranks and
-    DataLoader workers by whole shards. Media are decoded by ``domains`` (the recipe's allow-list; a mapping
-    from marker token to domain when the model takes several media kinds)."""
-    from webdataset.shardlists import split_by_node, split_by_worker
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    order = list(shards)
-    if shuffle_shards:
-        random.Random(seed * 100003 + epoch).shuffle(order)
-    if split:
-        order = list(split_by_worker(split_by_node(order)))
-    for raw in group_by_keys(tar_file_expander(open_local_shards(order))):
-        key = f"{Path(raw['__url__']).name}:{raw['__key__']}"
-        try:
-            yield _decode(raw, key, layout, domains, media_token)
-        except (DecodeError, SampleError, ValueError, KeyError) as exc:
-            failures.record(key, str(exc))
+    def load_state(self, state: dict[str, list[Any]]) -> None:
+        self.failures = {key: (reason, int(count)) for key, (reason, count) in state.items()}
 
 
-def _decode(raw: dict[str, Any], key: str, layout: SampleFormat, domains: Domain | dict[str, Domain], media_token: str) -> Record:
-    members = sorted(k for k in raw if not k.startswith("__"))
+class ShardCatalog:
+    """Every training or evaluation shard indexed before the first sample is read: usable samples per shard, and
+    each fault found (duplicate keys, a file cut short, samples missing against ``manifest.json``) counted once in
+    ``failures`` so a damaged dataset stops the run at step 0, with names, instead of half-way through."""
+
+    def __init__(self, paths: list[str], failures: FailureBudget, *, reader: ShardReader | None = None) -> None:
+        self.reader = reader or ShardReader(paths)
+        self.paths, self.names = self.reader.paths, self.reader.names
+        self.counts: list[int] = []
+        manifests: dict[Path, dict[str, int]] = {}
+        for shard, path in enumerate(tqdm(self.paths, desc="index shards", leave=False, disable=len(self.paths) < 50)):
+            index = self.reader.index(shard)
+            name = self.names[shard]
+            self.counts.append(len(index.samples))
+            for key, reason in index.problems:
+                failures.record(f"{name}:{key}", reason)
+            directory = Path(path).parent
+            if directory not in manifests:
+                manifest = read_manifest(directory) or {}
+                manifests[directory] = {s["name"]: s["samples"] for entry in manifest.values() for s in entry.get("shards", [])}
+            expected = manifests[directory].get(Path(path).name)
+            found = len(index.samples) + len(index.problems)
+            if expected is not None and found < expected:
+                cause = index.truncated or "the file holds fewer samples than were written"
+                failures.record(f"{name}:<missing>", f"holds {found} of the {expected} samples manifest.json lists ({cause}); re-copy "
+                                "or re-write the shard", count=expected - found)
+            elif expected is not None and found > expected:
+                log.warning("shard %s holds %d samples but manifest.json lists %d: it was replaced after make-shards", path, found, expected)
+            elif index.truncated:
+                log.warning("shard %s: %s; a sample at its end may be incomplete", path, index.truncated)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def fingerprint(self) -> list[list[Any]]:
+        """What the data is, for resume: each shard's path, size and usable sample count."""
+        return [[path, Path(path).stat().st_size, count] for path, count in zip(self.paths, self.counts)]
+
+
+def decode_sample(raw: dict[str, bytes], key: str, layout: SampleFormat, domains: Domain | dict[str, Domain], media_token: str) -> Record:
+    """A sample's members (``{suffix: bytes}``) -> a Record with decoded media, conversation markers checked."""
+    members = sorted(raw)
     if layout.media_keys is not None:
         missing = [k for k in layout.media_keys if k not in raw]
         if missing:
@@ -129,15 +159,17 @@ def _decode(raw: dict[str, Any], key: str, layout: SampleFormat, domains: Domain
     if "json" in raw:
         try:
             sample = json.loads(raw["json"])
-        except json.JSONDecodeError as exc:
-            raise DecodeError(f"json member is not valid JSON ({exc.msg})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"json member is not valid JSON ({exc})") from None
+        if not isinstance(sample, dict):
+            raise DecodeError(f"json member holds a {type(sample).__name__}, not an object")
     if "conversations" not in sample:
         if layout.caption_key is None:
             raise DecodeError(f"no 'conversations' in a json member (members: {members}); write shards with `mmdomain make-shards`, "
                               "or set data.caption_key for image-text shards")
         if layout.caption_key not in raw:
             raise DecodeError(f"no caption member {layout.caption_key!r} (data.caption_key); members: {members}")
-        sample = {"caption": raw[layout.caption_key].decode("utf-8").strip()}
+        sample = {"caption": raw[layout.caption_key].decode("utf-8", errors="replace").strip()}
     # The same normalisation as make-shards: markers checked (or added) against the media, choices checked.
     others = tuple(t for t in domains if t != media_token) if isinstance(domains, dict) else ()
     record = normalise_record({**sample, "media": names}, key, media_token=media_token, caption_prompt=layout.caption_prompt,
@@ -146,62 +178,15 @@ def _decode(raw: dict[str, Any], key: str, layout: SampleFormat, domains: Domain
     return Record(key, conversations, decoded, record.get("choices"), record.get("answer_type"), sample.get("meta", {}))
 
 
-class TrainStream(IterableDataset):
-    """Processed training samples: seeded shard shuffle, then a seeded shuffle buffer; ``set_epoch`` reshuffles."""
-
-    def __init__(self, shards: list[str], processor: MultimodalProcessor, *, seed: int, shuffle_buffer: int,
-                 error_budget: int, limit: int | None = None, layout: SampleFormat = SampleFormat()) -> None:
-        super().__init__()
-        self.shards, self.processor, self.layout = shards, processor, layout
-        self.seed, self.shuffle_buffer, self.limit = seed, shuffle_buffer, limit
-        self.failures = FailureBudget(error_budget)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[Any]:
-        info = torch.utils.data.get_worker_info()
-        rng = random.Random((self.seed * 1000003 + self.epoch) * 101 + (info.id if info else 0))
-        # With a sample limit the subset must not change between epochs, so shard order stays fixed then.
-        records = iter_records(self.shards, self.processor.domains, media_token=self.processor.media_token, failures=self.failures,
-                               shuffle_shards=self.limit is None, seed=self.seed, epoch=self.epoch, layout=self.layout)
-        buffer: list[Any] = []
-        for n, record in enumerate(records):
-            if self.limit is not None and n >= self.limit:
-                break
+def iter_records(shards: list[str], domains: Domain | dict[str, Domain], *, failures: FailureBudget,
+                 layout: SampleFormat = SampleFormat(), media_token: str = "<image>") -> Iterator[Record]:
+    """Decoded records in shard order (evaluation, feature caching): shards indexed first, bad samples counted in
+    ``failures`` and skipped."""
+    catalog = ShardCatalog(shards, failures)
+    for shard, count in enumerate(catalog.counts):
+        for sample in range(count):
+            key = catalog.reader.key(shard, sample)
             try:
-                sample = self.processor(record.conversations, record.media, key=record.key)
-            except (SampleError, ValueError) as exc:
-                self.failures.record(record.key, str(exc))
-                continue
-            if self.shuffle_buffer <= 1:
-                yield sample
-                continue
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(len(buffer))
-            yield buffer[i]
-            buffer[i] = sample
-        rng.shuffle(buffer)
-        yield from buffer
-
-
-def train_loader(stream: TrainStream, batch_size: int, num_workers: int, pack_length: int | None = None) -> DataLoader:
-    collate = stream.processor.collate if pack_length is None else functools.partial(stream.processor.collate_packed, pack_length=pack_length)
-    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, persistent_workers=False)
-
-
-def epochs_of_batches(loader: DataLoader, stream: TrainStream) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(epoch, batch) forever, reshuffling every epoch; an epoch that yields nothing is an error, not a hang."""
-    epoch = 0
-    while True:
-        stream.set_epoch(epoch)
-        empty = True
-        for batch in loader:
-            empty = False
-            yield epoch, batch
-        if empty:
-            raise DataError(f"the training shards yielded no usable sample ({len(stream.failures.failures)} failed)")
-        epoch += 1
+                yield decode_sample(catalog.reader.read(shard, sample), key, layout, domains, media_token)
+            except SAMPLE_FAILURES as exc:
+                failures.record(key, str(exc))

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import demo_data
 from .evaluate import evaluate_shards
-from .model import build_model
+from .builder import build_model
 from .recipe import load_recipe
 from .shards import make_shards
 from .tiny_models import write_tiny_llm

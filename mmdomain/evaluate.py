@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .data import FailureBudget, Record, SampleFormat, expand_shards, iter_records
 from .model import MultimodalLM
+from .media import MediaBatch
 from .processor import MultimodalProcessor
 
 log = logging.getLogger(__name__)
@@ -48,63 +49,76 @@ def _split(record: Record) -> tuple[list[dict[str, Any]], str]:
 
 
 @torch.no_grad()
-def _choose(model: MultimodalLM, processor: MultimodalProcessor, records: list[Record], device: torch.device) -> list[str]:
-    """Pick each record's choice with the highest summed log-likelihood."""
+def _choose(model: MultimodalLM, processor: MultimodalProcessor, records: list[Record], device: torch.device,
+            score: str = "mean") -> list[tuple[str, bool]]:
+    """Each record's choice with the highest log-likelihood (per token when ``score`` is mean, so a longer answer
+    is not penalised for its length), and whether another choice tied with it (e.g. words the tokenizer maps to
+    the same unknown id: the first choice then wins by position, not by the model)."""
     samples, owners = [], []
     for i, record in enumerate(records):
         prompt, _ = _split(record)
         for choice in record.choices:
             samples.append(processor(prompt + [{"role": "assistant", "content": choice}], record.media, key=record.key))
             owners.append((i, choice))
-    scores = model.sequence_logprobs(**to_device(processor.collate(samples), device)).cpu().tolist()
-    best: dict[int, tuple[float, str]] = {}
-    for score, (i, choice) in zip(scores, owners):
-        if i not in best or score > best[i][0]:
-            best[i] = (score, choice)
-    return [best[i][1] for i in range(len(records))]
+    scores = model.sequence_logprobs(**to_device(processor.collate(samples), device), mean=score == "mean").cpu().tolist()
+    per_record: dict[int, list[tuple[float, str]]] = {}
+    for value, (i, choice) in zip(scores, owners):
+        per_record.setdefault(i, []).append((value, choice))
+    out = []
+    for i in range(len(records)):
+        ranked = per_record[i]
+        best = max(ranked, key=lambda item: item[0])  # max keeps the first of equal scores
+        tied = sum(1 for value, _ in ranked if abs(value - best[0]) <= 1e-6 * max(1.0, abs(best[0]))) > 1
+        out.append((best[1], tied))
+    return out
 
 
 @torch.no_grad()
 def _generate(model: MultimodalLM, processor: MultimodalProcessor, records: list[Record], device: torch.device, max_new_tokens: int) -> list[str]:
     samples = [processor(_split(r)[0], r.media, key=r.key, add_generation_prompt=True) for r in records]
     batch = to_device(processor.collate(samples, padding_side="left"), device)
-    new = model.generate(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), extra_media=batch["extra_media"],
-                         features=batch.get("features"), max_new_tokens=max_new_tokens,
+    new = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=max_new_tokens,
                          pad_token_id=processor.tokenizer.pad_token_id)
     return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """A collated batch with its tensors on ``device``, the per-kind tensors of ``extra_media`` included."""
+    """A collated batch with its tensors on ``device``, every media kind's batch included."""
     def move(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, (torch.Tensor, MediaBatch)):
             return v.to(device, non_blocking=True)
-        return [move(x) for x in v] if isinstance(v, list) and any(isinstance(x, torch.Tensor) for x in v) else v
+        return [move(x) for x in v] if isinstance(v, list) else v
 
     return {k: move(v) for k, v in batch.items()}
 
 
 def evaluate_records(model: MultimodalLM, processor: MultimodalProcessor, records: Iterable[Record], *, batch_size: int = 16,
-                     max_new_tokens: int = 32, predictions_path: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+                     max_new_tokens: int = 32, predictions_path: str | Path | None = None, progress: bool = False,
+                     choice_score: str = "mean") -> dict[str, Any]:
     """Metrics over records. A record with ``choices`` is scored by log-likelihood; otherwise its answer is generated.
     ``answer_type`` (closed/open) defaults to closed when choices exist, else open."""
-    device = next(model.parameters()).device
+    device = model.causal_lm.get_input_embeddings().weight.device  # where the LLM runs (an encoder may sit elsewhere)
     was_training = model.training
     model.eval()
     rows: list[dict[str, Any]] = []
     chunk: list[Record] = []
 
     def flush() -> None:
-        with_choices = [r for r in chunk if r.choices]
-        free = [r for r in chunk if not r.choices]
-        preds = dict(zip((r.key for r in with_choices), _choose(model, processor, with_choices, device) if with_choices else []))
-        preds.update(zip((r.key for r in free), _generate(model, processor, free, device, max_new_tokens) if free else []))
-        for r in chunk:
+        # Predictions by position in the chunk, not by key: keys from two folders of shards may repeat.
+        with_choices = [i for i, r in enumerate(chunk) if r.choices]
+        free = [i for i, r in enumerate(chunk) if not r.choices]
+        preds: dict[int, tuple[str, bool]] = {}
+        if with_choices:
+            preds.update(zip(with_choices, _choose(model, processor, [chunk[i] for i in with_choices], device, choice_score)))
+        if free:
+            preds.update((i, (text, False)) for i, text in zip(free, _generate(model, processor, [chunk[i] for i in free], device, max_new_tokens)))
+        for i, r in enumerate(chunk):
             target = _split(r)[1]
             kind = r.answer_type or ("closed" if r.choices else "open")
-            recall, f1 = token_recall_f1(preds[r.key], target)
-            rows.append({"key": r.key, "type": kind, "prediction": preds[r.key], "target": target,
-                         "correct": normalise_answer(preds[r.key]) == normalise_answer(target), "recall": recall, "f1": f1})
+            prediction, tied = preds[i]
+            recall, f1 = token_recall_f1(prediction, target)
+            rows.append({"key": r.key, "type": kind, "prediction": prediction, "target": target, "tied": tied,
+                         "correct": normalise_answer(prediction) == normalise_answer(target), "recall": recall, "f1": f1})
         chunk.clear()
 
     for record in tqdm(records, desc="eval", disable=not progress, leave=False):
@@ -127,7 +141,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "samples": len(rows),
         "exact_match": mean([float(r["correct"]) for r in rows]),
-        "closed": {"samples": len(closed), "accuracy": mean([float(r["correct"]) for r in closed])},
+        "closed": {"samples": len(closed), "accuracy": mean([float(r["correct"]) for r in closed]),
+                   "ties": sum(1 for r in closed if r.get("tied"))},
         "open": {"samples": len(open_), "token_recall": mean([r["recall"] for r in open_]), "token_f1": mean([r["f1"] for r in open_])},
     }
 
@@ -135,18 +150,21 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def evaluate_shards(model: MultimodalLM, processor: MultimodalProcessor, patterns: str | list[str], *, max_samples: int | None = None,
                     batch_size: int = 16, max_new_tokens: int = 32, error_budget: int = 10,
                     predictions_path: str | Path | None = None, progress: bool = False,
-                    layout: SampleFormat = SampleFormat()) -> dict[str, Any]:
+                    layout: SampleFormat = SampleFormat(), choice_score: str = "mean") -> dict[str, Any]:
     shards = expand_shards(patterns)
     failures = FailureBudget(error_budget)
 
     def limited() -> Iterable[Record]:
-        for n, record in enumerate(iter_records(shards, processor.domains, failures=failures, split=False, layout=layout,
-                                                         media_token=processor.media_token)):
+        for n, record in enumerate(iter_records(shards, processor.domains, failures=failures, layout=layout,
+                                                media_token=processor.media_token)):
             if max_samples is not None and n >= max_samples:
                 return
             yield record
 
     report = evaluate_records(model, processor, limited(), batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              predictions_path=predictions_path, progress=progress)
-    report["skipped_samples"] = len(failures.failures)
+                              predictions_path=predictions_path, progress=progress, choice_score=choice_score)
+    report["skipped_samples"] = failures.total
+    if report["closed"]["ties"]:
+        log.warning("%d closed questions had two or more choices scored the same (the first listed won); often the tokenizer maps "
+                    "the answer words to one unknown id", report["closed"]["ties"])
     return report

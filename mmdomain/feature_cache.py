@@ -46,15 +46,13 @@ def _encoder_for(recipe: Any) -> tuple[torch.nn.Module, Any, Any]:
     """The recipe's encoder exactly as training would build it (same seed; init_from weights if it stores any)."""
     from encoders import create_encoder
 
-    from .checkpoint import WEIGHTS, resolve_checkpoint
-    from .model import media_transform
+    from .builder import WEIGHTS, media_transform
+    from .checkpoint import read_tensors, resolve_checkpoint
 
     torch.manual_seed(recipe.seed)
     encoder = create_encoder(recipe.model.encoder.name, **recipe.model.encoder.options)
     if recipe.init_from:
-        from safetensors.torch import load_file
-
-        stored = load_file(str(resolve_checkpoint(recipe.init_from) / WEIGHTS))
+        stored = read_tensors(resolve_checkpoint(recipe.init_from) / WEIGHTS)
         mine = {k.removeprefix("encoder."): v for k, v in stored.items() if k.startswith("encoder.")}
         if mine:
             encoder.load_state_dict(mine, strict=False)
@@ -65,8 +63,8 @@ def _encoder_for(recipe: Any) -> tuple[torch.nn.Module, Any, Any]:
 def check_cacheable(recipe: Any) -> None:
     if recipe.trainable.encoder or any(p.startswith("encoder.") or p.startswith("*") for p in recipe.trainable.params):
         raise FeatureCacheError("the recipe trains the encoder, so its features change every step: a feature cache cannot serve it")
-    if recipe.model.extra_media:
-        raise FeatureCacheError("feature caching covers models with one media kind; this recipe has extra_media")
+    if recipe.model.extra_kinds:
+        raise FeatureCacheError("feature caching covers models with one media kind; this recipe has model.extra_kinds")
 
 
 def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
@@ -84,7 +82,7 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
     splits = {"train": recipe.data.train, **({"eval": recipe.data.eval} if recipe.data.eval else {})}
     for split, pattern in splits.items():
         failures = FailureBudget(recipe.data.decode_error_budget)
-        records = iter_records(expand_shards(pattern), domain, failures=failures, split=False, media_token=recipe.model.media_token,
+        records = iter_records(expand_shards(pattern), domain, failures=failures, media_token=recipe.model.media_token,
                                layout=SampleFormat.from_recipe(recipe.data))
         pending: list[Any] = []
 
@@ -113,17 +111,49 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
             flush(writer)
         total = sum(s["samples"] for s in writer.shards)
         manifest[split] = {"prefix": split, "source": str(pattern), "total": total, "shards": writer.shards}
-        log.info("cached %d %s samples (%d skipped) in %s", total, split, len(failures.failures), out_dir)
+        log.info("cached %d %s samples (%d skipped) in %s", total, split, failures.total, out_dir)
     write_manifest(out_dir, manifest)
     meta = {"key": key, "encoder": recipe.model.encoder.model_dump(mode="json"), "domain": recipe.model.domain.model_dump(mode="json"),
             "embed_dim": encoder.info.embed_dim, "tokens_per_item": encoder.info.num_tokens(), "dtype": "float16",
-            "splits": {s: m["total"] for s, m in manifest.items()}}
+            "splits": {s: m["total"] for s, m in manifest.items()},
+            "sources": {split: {"patterns": pattern, "shards": shard_facts(expand_shards(pattern))} for split, pattern in splits.items()}}
     (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")  # written last: a cache without it is incomplete
     return meta
 
 
-def open_cache(directory: str | Path, model: Any, processor: Any) -> dict[str, str]:
-    """Check a cache against the built model and switch the processor to cached features; returns shard patterns."""
+def shard_facts(paths: list[str]) -> list[list[Any]]:
+    """Each shard's file name and size: what a cache was made from, comparable across machines and folders."""
+    return [[Path(p).name, Path(p).stat().st_size] for p in paths]
+
+
+def _check_source(directory: Path, meta: dict[str, Any], split: str, patterns: str | list[str]) -> None:
+    """Refuse a cache made from other shards than the recipe's ``data.<split>`` names. Shards deleted since the cache
+    was made (to save space) are fine when the recipe still names them by the same pattern."""
+    from .data import DataError
+
+    source = meta.get("sources", {}).get(split)
+    if source is None:
+        raise FeatureCacheError(f"feature cache {directory} does not record which shards its {split} split came from (made by an older "
+                                f"mmdomain); rebuild it with `mmdomain cache-features RECIPE --out {directory}`")
+    try:
+        now = shard_facts(expand_shards(patterns))
+    except DataError:
+        if patterns == source["patterns"]:
+            log.info("the shards of data.%s no longer exist; using the feature cache made from them", split)
+            return
+        raise FeatureCacheError(f"feature cache {directory} was made from data.{split}={source['patterns']!r}, but this recipe names "
+                                f"{patterns!r}, which matches no file") from None
+    if now != source["shards"]:
+        raise FeatureCacheError(
+            f"feature cache {directory} was made from data.{split}={source['patterns']!r} ({len(source['shards'])} shards), but this "
+            f"recipe's data.{split} is {patterns!r} ({len(now)} shards, not the same files): training from the cache would use other "
+            f"data; rebuild it with `mmdomain cache-features RECIPE --out {directory}`, or point data.{split} at the shards it was made from"
+        )
+
+
+def open_cache(directory: str | Path, model: Any, processor: Any, recipe: Any) -> tuple[str, str | None]:
+    """Check a cache against the built model and the recipe's data, switch the processor to cached features, and
+    return the cache's (train, eval) shard patterns (eval None when the recipe evaluates on nothing)."""
     directory = Path(directory)
     meta_file = directory / META
     if not meta_file.is_file():
@@ -136,5 +166,13 @@ def open_cache(directory: str | Path, model: Any, processor: Any) -> dict[str, s
             f"{meta['domain']['name']}), but this recipe's encoder, weights, domain and preprocessing give {key}; rebuild it with "
             f"`mmdomain cache-features RECIPE --out {directory}`"
         )
+    _check_source(directory, meta, "train", recipe.data.train)
+    eval_patterns = None
+    if recipe.data.eval is not None:
+        if "eval" not in meta["splits"]:
+            raise FeatureCacheError(f"the recipe evaluates on data.eval={recipe.data.eval!r} but feature cache {directory} has no eval "
+                                    "split; rebuild the cache with data.eval set, or set data.eval=null to train without evaluation")
+        _check_source(directory, meta, "eval", recipe.data.eval)
+        eval_patterns = str(directory / "eval-*.tar")
     processor.use_cached_features()
-    return {split: str(directory / f"{split}-*.tar") for split in meta["splits"]}
+    return str(directory / "train-*.tar"), eval_patterns

@@ -1,20 +1,17 @@
-"""MultimodalLM: encoder -> connector -> tokens spliced at placeholder ids -> causal LM, with a supervised-only loss."""
+"""MultimodalLM: each media kind's encoder -> connector -> tokens spliced at placeholder ids -> causal LM, with a
+supervised-only loss. Building, saving and loading live in ``builder``; this module only runs the model."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from connectors import create_connector
-from encoders import audio_transform, create_encoder, image_transform
-
-from .domains import build_domain
-from .llm import add_media_token, apply_lora, load_llm
-from .processor import IGNORE, MediaKind, MultimodalProcessor
+from .media import MediaBatch
+from .processor import IGNORE
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -31,8 +28,8 @@ class MultimodalOutput:
     """``[B, T, V]`` when asked for (``return_logits=True`` or no labels), else None: training never builds it."""
 
 
-class MediaBranch(nn.Module):
-    """Encoder + connector of one further media kind (``ModelSpec.extra_media``)."""
+class MediaKindModule(nn.Module):
+    """The encoder + connector of one further media kind (``ModelSpec.extra_kinds``) and its placeholder id."""
 
     def __init__(self, encoder: nn.Module, connector: nn.Module, token_id: int) -> None:
         super().__init__()
@@ -44,19 +41,20 @@ class MediaBranch(nn.Module):
 
 
 class MultimodalLM(nn.Module):
-    """Joins an encoder, a connector and a (possibly LoRA-wrapped) causal LM.
+    """Joins each media kind's encoder and connector to a (possibly LoRA-wrapped) causal LM.
 
     Media tokens are written into ``input_ids`` by the processor; ``embed`` only scatters connector outputs into
-    those positions, in order, in one masked scatter, after checking that the counts agree.
+    those positions, in order, one masked scatter per kind, after checking that the counts agree. The primary kind's
+    parts are ``encoder`` and ``connector``; further kinds are ``extra_kinds[i]`` (parameter names say so).
     """
 
     def __init__(self, encoder: nn.Module, connector: nn.Module, llm: nn.Module, *, media_token_id: int, spec: ModelSpec,
-                 extra: list[MediaBranch] | None = None) -> None:
+                 extra_kinds: Sequence[MediaKindModule] = ()) -> None:
         super().__init__()
         self.encoder = encoder
         self.connector = connector
         self.llm = llm
-        self.extra = nn.ModuleList(extra or [])
+        self.extra_kinds = nn.ModuleList(extra_kinds)
         self.media_token_id = media_token_id
         self.spec = spec
         self.restored: set[str] = set()  # parameter names loaded from a checkpoint: saved again by save_pretrained
@@ -72,37 +70,52 @@ class MultimodalLM(nn.Module):
     def tokens_per_item(self) -> int:
         return self.connector.num_output_tokens(self.encoder.info.num_tokens())
 
-    def encode_media(self, pixel_values: torch.Tensor, branch: int | str | None = None) -> torch.Tensor:
-        """``[n_items, ...]`` -> ``[n_items, tokens_per_item, hidden]``; ``branch`` picks an extra media kind, or
-        ``"features"`` when the input already is the encoder's output."""
-        if branch == "features":
-            return self.connector(pixel_values.to(next(self.connector.parameters()).dtype))
-        encoder, connector = (self.encoder, self.connector) if branch is None else (self.extra[branch].encoder, self.extra[branch].connector)
-        features = encoder(pixel_values.to(next(encoder.parameters()).dtype))
+    def kind_parts(self) -> list[tuple[nn.Module, nn.Module, int]]:
+        """(encoder, connector, placeholder id) of every media kind, the primary one first."""
+        return [(self.encoder, self.connector, self.media_token_id), *((k.encoder, k.connector, k.token_id) for k in self.extra_kinds)]
+
+    def train(self, mode: bool = True) -> "MultimodalLM":
+        """Training mode for what trains; a frozen encoder stays in eval mode, so it gives the same features in
+        training as in evaluation (no dropout or SpecAugment masking, no BatchNorm statistics drifting, which no
+        checkpoint would save)."""
+        super().train(mode)
+        for encoder, _, _ in self.kind_parts():
+            if not any(p.requires_grad for p in encoder.parameters()):
+                encoder.eval()
+        return self
+
+    def encode(self, kind: int, batch: MediaBatch) -> torch.Tensor:
+        """Items of media kind ``kind`` -> ``[items, tokens_per_item, hidden]`` connector outputs. An ``encoded``
+        batch holds the encoder's output already (a feature cache) and goes straight to the connector."""
+        encoder, connector, _ = self.kind_parts()[kind]
+        features = batch.values
+        if not batch.encoded:
+            features = encoder(features.to(next(encoder.parameters()).dtype))
         return connector(features.to(next(connector.parameters()).dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              extra_media: list[torch.Tensor | None] | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with each media kind's connector outputs scattered at its placeholder positions.
-        ``features`` (precomputed encoder outputs ``[n, N, D]``, from a feature cache) replace ``pixel_values``."""
+    def embed(self, input_ids: torch.Tensor, media: Sequence[MediaBatch | None] | None = None) -> torch.Tensor:
+        """Token embeddings with each media kind's connector outputs scattered at its placeholder positions."""
         embeds = self.causal_lm.get_input_embeddings()(input_ids)
-        kinds = [("features" if features is not None else None, self.media_token_id, features if features is not None else pixel_values)]
-        kinds += [(i, b.token_id, (extra_media or [None] * len(self.extra))[i]) for i, b in enumerate(self.extra)]
-        for branch, token_id, values in kinds:
+        parts = self.kind_parts()
+        media = list(media or [])
+        if len(media) > len(parts):
+            raise ValueError(f"{len(media)} media kinds given; this model takes {len(parts)}")
+        media += [None] * (len(parts) - len(media))
+        for kind, ((_, _, token_id), batch) in enumerate(zip(parts, media)):
             slots = input_ids == token_id
             n_slots = int(slots.sum())
-            if values is None or len(values) == 0:
+            if batch is None or len(batch) == 0:
                 if n_slots:
                     raise ValueError(f"input_ids hold {n_slots} placeholder tokens (id {token_id}) but no media of that kind were given")
                 continue
-            media = self.encode_media(values, branch)
-            if media.shape[0] * media.shape[1] != n_slots:
+            tokens = self.encode(kind, batch)
+            if tokens.shape[0] * tokens.shape[1] != n_slots:
                 raise ValueError(
-                    f"input_ids hold {n_slots} media placeholder tokens (id {token_id}) but {media.shape[0]} media items x "
-                    f"{media.shape[1]} connector tokens were given; build inputs with this model's processor so each item "
-                    f"expands to {media.shape[1]} tokens"
+                    f"input_ids hold {n_slots} media placeholder tokens (id {token_id}) but {tokens.shape[0]} media items x "
+                    f"{tokens.shape[1]} connector tokens were given; build inputs with this model's processor so each item "
+                    f"expands to {tokens.shape[1]} tokens"
                 )
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), media.to(embeds.dtype))
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), tokens.to(embeds.dtype))
         return embeds
 
     # -- forward ------------------------------------------------------------------------------------------------
@@ -112,16 +125,14 @@ class MultimodalLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        media: Sequence[MediaBatch | None] | None = None,
         position_ids: torch.Tensor | None = None,
         return_logits: bool = False,
-        extra_media: list[torch.Tensor | None] | None = None,
-        features: torch.Tensor | None = None,
         **_: Any,
     ) -> MultimodalOutput:
         """Loss over supervised positions only: the LM head and cross-entropy never see the other positions (on
         small LLMs the all-position ``[B, T, V]`` logits dominate the step). Same value as HF's causal-LM loss."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids, extra_media, features)
+        hidden = self.hidden_states(input_ids, attention_mask, media, position_ids)
         logits = self.logits(hidden) if (return_logits or labels is None) else None
         if labels is None:
             return MultimodalOutput(None, None, 0, logits)
@@ -133,109 +144,65 @@ class MultimodalLM(nn.Module):
         return MultimodalOutput(loss_sum / max(count, 1), loss_sum, count, logits)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                      extra_media: list[torch.Tensor | None] | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+                      media: Sequence[MediaBatch | None] | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-layer hidden states ``[B, T, H]`` of the LLM over the spliced sequence (no LM head)."""
-        embeds = self.embed(input_ids, pixel_values, extra_media, features)
+        embeds = self.embed(input_ids, media)
         return self.causal_lm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
 
     def sequence_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                          pixel_values: torch.Tensor | None = None, extra_media: list[torch.Tensor | None] | None = None,
-                          features: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        """Summed log-probability of each row's supervised tokens ``[B]``: scores answer choices."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, extra_media=extra_media, features=features)
+                          media: Sequence[MediaBatch | None] | None = None, *, mean: bool = False, **_: Any) -> torch.Tensor:
+        """Log-probability of each row's supervised tokens ``[B]``, summed, or averaged per token when ``mean``
+        (closed-choice scoring compares answers of different lengths, and a sum favours the shorter one)."""
+        hidden = self.hidden_states(input_ids, attention_mask, media)
         targets = labels[:, 1:]
         supervised = targets != IGNORE
         logp = torch.log_softmax(self.logits(hidden[:, :-1][supervised]).float(), dim=-1)
         token_logp = logp.gather(1, targets[supervised].unsqueeze(1)).squeeze(1)
         rows = supervised.nonzero()[:, 0]
-        return torch.zeros(len(input_ids), dtype=token_logp.dtype, device=token_logp.device).index_add_(0, rows, token_logp)
+        total = torch.zeros(len(input_ids), dtype=token_logp.dtype, device=token_logp.device).index_add_(0, rows, token_logp)
+        return total / supervised.sum(dim=1).clamp(min=1) if mean else total
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.causal_lm.get_output_embeddings()(hidden)
-        config = self.causal_lm.config
-        cap = getattr(config, "final_logit_softcapping", None)
-        if cap:  # Gemma-2/3 cap their logits; skipping it would change the loss
-            out = torch.tanh(out / cap) * cap
-        if str(getattr(config, "model_type", "")).startswith("cohere") and getattr(config, "logit_scale", None):
-            out = out * config.logit_scale
-        return out
+        """The LM head on ``hidden``, with the model family's own transform of its logits (see ``head_transform``)."""
+        return head_transform(self.causal_lm.config)(self.causal_lm.get_output_embeddings()(hidden))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, extra_media: list[torch.Tensor | None] | None = None,
-                 features: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+                 media: Sequence[MediaBatch | None] | None = None, **generate_kwargs: Any) -> torch.Tensor:
         """New token ids ``[B, new]`` (batch with left padding). Media placeholder tokens are never generated."""
-        embeds = self.embed(input_ids, pixel_values, extra_media, features)
-        generate_kwargs.setdefault("suppress_tokens", [self.media_token_id, *(b.token_id for b in self.extra)])
+        embeds = self.embed(input_ids, media)
+        generate_kwargs.setdefault("suppress_tokens", [token_id for _, _, token_id in self.kind_parts()])
         generate_kwargs.setdefault("do_sample", False)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
-    # -- persistence --------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str, tokenizer: Any = None) -> None:
-        from .checkpoint import save_model
+def head_transform(config: Any) -> Any:
+    """What a model family does to the LM head's output before its softmax, read from its config.
 
-        save_model(self, directory, tokenizer)
-
-    @classmethod
-    def from_pretrained(cls, directory: str) -> tuple["MultimodalLM", MultimodalProcessor]:
-        from .checkpoint import load_model
-
-        return load_model(directory)
-
-
-def build_model(spec: ModelSpec, *, tokenizer_dir: str | None = None) -> tuple[MultimodalLM, MultimodalProcessor]:
-    """Build (model, processor) from a spec: encoder frozen, LLM frozen (LoRA adapters trainable), connector trainable.
-
-    ``in_dim`` of the connector comes from the encoder and ``out_dim`` from the LLM's embedding width.
+    ``MultimodalLM`` applies the head itself (only at supervised positions), so it must repeat these: Gemma-2/3/4
+    cap logits (``final_logit_softcapping``), Cohere scales them (``logit_scale``), Granite divides by
+    ``logits_scaling`` and HyperCLOVA X multiplies by it. ``builder.check_head`` compares the result with the LLM's
+    own forward when a model is built, so a family with another transform is refused rather than trained wrongly.
     """
-    encoder = create_encoder(spec.encoder.name, **spec.encoder.options)
-    domain = build_domain(spec.domain.name, spec.domain.options, encoder.info)
-    llm, tokenizer = load_llm(spec.llm)
-    if tokenizer_dir is not None:  # a checkpoint's own tokenizer (it already holds the media token)
-        from transformers import AutoTokenizer
+    model_type = str(getattr(config, "model_type", ""))
+    steps = []
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+    scale = getattr(config, "logit_scale", None)
+    if model_type.startswith("cohere") and scale:
+        steps.append(lambda x: x * scale)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling and model_type.startswith("granite"):
+        steps.append(lambda x: x / scaling)
+    elif scaling and model_type.startswith("hyperclovax"):
+        steps.append(lambda x: x * scaling)
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    media_token_id = add_media_token(llm, tokenizer, spec.media_token)
-    hidden = llm.get_input_embeddings().embedding_dim
-    connector = create_connector(spec.connector.name, in_dim=encoder.info.embed_dim, out_dim=hidden, **spec.connector.options)
-    # The connector always trains in fp32 (it is small); its output is cast to the LLM's dtype at the splice.
-    encoder.requires_grad_(False)
-    extra, kinds = [], []
-    for media in spec.extra_media:
-        extra_encoder = create_encoder(media.encoder.name, **media.encoder.options).requires_grad_(False)
-        extra_domain = build_domain(media.domain.name, media.domain.options, extra_encoder.info)
-        extra_connector = create_connector(media.connector.name, in_dim=extra_encoder.info.embed_dim, out_dim=hidden, **media.connector.options)
-        branch = MediaBranch(extra_encoder, extra_connector, add_media_token(llm, tokenizer, media.token))
-        extra.append(branch)
-        kinds.append(MediaKind(media.name, media.token, branch.token_id, branch.tokens_per_item,
-                               media_transform(extra_encoder.info, extra_domain), extra_domain))
-    llm.requires_grad_(False)
-    if spec.llm.lora is not None:
-        llm = apply_lora(llm, spec.llm.lora)
-    model = MultimodalLM(encoder, connector, llm, media_token_id=media_token_id, spec=spec, extra=extra)
-    processor = MultimodalProcessor(
-        tokenizer,
-        media_token=spec.media_token,
-        tokens_per_item=model.tokens_per_item,
-        max_length=spec.max_length,
-        transform=media_transform(encoder.info, domain),
-        domain=domain,
-        modality=encoder.info.modality,
-        extra_kinds=kinds,
-    )
-    return model, processor
+    def apply(logits: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            logits = step(logits)
+        return logits
 
-
-def media_transform(info: Any, domain: Any) -> Any:
-    """The encoder-side transform that fits this domain's decoded media (checked for a modality match)."""
-    if info.modality == "audio":
-        if domain.output != "waveform":
-            raise ValueError(f"{info.source} is an audio encoder but model.domain is {domain.name!r}; use domain: audio")
-        return audio_transform(info)
-    if domain.output == "waveform":
-        raise ValueError(f"model.domain is audio but {info.source} is a {info.modality} encoder; use an hf_audio:... encoder")
-    return image_transform(info, normalize=domain.output != "standardized")
+    return apply

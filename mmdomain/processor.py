@@ -9,20 +9,21 @@ Template: the tokenizer's own chat template when it has one. Otherwise the plain
 
 A media item is written in text as ``media_token`` (``<image>`` by default, LLaVA's marker) and, after
 tokenisation, expanded to exactly ``tokens_per_item`` copies of its id, the number the connector produces.
-Further media kinds (``ModelSpec.extra_media``, e.g. ``<audio>``) have their own token, count and transform;
+Further media kinds (``ModelSpec.extra_kinds``, e.g. ``<audio>``) have their own token, count and transform;
 media passed as a list are matched to markers of any kind in order of appearance.
 Only assistant replies (through their end-of-turn token or EOS) are supervised; every other label is -100.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import re
-
 import numpy as np
 import torch
+
 from .errors import MmdomainError
+from .media import MediaBatch, MediaKind
 
 IGNORE = -100
 
@@ -35,48 +36,26 @@ class SampleError(MmdomainError, ValueError):
 class ProcessedSample:
     input_ids: torch.Tensor
     labels: torch.Tensor
-    pixel_values: torch.Tensor | None
+    media: tuple[torch.Tensor | None, ...]
+    """Per media kind (in the processor's kind order), this sample's items stacked ``[n, ...]``, or None."""
     key: str
     truncated_tokens: int = 0
-    extra_media: tuple[torch.Tensor | None, ...] = ()
-
-
-@dataclass(frozen=True)
-class MediaKind:
-    """One kind of media the model takes: content parts of type ``name`` and ``token`` markers become
-    ``tokens_per_item`` placeholder ids; ``transform`` fits decoded items to the encoder; ``domain`` decodes files."""
-
-    name: str
-    token: str
-    token_id: int
-    tokens_per_item: int
-    transform: Callable[[Any], torch.Tensor] | None = None
-    domain: Any = None
 
 
 class MultimodalProcessor:
-    def __init__(
-        self,
-        tokenizer: Any,
-        *,
-        media_token: str,
-        tokens_per_item: int,
-        max_length: int = 2048,
-        transform: Callable[[Any], torch.Tensor] | None = None,
-        domain: Any = None,
-        modality: str = "image",
-        extra_kinds: Sequence[MediaKind] = (),
-        use_chat_template: bool | None = None,
-    ) -> None:
+    """Turns conversations into model inputs for the media ``kinds`` of a model (the primary kind first)."""
+
+    def __init__(self, tokenizer: Any, kinds: Sequence[MediaKind], *, max_length: int = 2048,
+                 use_chat_template: bool | None = None) -> None:
+        if not kinds:
+            raise ValueError("a processor needs at least one media kind")
         self.tokenizer = tokenizer
-        self.media_token = media_token
-        self.media_token_id = tokenizer.convert_tokens_to_ids(media_token)
         self.max_length = max_length
-        self.cached = False  # True once media are precomputed encoder features (see use_cached_features)
-        # kinds[0] is the primary media (its domain decodes raw files; None: media arrive decoded); its content parts
-        # may say "media", "image" or its modality.
-        self.kinds = [MediaKind(modality, media_token, self.media_token_id, tokens_per_item, transform, domain), *extra_kinds]
-        self._kind_of_part = {"media": 0, "image": 0, modality: 0, **{k.name: i + 1 for i, k in enumerate(extra_kinds)}}
+        self.kinds = list(kinds)
+        self._kind_of_part: dict[str, int] = {}
+        for index, kind in enumerate(self.kinds):
+            for name in (kind.name, *kind.aliases):
+                self._kind_of_part.setdefault(name, index)
         self._kind_of_token = {k.token: i for i, k in enumerate(self.kinds)}
         self._count_of_id = {k.token_id: k.tokens_per_item for k in self.kinds}
         self._marker = re.compile("|".join(re.escape(k.token) for k in sorted(self.kinds, key=lambda k: -len(k.token))))
@@ -84,6 +63,16 @@ class MultimodalProcessor:
         self.use_chat_template = has_template if use_chat_template is None else use_chat_template
         if self.use_chat_template and not has_template:
             raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
+
+    # The primary media kind's facts, which most callers (one media kind) want directly.
+
+    @property
+    def media_token(self) -> str:
+        return self.kinds[0].token
+
+    @property
+    def media_token_id(self) -> int:
+        return self.kinds[0].token_id
 
     @property
     def tokens_per_item(self) -> int:
@@ -115,7 +104,7 @@ class MultimodalProcessor:
         for k, kind in enumerate(self.kinds):
             mine = [self._transform(item, kind) for kind_index, item in items if kind_index == k]
             stacks.append(torch.stack(mine) if mine else None)
-        return ProcessedSample(torch.tensor(ids), torch.tensor(labels), stacks[0], key, cut, tuple(stacks[1:]))
+        return ProcessedSample(torch.tensor(ids), torch.tensor(labels), tuple(stacks), key, cut)
 
     def collate(self, samples: Sequence[ProcessedSample], padding_side: str = "right") -> dict[str, Any]:
         """Pad to the longest sample; media are concatenated in sample order (the order the model splices them)."""
@@ -132,7 +121,7 @@ class MultimodalProcessor:
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
-            **self._media(samples),
+            "media": self._media(samples),
             "keys": [s.key for s in samples],
             "num_tokens": int(mask.sum()),
         }
@@ -171,18 +160,16 @@ class MultimodalProcessor:
                 order.append(i)
             positions[r, at:] = torch.arange(width - at)  # padding is a block of its own
         packed = [samples[i] for i in order]
-        return {"input_ids": ids, "attention_mask": None, "position_ids": positions, "labels": labels, **self._media(packed),
+        return {"input_ids": ids, "attention_mask": None, "position_ids": positions, "labels": labels, "media": self._media(packed),
                 "keys": [s.key for s in packed], "num_tokens": sum(len(s.input_ids) for s in packed)}
 
-    def _media(self, samples: Sequence[ProcessedSample]) -> dict[str, Any]:
-        def cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-            present = [t for t in tensors if t is not None]
-            return torch.cat(present) if present else None
-
-        return {
-            ("features" if self.cached else "pixel_values"): cat([s.pixel_values for s in samples]),
-            "extra_media": [cat([s.extra_media[k] for s in samples]) for k in range(len(self.kinds) - 1)] or None,
-        }
+    def _media(self, samples: Sequence[ProcessedSample]) -> list[MediaBatch | None]:
+        """Per media kind, the items of all samples concatenated in sample order (the order the model splices them)."""
+        batches: list[MediaBatch | None] = []
+        for k, kind in enumerate(self.kinds):
+            present = [s.media[k] for s in samples if s.media[k] is not None]
+            batches.append(MediaBatch(torch.cat(present), encoded=kind.encoded) if present else None)
+        return batches
 
     # -- steps --------------------------------------------------------------------------------------------------
 
@@ -319,16 +306,14 @@ class MultimodalProcessor:
         return decode_media(self.domains, conversation, named, self.media_token)
 
     def use_cached_features(self) -> None:
-        """Media now arrive as encoder features (``.npy`` members of a feature cache): decoded by the generic domain,
-        turned into float tensors, and batched under ``features`` so the model skips its encoder."""
+        """Primary media now arrive as encoder features (``.npy`` members of a feature cache): decoded by the generic
+        domain, turned into float tensors, and batched as ``encoded`` so the model skips its encoder."""
         from .domains import build_domain
 
         def to_tensor(array: Any) -> torch.Tensor:
             return torch.as_tensor(np.asarray(array, dtype=np.float32))
 
-        self.cached = True
-        self.kinds[0] = MediaKind(self.kinds[0].name, self.media_token, self.media_token_id, self.tokens_per_item, to_tensor,
-                                  build_domain("generic"))
+        self.kinds[0] = self.kinds[0].with_changes(transform=to_tensor, domain=build_domain("generic"), encoded=True)
 
     @property
     def domains(self) -> dict[str, Any]:

@@ -45,16 +45,22 @@ class Trainable(_Strict):
     params: list[str] = Field(default_factory=list)
 
 
+# AdamW moves every weight by about ``lr`` per step, so an LR above 1 is always a typo (1e9 once "trained" to
+# weights of 5e9 with a zero gradient and no warning).
+_LR = {"gt": 0, "le": 1.0}
+
+
 class ModuleLR(_Strict):
-    encoder: float | None = None
-    connector: float | None = None
-    llm: float | None = None
+    encoder: float | None = Field(None, **_LR)
+    connector: float | None = Field(None, **_LR)
+    llm: float | None = Field(None, **_LR)
 
 
 class Data(_Strict):
     train: str | list[str]
     eval: str | list[str] | None = None
-    shuffle_buffer: int = Field(1000, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0, description="samples shuffled together in windows of this size, after a seeded "
+                                "shard shuffle; 0 keeps each shard's order")
     num_workers: int = Field(0, ge=0)
     max_train_samples: int | None = Field(None, ge=1)
     media_keys: list[str] | None = Field(
@@ -65,12 +71,13 @@ class Data(_Strict):
     pack_length: int | None = Field(None, ge=8, description="pack each batch's samples into rows of this many tokens "
                                     "(block-diagonal attention, positions restart per sample) instead of padding")
     feature_cache: str | None = Field(None, description="train (and evaluate) from `mmdomain cache-features` output instead of decoding media")
-    decode_error_budget: int = Field(10, ge=0, description="samples allowed to fail decoding before the run stops")
+    decode_error_budget: int = Field(10, ge=0, description="samples allowed to fail (each counted once per run, whatever the "
+                                     "epoch or worker: undecodable, duplicate, missing from a truncated shard) before the run stops")
 
 
 class Optim(_Strict):
     optimizer: Literal["adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, **_LR)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -95,6 +102,8 @@ class Eval(_Strict):
     max_samples: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(32, ge=1)
+    choice_score: Literal["mean", "sum"] = Field("mean", description="closed questions: score each choice by its mean token "
+                                                 "log-likelihood (fair to choices of different lengths) or the sum")
 
 
 class Recipe(_Strict):
@@ -112,7 +121,11 @@ class Recipe(_Strict):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, ge=1)
-    save_every: int = Field(0, ge=0, description="0: save only at the end")
+    save_every: int = Field(0, ge=0, description="also save a checkpoint every this many steps (0: only at the end)")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept in output_dir/checkpoints (the newest is never deleted)")
+    resume: bool | Literal["auto"] = Field(False, description="true: continue from the newest complete checkpoint in output_dir "
+                                           "(`mmdomain run --resume`); auto: continue if there is one, else start")
+    log_sample_keys: bool = Field(False, description="write samples.jsonl: the sample keys each step trained on")
 
     @model_validator(mode="after")
     def _lora_consistent(self) -> "Recipe":
@@ -167,7 +180,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         dotted, sep, raw = item.partition("=")
         if not sep or not dotted:
             raise RecipeError(f"override {item!r} is not key=value (e.g. optim.max_steps=100)")
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw else ""
+        try:
+            value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw else ""  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            reason = str(exc).splitlines()[0]
+            raise RecipeError(f"override {item!r}: the value is not plain YAML ({reason}); quote it if it is text") from None
         node = data
         parts = dotted.split(".")
         for part in parts[:-1]:

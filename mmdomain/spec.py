@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PRIMARY = "media"  # name of the first media kind in content parts (``image`` and the encoder's modality work too)
 
 
 class _Strict(BaseModel):
@@ -67,9 +69,10 @@ class LLMSpec(_Strict):
     lora: LoraSpec | None = None
 
 
-class MediaSpec(_Strict):
-    """A further kind of media in the same conversations (e.g. heart sounds beside chest images): its own encoder,
-    connector, decoding domain and placeholder token. In content parts it is ``{"type": name, name: data}``."""
+class MediaKindSpec(_Strict):
+    """A kind of media the model takes (chest images, heart sounds, ...): its encoder, connector, decoding domain and
+    placeholder token. The first kind is written at the top of ``model`` (``encoder``, ``connector``, ``domain``,
+    ``media_token``); further kinds go in ``model.extra_kinds``. In content parts a kind is ``{"type": name, name: data}``."""
 
     name: str
     token: str
@@ -84,11 +87,23 @@ class ModelSpec(_Strict):
     llm: LLMSpec
     domain: DomainSpec = Field(default_factory=DomainSpec)
     media_token: str = "<image>"
-    extra_media: list[MediaSpec] = Field(default_factory=list)
+    extra_kinds: list[MediaKindSpec] = Field(default_factory=list)
     max_length: int = 2048
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "extra_media" in data:
+            raise ValueError("model.extra_media is now model.extra_kinds (same fields: name, token, encoder, connector, domain)")
+        return data
+
     def model_post_init(self, __context: Any) -> None:
-        tokens = [self.media_token] + [m.token for m in self.extra_media]
-        names = [m.name for m in self.extra_media]
-        if len(set(tokens)) != len(tokens) or len(set(names)) != len(names) or {"text", "media"} & set(names):
-            raise ValueError(f"extra_media need distinct names (not text/media) and tokens distinct from media_token; got tokens {tokens}, names {names}")
+        tokens = [k.token for k in self.kinds()]
+        names = [k.name for k in self.extra_kinds]
+        if len(set(tokens)) != len(tokens) or len(set(names)) != len(names) or {"text", PRIMARY} & set(names):
+            raise ValueError(f"extra_kinds need distinct names (not text/{PRIMARY}) and tokens distinct from media_token; got tokens {tokens}, names {names}")
+
+    def kinds(self) -> list[MediaKindSpec]:
+        """Every media kind in splice order: the primary one (named ``media``) first, then ``extra_kinds``."""
+        primary = MediaKindSpec(name=PRIMARY, token=self.media_token, encoder=self.encoder, connector=self.connector, domain=self.domain)
+        return [primary, *self.extra_kinds]

@@ -1,31 +1,38 @@
 """The training loop: one recipe stage from model building to the final checkpoint and evaluation.
 
-Reads top to bottom: run directory -> model (+ init_from) -> what trains -> data -> optimizer and schedule ->
-steps (token-weighted gradient accumulation, clipping, metrics, periodic eval and checkpoints) -> final save.
+Reads top to bottom: run directory (fresh or resumed) -> model (+ init_from) -> what trains -> data -> optimizer and
+schedule -> restored state -> steps (token-weighted gradient accumulation, clipping, metrics, periodic eval and
+checkpoints) -> final save -> evaluation -> result.json. A checkpoint holds everything the steps depend on (weights,
+optimizer moments, random streams, data position), so a run stopped at any moment and resumed trains exactly as if
+it had never stopped.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import init_from_checkpoint
-from .data import SampleFormat, TrainStream, epochs_of_batches, expand_shards, train_loader
+from .builder import base_identities, build_model, check_handoff, load_handoff, load_weights, write_model
+from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, step_directory
+from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards
+from .errors import CheckpointError, MmdomainError
 from .evaluate import evaluate_shards, to_device
 from .feature_cache import check_cacheable, open_cache
-from .model import MultimodalLM, build_model
-from .processor import IGNORE, MultimodalProcessor
-from .recipe import Recipe, dump_recipe
-from .shards import count_samples
+from .processor import IGNORE
+from .recipe import Recipe
+from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
+from .stop_requests import StopRequests
+from .train_state import TrainerState, read_trainer_state, restore_training, write_training
+from .train_stream import BatchStream, Position, TrainBatches
 from .trainability import apply_trainable, param_groups, trainable_table
-from .errors import MmdomainError
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +41,8 @@ class NonFiniteLossError(MmdomainError, RuntimeError):
     """The loss or gradient became NaN/inf; the run stops before any checkpoint is written from it."""
 
 
-class RunDirectoryError(MmdomainError, RuntimeError):
-    """An output_dir that cannot take this run (it holds another run, or cannot be written)."""
+class RunInterrupted(MmdomainError, RuntimeError):
+    """SIGINT/SIGTERM stopped the run at a step boundary, after saving a checkpoint to resume from."""
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -49,162 +56,205 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
     return min_ratio + (1 - min_ratio) * shape
 
 
-def prepare_run_dir(recipe: Recipe) -> Path:
-    run_dir = Path(recipe.output_dir)
-    if (run_dir / "checkpoint").exists() or (run_dir / "metrics.jsonl").exists():
-        if not recipe.overwrite:
-            raise RunDirectoryError(f"output_dir {str(run_dir)!r} already holds a run; choose another output_dir or set overwrite=true")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))  # the fully resolved recipe, overrides applied
-    return run_dir
-
-
 def _device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
 
 
-def total_steps(recipe: Recipe, shards: list[str]) -> int:
-    if recipe.optim.max_steps is not None:
-        return recipe.optim.max_steps
-    samples = count_samples(shards)
-    if samples is None:
-        raise ValueError("optim.epochs needs manifest.json beside the shards (make-shards writes it); or give optim.max_steps")
-    if recipe.data.max_train_samples:
-        samples = min(samples, recipe.data.max_train_samples)
-    per_step = recipe.optim.batch_size * recipe.optim.grad_accum
-    return max(1, math.ceil(recipe.optim.epochs * samples / per_step))
-
-
-class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.write_text("")
-
-    def write(self, **row: Any) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def run_eval(model: MultimodalLM, processor: MultimodalProcessor, recipe: Recipe, path: Path | None = None,
-             patterns: str | list[str] | None = None, layout: SampleFormat | None = None) -> dict[str, Any] | None:
-    patterns = patterns or recipe.data.eval
+def run_eval(model: Any, processor: Any, recipe: Recipe, patterns: Any, layout: SampleFormat, path: Path | None = None) -> dict[str, Any] | None:
     if patterns is None:
         return None
-    return evaluate_shards(model, processor, patterns, max_samples=recipe.eval.max_samples, batch_size=recipe.eval.batch_size,
-                           max_new_tokens=recipe.eval.max_new_tokens, error_budget=recipe.data.decode_error_budget,
-                           predictions_path=path, layout=layout or SampleFormat.from_recipe(recipe.data))
+    with torch.random.fork_rng(devices=[]):  # evaluation never shifts training's random stream
+        return evaluate_shards(model, processor, patterns, max_samples=recipe.eval.max_samples, batch_size=recipe.eval.batch_size,
+                               max_new_tokens=recipe.eval.max_new_tokens, error_budget=recipe.data.decode_error_budget,
+                               predictions_path=path, layout=layout, choice_score=recipe.eval.choice_score)
 
 
-def train(recipe: Recipe) -> dict[str, Any]:
-    """Run one stage. Returns the summary that is also written to ``{output_dir}/result.json``."""
+def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
+    """Run (or resume) one stage. Returns the summary also written to ``{output_dir}/result.json``."""
     started = time.perf_counter()
-    run_dir = prepare_run_dir(recipe)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    run = open_run(recipe)
+    try:
+        return _train(recipe, run.run_dir, run.resume_from, accept_changes, started)
+    finally:
+        run.lock.release()
+
+
+def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_changes: bool, started: float) -> dict[str, Any]:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    torch.manual_seed(recipe.seed)
+    seed_everything(recipe.seed)
     device = _device(recipe.device)
+    opt = recipe.optim
 
-    # Model: built from the spec; a previous stage's weights on top; then the recipe decides what trains.
+    # A resumed run must be the same run: the recipe is compared with the checkpoint's before anything is built.
+    recipe_dict = recipe.model_dump(mode="json")
+    saved = read_trainer_state(resume_from) if resume_from is not None else None
+    changes = check_resume_changes(resume_from, saved.recipe, recipe_dict, accept_changes) if saved else []
+
+    # Model: built from the spec; a previous stage's weights (checked before anything loads), or this run's own
+    # checkpoint when resuming; then the recipe decides what trains.
+    handoff = check_handoff(recipe.model, recipe.init_from) if recipe.init_from and resume_from is None else None
     model, processor = build_model(recipe.model)
-    if recipe.init_from:
-        loaded = init_from_checkpoint(model, recipe.init_from)
-        log.info("init_from %s: loaded %d tensors", recipe.init_from, len(loaded))
+    if handoff is not None:
+        log.info("init_from %s: loaded %d tensors", handoff, len(load_handoff(model, handoff)))
+    if resume_from is not None:
+        load_weights(model, resume_from)
     apply_trainable(model, recipe.trainable)
     log.info("what trains (stage %s):\n%s", recipe.stage, trainable_table(model))
     model.to(device).train()
 
-    # Data: media shards, or a feature cache made by the same frozen encoder (checked by key).
+    # Data: media shards, or a feature cache made by the same frozen encoder from the same shards (checked).
     train_patterns, eval_patterns = recipe.data.train, recipe.data.eval
     layout = SampleFormat.from_recipe(recipe.data)
     if recipe.data.feature_cache:
         check_cacheable(recipe)
-        cached = open_cache(recipe.data.feature_cache, model, processor)
-        train_patterns, eval_patterns = cached["train"], (cached.get("eval") if recipe.data.eval else None)
+        train_patterns, eval_patterns = open_cache(recipe.data.feature_cache, model, processor, recipe)
         layout = SampleFormat()  # cache shards always hold numbered members, whatever the source shards used
-        model.encoder.to("cpu")  # never called while training from features
         log.info("training from feature cache %s", recipe.data.feature_cache)
-    shards = expand_shards(train_patterns)
-    stream = TrainStream(shards, processor, seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
-                         error_budget=recipe.data.decode_error_budget, limit=recipe.data.max_train_samples, layout=layout)
-    batches = epochs_of_batches(train_loader(stream, recipe.optim.batch_size, recipe.data.num_workers, recipe.data.pack_length), stream)
-    steps = total_steps(recipe, shards)
+    failures = FailureBudget(recipe.data.decode_error_budget)
+    catalog = ShardCatalog(expand_shards(train_patterns), failures)
+    dataset = TrainBatches(catalog, processor, layout=layout, seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
+                           limit=recipe.data.max_train_samples, batch_size=opt.batch_size, pack_length=recipe.data.pack_length)
+    if dataset.samples_per_epoch == 0:
+        raise DataError(f"the training shards {train_patterns} hold no usable sample")
+    steps = opt.max_steps or max(1, math.ceil(opt.epochs * dataset.batches_per_epoch() / opt.grad_accum))
 
-    # Optimizer and schedule.
-    opt = recipe.optim
+    # Optimizer; the LR of each step is set from the schedule, so it depends on the step alone.
     optimizer = torch.optim.AdamW(param_groups(model, recipe.lr, opt.lr, opt.weight_decay), betas=opt.betas,
                                   foreach=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup=opt.warmup_steps, total=steps, schedule=opt.schedule, min_ratio=opt.min_lr_ratio))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     trained = [p for p in model.parameters() if p.requires_grad]
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    state = TrainerState(step=0, total_steps=steps, epoch=0, batch=0, failures={}, first_loss=None, recent_losses=[],
+                         window=_empty_window(), recipe=recipe_dict, data=catalog.fingerprint())
+    metrics, keys_log = JsonLog(run_dir / "metrics.jsonl"), JsonLog(run_dir / "samples.jsonl")
+    if saved is not None:
+        check_resume_data(resume_from, saved.data, state.data, accept_changes)
+        restore_training(resume_from, optimizer, model)
+        for key, (reason, count) in saved.failures.items():
+            failures.failures.setdefault(key, (reason, int(count)))
+        state = TrainerState(**{**saved.__dict__, "total_steps": steps, "recipe": recipe_dict, "data": state.data,
+                                "resumed_at": [*saved.resumed_at, saved.step]})
+        metrics.continue_after(saved.step).write(step=saved.step, event="resume", checkpoint=str(resume_from),
+                                                 changes={name: [a, b] for name, a, b in changes})
+        if recipe.log_sample_keys:
+            keys_log.continue_after(saved.step)
+        log.info("resuming from %s at step %d of %d", resume_from, saved.step, steps)
+    else:
+        metrics.start_fresh()
+        if recipe.log_sample_keys:
+            keys_log.start_fresh()
+    write_recipe(run_dir, recipe)
+    stream = BatchStream(dataset, num_workers=recipe.data.num_workers, failures=failures, position=Position(state.epoch, state.batch))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opt.precision == "bf16")
+    bases = base_identities(recipe.model)
 
-    losses: list[float] = []
-    window = {"samples": 0, "tokens": 0, "seconds": 0.0, "loss": 0.0, "steps": 0}
-    epoch = 0
-    for step in tqdm(range(1, steps + 1), desc=f"{recipe.stage}", disable=not rank0, dynamic_ncols=True):
-        t0 = time.perf_counter()
-        micro = []
-        for _ in range(opt.grad_accum):
-            epoch, batch = next(batches)
-            micro.append(batch)
-        # Token-weighted accumulation: every supervised token counts the same, however the micro-batches split.
-        supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        step_loss = 0.0
-        for batch in micro:
-            with autocast:
-                out = model(**to_device(batch, device))
-            if not torch.isfinite(out.loss_sum):
-                raise NonFiniteLossError(f"step {step}: loss is {out.loss_sum.item()} on samples {batch['keys']}; no checkpoint was written from it")
-            (out.loss_sum / max(supervised, 1)).backward()
-            step_loss += out.loss_sum.item() / max(supervised, 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt.clip_grad_norm or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(f"step {step}: gradient norm is {grad_norm.item()} on samples {[k for b in micro for k in b['keys']]}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    def save(step: int) -> Path:
+        state.epoch, state.batch = stream.position.epoch, stream.position.batch
+        state.failures = failures.state()
+        target = step_directory(run_dir, step)
+        try:
+            with CheckpointWriter(target, step=step) as writer:
+                write_model(writer, model, processor, bases)
+                write_training(writer, state, optimizer, model)
+        except CheckpointError as exc:
+            previous = latest_checkpoint(run_dir)
+            kept = f"the previous checkpoint {previous} is complete and untouched" if previous else "no earlier checkpoint exists"
+            raise CheckpointError(f"step {step}: {exc}; {kept}. Free the space (or fix the cause) and continue with "
+                                  "`mmdomain run RECIPE --resume`") from None
+        point_latest(run_dir, target)
+        prune(run_dir, recipe.keep_last)
+        drop_replaced(run_dir)
+        metrics.write(step=step, event="checkpoint", path=str(target))
+        return target
 
-        losses.append(step_loss)
-        window["samples"] += sum(len(b["keys"]) for b in micro)
-        window["tokens"] += sum(b["num_tokens"] for b in micro)
-        window["seconds"] += time.perf_counter() - t0
-        window["loss"] += step_loss
-        window["steps"] += 1
-        if step % recipe.log_every == 0 or step == 1 or step == steps:
-            metrics.write(step=step, epoch=epoch, loss=window["loss"] / window["steps"], lr=optimizer.param_groups[0]["lr"],
-                          grad_norm=float(grad_norm), samples_per_s=window["samples"] / window["seconds"],
-                          tokens_per_s=window["tokens"] / window["seconds"])
-            window = {"samples": 0, "tokens": 0, "seconds": 0.0, "loss": 0.0, "steps": 0}
-        if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step != steps:
-            report = run_eval(model, processor, recipe, patterns=eval_patterns, layout=layout)
-            if report is not None:
-                metrics.write(step=step, eval=report)
-                log.info("step %d eval: %s", step, json.dumps(report))
-        if recipe.save_every and step % recipe.save_every == 0 and step != steps:
-            model.save_pretrained(str(run_dir / "checkpoint"), processor.tokenizer)
+    # Steps.
+    zero_grad_warned = False
+    with StopRequests() as stop:
+        for step in tqdm(range(state.step + 1, steps + 1), desc=recipe.stage, initial=state.step, total=steps, dynamic_ncols=True):
+            t0 = time.perf_counter()
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_factor(step - 1, warmup=opt.warmup_steps, total=steps, schedule=opt.schedule, min_ratio=opt.min_lr_ratio)
+            micro = [stream.next_batch()[1] for _ in range(opt.grad_accum)]
+            # Token-weighted accumulation: every supervised token counts the same, however the micro-batches split.
+            supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+            step_loss = 0.0
+            for batch in micro:
+                with autocast:
+                    out = model(**to_device(batch, device))
+                if not torch.isfinite(out.loss_sum):
+                    raise NonFiniteLossError(f"step {step}: loss is {out.loss_sum.item()} on samples {batch['keys']}; no checkpoint was written from it")
+                (out.loss_sum / max(supervised, 1)).backward()
+                step_loss += out.loss_sum.item() / max(supervised, 1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt.clip_grad_norm or float("inf"))
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLossError(f"step {step}: gradient norm is {grad_norm.item()} on samples {[k for b in micro for k in b['keys']]}")
+            if float(grad_norm) == 0.0 and not zero_grad_warned:
+                zero_grad_warned = True
+                log.warning("step %d: the gradient of every trained parameter is exactly 0, so nothing learns; check trainable, "
+                            "the labels (is any token supervised?) and the learning rate", step)
+            lr_used = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    model.save_pretrained(str(run_dir / "checkpoint"), processor.tokenizer)
-    report = run_eval(model, processor, recipe, run_dir / "eval_predictions.jsonl", patterns=eval_patterns, layout=layout)
+            state.step = step
+            state.first_loss = step_loss if state.first_loss is None else state.first_loss
+            state.recent_losses = [*state.recent_losses, step_loss][-20:]
+            window = state.window
+            window["samples"] += sum(len(b["keys"]) for b in micro)
+            window["tokens"] += sum(b["num_tokens"] for b in micro)
+            window["seconds"] += time.perf_counter() - t0
+            window["loss"] += step_loss
+            window["steps"] += 1
+            if recipe.log_sample_keys:
+                keys_log.write(step=step, keys=[k for b in micro for k in b["keys"]])
+            if step % recipe.log_every == 0 or step == 1 or step == steps:
+                metrics.write(step=step, epoch=stream.position.epoch, loss=window["loss"] / window["steps"], lr=lr_used,
+                              grad_norm=float(grad_norm), samples_per_s=window["samples"] / window["seconds"],
+                              tokens_per_s=window["tokens"] / window["seconds"], skipped_samples=failures.total)
+                state.window = _empty_window()
+            if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step != steps:
+                report = run_eval(model, processor, recipe, eval_patterns, layout)
+                if report is not None:
+                    metrics.write(step=step, eval=report)
+                    log.info("step %d eval: %s", step, json.dumps(report))
+            saved = save(step) if step == steps or (recipe.save_every and step % recipe.save_every == 0) else None
+            if stop.requested and step != steps:
+                saved = saved or save(step)
+                raise RunInterrupted(f"stopped by {stop.requested} after step {step} of {steps}; checkpoint {saved}. Continue with "
+                                     "`mmdomain run RECIPE --resume`")
+    stream.close()
+
+    report = run_eval(model, processor, recipe, eval_patterns, layout, run_dir / "eval_predictions.jsonl")
     if report is not None:
         metrics.write(step=steps, eval=report)
-    tail = losses[-max(1, min(20, len(losses) // 5)) :]
+    tail = state.recent_losses[-max(1, min(20, steps // 5)) :]
     result = {
         "stage": recipe.stage,
         "steps": steps,
-        "first_loss": losses[0],
-        "final_loss": sum(tail) / len(tail),
-        "skipped_samples": len(stream.failures.failures),
+        "first_loss": state.first_loss,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "skipped_samples": failures.total,
+        "skipped": [f"{key}: {reason}" for key, (reason, _) in list(failures.failures.items())[:20]],
+        "resumed_at": state.resumed_at,
         "eval": report,
         "seconds": round(time.perf_counter() - started, 2),
-        "checkpoint": str(run_dir / "checkpoint"),
+        "checkpoint": str(latest_checkpoint(run_dir)),
     }
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    log.info("stage %s done in %.1f s: loss %.4f -> %.4f%s", recipe.stage, result["seconds"], result["first_loss"], result["final_loss"],
+    log.info("stage %s done in %.1f s: loss %s -> %s%s", recipe.stage, result["seconds"], result["first_loss"], result["final_loss"],
              f", eval {json.dumps(report)}" if report else "")
     return result
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global random stream (torch, NumPy, Python): a run is then a function of its recipe, and the
+    streams a checkpoint saves are the ones a run that never stopped would have."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _empty_window() -> dict[str, float]:
+    return {"samples": 0, "tokens": 0, "seconds": 0.0, "loss": 0.0, "steps": 0}

@@ -5,9 +5,10 @@ import fnmatch
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
-from .recipe import ModuleLR, Trainable
+from .recipe import ModuleLR, RecipeError, Trainable
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ MODULES = ("encoder", "connector", "llm")
 
 def modules_of(model: nn.Module, kind: str) -> list[nn.Module]:
     """The modules a switch covers: ``encoder`` and ``connector`` include those of every extra media kind."""
-    extra = [getattr(b, kind) for b in getattr(model, "extra", [])] if kind != "llm" else []
+    extra = [getattr(k, kind) for k in getattr(model, "extra_kinds", [])] if kind != "llm" else []
     return [getattr(model, kind), *extra]
 
 
@@ -36,11 +37,19 @@ def apply_trainable(model: nn.Module, trainable: Trainable) -> None:
     for pattern in trainable.params:
         matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
-            raise ValueError(f"trainable.params pattern {pattern!r} matches no parameter (names look like {next(iter(names))!r})")
+            raise RecipeError(f"trainable.params pattern {pattern!r} matches no parameter (names look like {next(iter(names))!r})")
         for n in matched:
             names[n].requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the recipe trains nothing: enable trainable.connector, encoder, llm or give trainable.params")
+        raise RecipeError("the recipe trains nothing: enable trainable.connector, encoder, llm or give trainable.params")
+    low = [(n, p.dtype) for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if low:
+        name, dtype = low[0]
+        raise RecipeError(
+            f"{len(low)} trainable parameters are {str(dtype).removeprefix('torch.')} (first: {name}); AdamW on half-precision "
+            "weights loses most small updates. Keep model.llm.dtype: float32 for the parts that train and set "
+            "optim.precision: bf16 for bf16 compute"
+        )
 
 
 def param_groups(model: nn.Module, lr: ModuleLR, default_lr: float, weight_decay: float) -> list[dict[str, Any]]:

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mmdomain.data import DataError, FailureBudget, TrainStream, expand_shards, iter_records, train_loader
+from mmdomain.data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards, iter_records
 from mmdomain.domains import build_domain
-from mmdomain.model import build_model
+from mmdomain.builder import build_model
 from mmdomain.shards import ShardError, make_shards, read_manifest
 from mmdomain.spec import ModelSpec
+from mmdomain.train_stream import BatchStream, Position, TrainBatches
 
 
 GENERIC = build_domain("generic")
@@ -46,7 +47,7 @@ def test_make_shards_accepts_all_forms_and_writes_manifest(tmp_path):
     assert manifest["total"] == 4 and [s["samples"] for s in manifest["shards"]] == [3, 1]
     assert read_manifest(tmp_path / "shards")["train"] == manifest
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["manifest.json", "train-000000.tar", "train-000001.tar"]
-    records = list(iter_records(expand_shards(str(tmp_path / "shards" / "train-*.tar")), GENERIC, failures=FailureBudget(0), split=False))
+    records = list(iter_records(expand_shards(str(tmp_path / "shards" / "train-*.tar")), GENERIC, failures=FailureBudget(0)))
     assert [r.key for r in records] == ["train-000000.tar:a_1", "train-000000.tar:train-00000002", "train-000000.tar:train-00000003", "train-000001.tar:train-00000004"]
     assert records[0].choices == ["left", "right"] and records[0].conversations[0]["content"] == "<image> where is the lesion ?"
     assert records[1].conversations[0]["content"] == "<image> Describe the image."
@@ -103,13 +104,13 @@ def test_reader_counts_and_names_bad_samples_then_stops(tmp_path):
         ("broken.json", GOOD), ("broken.0.png", b"not a png"),
     ])
     budget = FailureBudget(3)
-    records = list(iter_records([str(shard)], GENERIC, failures=budget, split=False))
+    records = list(iter_records([str(shard)], GENERIC, failures=budget))
     assert [r.key for r in records] == ["s-000000.tar:ok"]
-    assert len(budget.failures) == 3
-    assert any("s-000000.tar:nofield" in f and "no 'conversations' in a json member" in f for f in budget.failures)
-    assert any("evil" in f and "'<image>' markers" not in f for f in budget.failures)
+    assert budget.total == 3
+    assert "no 'conversations' in a json member" in budget.failures["s-000000.tar:nofield"][0]
+    assert "'<image>' markers" not in budget.failures["s-000000.tar:evil"][0]
     with pytest.raises(DataError, match=r"(?s)3 samples failed, over data.decode_error_budget=2.*s-000000.tar:broken"):
-        list(iter_records([str(shard)], GENERIC, failures=FailureBudget(2), split=False))
+        list(iter_records([str(shard)], GENERIC, failures=FailureBudget(2)))
 
 
 def test_expand_shards_errors_and_braces(tmp_path):
@@ -130,49 +131,58 @@ def stream_parts(tmp_path, tiny_llm_dir):
     return expand_shards(str(tmp_path / "shards" / "*.tar")), proc
 
 
-def _keys(stream, epoch=0, workers=0):
-    stream.set_epoch(epoch)
-    return [k for b in train_loader(stream, 4, workers) for k in b["keys"]]
+def _batches(shards, proc, *, seed=0, epoch=0, workers=0, shuffle=8, limit=None, batch_size=4, rank=0, world=1, start=0):
+    """The keys of each batch one epoch yields (from batch ``start``), through the DataLoader as training reads it."""
+    failures = FailureBudget(0)
+    dataset = TrainBatches(ShardCatalog(shards, failures), proc, layout=SampleFormat(), seed=seed, shuffle_buffer=shuffle, limit=limit,
+                           batch_size=batch_size, rank=rank, world=world)
+    stream = BatchStream(dataset, num_workers=workers, failures=failures, position=Position(epoch, start))
+    out = []
+    while stream.position.epoch == epoch and stream.position.batch < dataset.batches_per_epoch():
+        out.append(stream.next_batch()[1]["keys"])
+    return out
+
+
+def _keys(*args, **kwargs):
+    return [k for batch in _batches(*args, **kwargs) for k in batch]
 
 
 def test_order_is_seeded_and_reshuffled_per_epoch(stream_parts):
     shards, proc = stream_parts
-    make = lambda seed: TrainStream(shards, proc, seed=seed, shuffle_buffer=8, error_budget=0)  # noqa: E731
-    first = _keys(make(0))
-    assert first == _keys(make(0)) and sorted(first) == sorted(_keys(make(1)))
-    assert first != _keys(make(1)) and first != _keys(make(0), epoch=1)
+    first = _keys(shards, proc)
+    assert first == _keys(shards, proc) and sorted(first) == sorted(_keys(shards, proc, seed=1))
+    assert first != _keys(shards, proc, seed=1) and first != _keys(shards, proc, epoch=1)
     assert len(first) == 24 == len(set(first))
 
 
-def test_workers_split_by_shard_without_duplicates(stream_parts):
+def test_workers_give_the_same_batches_in_the_same_order(stream_parts):
+    """Batches, not samples, are spread over workers and come back in order: 0 or 2 workers train on the same data."""
     shards, proc = stream_parts
-    keys = _keys(TrainStream(shards, proc, seed=0, shuffle_buffer=0, error_budget=0), workers=2)
-    assert sorted(keys) == sorted(_keys(TrainStream(shards, proc, seed=0, shuffle_buffer=0, error_budget=0)))
-    assert len(keys) == len(set(keys)) == 24
+    assert _batches(shards, proc, workers=2) == _batches(shards, proc, workers=0)
+    assert _batches(shards, proc, workers=2, shuffle=0) == _batches(shards, proc, workers=0, shuffle=0)
+    # Starting at batch 3 (a resume) reads exactly the rest, with any worker count.
+    assert _batches(shards, proc, workers=2, start=3) == _batches(shards, proc)[3:]
 
 
-def test_rank_splitting(stream_parts, monkeypatch):
+def test_rank_splitting(stream_parts):
     shards, proc = stream_parts
-    seen = []
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        seen.append(_keys(TrainStream(shards, proc, seed=0, shuffle_buffer=0, error_budget=0)))
+    seen = [_keys(shards, proc, rank=rank, world=2) for rank in range(2)]
     assert len(seen[0]) == len(seen[1]) == 12 and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(_keys(shards, proc))
 
 
-def test_limit_keeps_the_same_subset_every_epoch(stream_parts):
+def test_limit_is_global_and_keeps_the_same_subset_every_epoch(stream_parts):
     shards, proc = stream_parts
-    stream = TrainStream(shards, proc, seed=0, shuffle_buffer=4, error_budget=0, limit=10)
-    a, b = _keys(stream, 0), _keys(stream, 1)
-    assert len(a) == 10 and sorted(a) == sorted(b)
-    assert torch.is_tensor(next(iter(train_loader(stream, 4, 0)))["pixel_values"])
+    a, b = _keys(shards, proc, limit=10), _keys(shards, proc, limit=10, epoch=1, workers=2)
+    assert len(a) == 10 and sorted(a) == sorted(b) and a != b
+    assert len(_keys(shards, proc, limit=10, workers=2)) == 10  # not 10 per worker
+    failures = FailureBudget(0)
+    batch = TrainBatches(ShardCatalog(shards, failures), proc, layout=SampleFormat(), seed=0, shuffle_buffer=4, limit=10, batch_size=4)
+    assert torch.is_tensor(next(iter(batch))["batch"]["media"][0].values)
 
 
 def test_plain_image_text_shards_with_named_members(tmp_path):
     """img2dataset-style shards (key.jpg + key.txt, no conversations) read through data.media_keys / caption_key."""
-    from mmdomain.data import SampleFormat
-
     buf = io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="JPEG")
     shard = tmp_path / "laion-000000.tar"
@@ -180,7 +190,7 @@ def test_plain_image_text_shards_with_named_members(tmp_path):
                        ("000002.txt", b"no image here")])
     failures = FailureBudget(1)
     layout = SampleFormat(media_keys=("jpg",), caption_key="txt", caption_prompt="describe .")
-    (record,) = list(iter_records([str(shard)], GENERIC, failures=failures, split=False, layout=layout))
+    (record,) = list(iter_records([str(shard)], GENERIC, failures=failures, layout=layout))
     assert record.conversations == [{"role": "user", "content": "<image> describe ."}, {"role": "assistant", "content": "a chest x-ray"}]
     assert record.media[0].shape == (8, 8, 3)
-    assert len(failures.failures) == 1 and "no member 'jpg'" in failures.failures[0]
+    assert failures.total == 1 and "no member 'jpg'" in failures.failures["laion-000000.tar:000002"][0]

@@ -74,7 +74,7 @@ def test_wav2vec2_family_reports_exact_tokens():
 
 
 def test_frame_stack_sets_tokens_per_clip(tmp_path, tiny_llm_dir):
-    from mmdomain.model import build_model
+    from mmdomain.builder import build_model
     from mmdomain.spec import ModelSpec
 
     spec = ModelSpec.model_validate({"encoder": {"name": "hf_audio:whisper", "options": {"config": WHISPER}},
@@ -85,7 +85,7 @@ def test_frame_stack_sets_tokens_per_clip(tmp_path, tiny_llm_dir):
     conv, media = proc.decode_media([{"role": "user", "content": "<image> where ?"}, {"role": "assistant", "content": "left"}],
                                     [("heart.wav", _wav(_signal(22050), 22050))])
     sample = proc(conv, media, key="heart")
-    assert int((sample.input_ids == proc.media_token_id).sum()) == 13 and sample.pixel_values.shape == (1, 16000)
+    assert int((sample.input_ids == proc.media_token_id).sum()) == 13 and sample.media[0].shape == (1, 16000)
     out = model(**proc.collate([sample]))
     assert torch.isfinite(out.loss)
     with pytest.raises(ValueError, match="audio encoder but model.domain is 'generic'"):

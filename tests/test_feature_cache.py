@@ -12,7 +12,7 @@ from PIL import Image
 from mmdomain.cli import main
 from mmdomain.data import FailureBudget, expand_shards, iter_records
 from mmdomain.feature_cache import FeatureCacheError, open_cache
-from mmdomain.model import build_model
+from mmdomain.builder import build_model
 from mmdomain.recipe import load_recipe
 
 
@@ -39,13 +39,13 @@ def test_cached_features_give_the_same_loss(setup):
     recipe = load_recipe(setup / "r.yaml")
     torch.manual_seed(recipe.seed)  # as training builds it: the random encoder the cache was made with
     model, proc = build_model(recipe.model)
-    raw = list(iter_records(expand_shards(recipe.data.train), proc.domains, failures=FailureBudget(0), split=False))
+    raw = list(iter_records(expand_shards(recipe.data.train), proc.domains, failures=FailureBudget(0)))
     full = model(**proc.collate([proc(r.conversations, r.media, key=r.key) for r in raw[:8]]))
-    patterns = open_cache(setup / "cache", model, proc)
-    cached = list(iter_records(expand_shards(patterns["train"]), proc.domains, failures=FailureBudget(0), split=False))
+    train_patterns, _ = open_cache(setup / "cache", model, proc, recipe)
+    cached = list(iter_records(expand_shards(train_patterns), proc.domains, failures=FailureBudget(0)))
     assert [r.conversations for r in cached[:8]] == [r.conversations for r in raw[:8]]
     batch = proc.collate([proc(r.conversations, r.media, key=r.key) for r in cached[:8]])
-    assert "features" in batch and batch["features"].shape == (8, 16, 32)
+    assert batch["media"][0].encoded and batch["media"][0].values.shape == (8, 16, 32)
     assert abs(model(**batch).loss.item() - full.loss.item()) < 1e-3  # fp16 storage of the features
 
 
@@ -62,4 +62,26 @@ def test_training_runs_from_the_cache_and_mismatches_are_refused(setup, capsys):
     with pytest.raises(FeatureCacheError, match="not a complete feature cache"):
         recipe = load_recipe(setup / "r.yaml")
         model, proc = build_model(recipe.model)
-        open_cache(setup / "shards", model, proc)
+        open_cache(setup / "shards", model, proc, recipe)
+
+
+def test_the_cache_must_come_from_the_recipes_data(setup, capsys):
+    """A cache stands for the shards it was made from: other data.train, or a data.eval it has no split for, is refused
+    (it used to train on the cache's data and skip evaluation silently)."""
+    import shutil
+
+    other = setup / "other"
+    shutil.copytree(setup / "shards", other)
+    (other / "train-000000.tar").write_bytes((other / "train-000000.tar").read_bytes()[:-10240])  # other content, same name
+    base = ["-q", "run", str(setup / "r.yaml"), f"data.feature_cache={setup / 'cache'}", "overwrite=true"]
+    assert main([*base, f"data.train={other / '*.tar'}", f"output_dir={setup / 'a'}"]) == 2
+    assert "was made from data.train=" in capsys.readouterr().err
+    recipe = json.loads((setup / "r.yaml").read_text())
+    recipe["data"]["eval"] = None
+    (setup / "no_eval.yaml").write_text(json.dumps(recipe))
+    assert main(["-q", "cache-features", str(setup / "no_eval.yaml"), "--out", str(setup / "cache2")]) == 0
+    capsys.readouterr()
+    assert main(["-q", "run", str(setup / "r.yaml"), f"data.feature_cache={setup / 'cache2'}", f"output_dir={setup / 'b'}"]) == 2
+    assert "has no eval split" in capsys.readouterr().err
+    assert main(["-q", "run", str(setup / "r.yaml"), f"data.feature_cache={setup / 'cache2'}", f"output_dir={setup / 'c'}", "data.eval=null"]) == 0
+    assert json.loads((setup / "c" / "result.json").read_text())["eval"] is None

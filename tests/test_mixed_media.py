@@ -11,7 +11,8 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from mmdomain.model import MultimodalLM, build_model
+from mmdomain.builder import build_model, load_pretrained
+from mmdomain.checkpoint import latest_checkpoint
 from mmdomain.spec import ModelSpec
 
 WHISPER = dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, num_mel_bins=80, max_source_positions=50)
@@ -21,7 +22,7 @@ def _spec(llm_dir):
     return {
         "encoder": {"name": "tiny-vit", "options": {"image_size": 32, "channels": 1}},
         "llm": {"path": llm_dir},
-        "extra_media": [{"name": "audio", "token": "<audio>", "encoder": {"name": "hf_audio:whisper", "options": {"config": WHISPER}},
+        "extra_kinds": [{"name": "audio", "token": "<audio>", "encoder": {"name": "hf_audio:whisper", "options": {"config": WHISPER}},
                          "connector": {"name": "frame_stack", "options": {"k": 10}}, "domain": {"name": "audio"}}],
     }
 
@@ -40,29 +41,29 @@ def _png():
 
 def test_each_kind_gets_its_own_block(tiny_llm_dir):
     model, proc = build_model(ModelSpec.model_validate(_spec(tiny_llm_dir)))
-    assert model.tokens_per_item == 16 and model.extra[0].tokens_per_item == 5
+    assert model.tokens_per_item == 16 and model.extra_kinds[0].tokens_per_item == 5
     conv = [{"role": "user", "content": "<image> <audio> where is the lesion ?"}, {"role": "assistant", "content": "left"}]
     conv, media = proc.decode_media(conv, [("x.png", _png()), ("y.wav", _wav())])
     sample = proc(conv, media, key="k")
     ids = sample.input_ids.tolist()
     image_id, audio_id = proc.media_token_id, proc.kinds[1].token_id
     assert ids.count(image_id) == 16 and ids.count(audio_id) == 5 and ids.index(audio_id) > ids.index(image_id)
-    assert sample.pixel_values.shape == (1, 1, 32, 32) and sample.extra_media[0].shape == (1, 16000)
+    assert sample.media[0].shape == (1, 1, 32, 32) and sample.media[1].shape == (1, 16000)
     # Parts work too, and a batch may mix samples with and without audio.
     parts = [{"role": "user", "content": [{"type": "audio", "audio": media[1]}, {"type": "text", "text": "where ?"}]},
              {"role": "assistant", "content": "right"}]
     batch = proc.collate([sample, proc(parts, key="p"), proc([{"role": "user", "content": "where ?"}, {"role": "assistant", "content": "left"}], key="t")])
-    assert batch["pixel_values"].shape[0] == 1 and batch["extra_media"][0].shape[0] == 2
+    assert batch["media"][0].values.shape[0] == 1 and batch["media"][1].values.shape[0] == 2
     out = model(**batch)
     out.loss.backward()
-    assert torch.isfinite(out.loss) and model.extra[0].connector.mlp.layers[0].weight.grad is not None
+    assert torch.isfinite(out.loss) and model.extra_kinds[0].connector.mlp.layers[0].weight.grad is not None
     with pytest.raises(ValueError, match="no media of that kind"):
-        model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"], extra_media=[None])
+        model(batch["input_ids"], batch["attention_mask"], batch["labels"], [batch["media"][0], None])
 
 
 def test_spec_refuses_clashing_tokens(tiny_llm_dir):
     data = _spec(tiny_llm_dir)
-    data["extra_media"][0]["token"] = "<image>"
+    data["extra_kinds"][0]["token"] = "<image>"
     with pytest.raises(ValueError, match="distinct"):
         ModelSpec.model_validate(data)
 
@@ -88,11 +89,11 @@ def test_image_and_audio_samples_train_save_and_reload(tmp_path, tiny_llm_dir):
     assert main(["-q", "run", str(tmp_path / "r.yaml")]) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["eval"]["samples"] == 6 and result["skipped_samples"] == 0
-    config = json.loads((tmp_path / "run" / "checkpoint" / "mmdomain_config.json").read_text())
-    assert config["stored"]["extra.0.connector"] == "all" and config["stored"]["extra.0.encoder"] == "all"
+    config = json.loads((latest_checkpoint(tmp_path / "run") / "mmdomain_config.json").read_text())
+    assert config["stored"]["extra_kinds.0.connector"] == "all" and config["stored"]["extra_kinds.0.encoder"] == "all"
 
-    model, proc = MultimodalLM.from_pretrained(str(tmp_path / "run" / "checkpoint"))
-    again, _ = MultimodalLM.from_pretrained(str(tmp_path / "run" / "checkpoint"))
+    model, proc = load_pretrained(tmp_path / "run")
+    again, _ = load_pretrained(tmp_path / "run")
     conv, media = proc.decode_media([{"role": "user", "content": "<image> <audio> where ?"}, {"role": "assistant", "content": "left"}],
                                     [("a.png", _png()), ("b.wav", _wav())])
     batch = proc.collate([proc(conv, media, key="k")])

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmdomain.model import MultimodalLM, build_model
+from mmdomain.builder import build_model, load_pretrained, save_pretrained
+from mmdomain.errors import CheckpointError
+from mmdomain.media import MediaBatch
 from mmdomain.processor import IGNORE
 from mmdomain.spec import ModelSpec
 from mmdomain.tiny_models import word_tokenizer
@@ -65,7 +67,7 @@ def test_splice_matches_hf_llava_loss_and_connector_grads(tmp_path):
     assert batch["attention_mask"].min() == 0  # the batch really is padded
 
     ours = model(**batch)
-    theirs = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], labels=batch["labels"])
+    theirs = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["media"][0].values, labels=batch["labels"])
     assert abs(ours.loss.item() - theirs.loss.item()) < 1e-5
     ours.loss.backward()
     theirs.loss.backward()
@@ -98,7 +100,7 @@ def test_splice_count_mismatch_is_an_error(tiny_spec):
     model, proc = build_model(tiny_spec)
     batch = proc.collate([proc(c, key=str(i)) for i, c in enumerate(_conversations(2))])
     with pytest.raises(ValueError, match=r"32 media placeholder tokens \(id 24\) but 1 media items x 16"):
-        model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"][:1])
+        model(batch["input_ids"], batch["attention_mask"], batch["labels"], [MediaBatch(batch["media"][0].values[:1])])
     with pytest.raises(ValueError, match="no media of that kind were given"):
         model(batch["input_ids"], batch["attention_mask"], batch["labels"], None)
 
@@ -108,10 +110,10 @@ def test_generate_greedy_matches_argmax(tiny_spec):
     model.eval()
     prompt = [{"role": "user", "content": [{"type": "image", "image": torch.rand(3, 32, 32)}, {"type": "text", "text": "where ?"}]}]
     batch = proc.collate([proc(prompt, key="g", add_generation_prompt=True)], padding_side="left")
-    new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=4, min_new_tokens=4)
+    new = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=4, min_new_tokens=4)
     assert new.shape == (1, 4) and model.media_token_id not in new.tolist()[0]
     with torch.no_grad():
-        logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"]).logits[0, -1]
+        logits = model(batch["input_ids"], batch["attention_mask"], media=batch["media"]).logits[0, -1]
     logits[model.media_token_id] = float("-inf")
     assert new[0, 0] == logits.argmax()
 
@@ -141,7 +143,7 @@ def test_save_load_round_trip_identical_logits(tmp_path, tiny_spec, variant):
     model.eval()
     expected = model(**batch, return_logits=True).logits
 
-    model.save_pretrained(str(tmp_path / "ckpt"), proc.tokenizer)
+    save_pretrained(model, proc, tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "mmdomain_config.json").read_text())
     assert config["stored"]["connector"] == "all" and config["stored"]["encoder"] == "all"  # tiny-vit has no local weights
     assert config["stored"]["llm"] == {"connector-only": "none", "lora": "trained", "encoder-and-full-llm": "trained"}[variant]
@@ -150,14 +152,14 @@ def test_save_load_round_trip_identical_logits(tmp_path, tiny_spec, variant):
             _assert_not_pickle(f)
     assert not list(tmp_path.glob(".ckpt.tmp-*"))
 
-    loaded, proc2 = MultimodalLM.from_pretrained(str(tmp_path / "ckpt"))
+    loaded, proc2 = load_pretrained(tmp_path / "ckpt")
     loaded.eval()
     assert torch.equal(loaded(**batch, return_logits=True).logits, expected)
     assert proc2.tokens_per_item == proc.tokens_per_item and proc2.media_token_id == proc.media_token_id
     # A second save of the loaded model keeps what it restored even though those weights are frozen now.
     loaded.requires_grad_(False)
-    loaded.save_pretrained(str(tmp_path / "ckpt2"), proc2.tokenizer)
-    again, _ = MultimodalLM.from_pretrained(str(tmp_path / "ckpt2"))
+    save_pretrained(loaded, proc2, tmp_path / "ckpt2")
+    again, _ = load_pretrained(tmp_path / "ckpt2")
     assert torch.equal(again.eval()(**batch, return_logits=True).logits, expected)
 
 
@@ -167,7 +169,7 @@ def test_referenced_encoder_is_not_copied(tmp_path, tiny_llm_dir):
     CLIPVisionModel(CLIPVisionConfig(**CLIP)).save_pretrained(str(tmp_path / "vision"))
     spec = ModelSpec.model_validate({"encoder": {"name": f"hf:{tmp_path / 'vision'}", "options": {"layer": -2}}, "llm": {"path": tiny_llm_dir}})
     model, proc = build_model(spec)
-    model.save_pretrained(str(tmp_path / "ckpt"), proc.tokenizer)
+    save_pretrained(model, proc, tmp_path / "ckpt")
     from safetensors.torch import load_file
 
     keys = load_file(str(tmp_path / "ckpt" / "model.safetensors")).keys()
@@ -176,16 +178,16 @@ def test_referenced_encoder_is_not_copied(tmp_path, tiny_llm_dir):
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, tiny_spec, monkeypatch):
     model, proc = build_model(tiny_spec)
-    model.save_pretrained(str(tmp_path / "ckpt"), proc.tokenizer)
+    save_pretrained(model, proc, tmp_path / "ckpt")
     before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
-    import mmdomain.checkpoint as ckpt
+    import safetensors.torch
 
     def broken(*a, **k):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(str(tmp_path / "ckpt"), proc.tokenizer)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*ckpt: the disk is full"):
+        save_pretrained(model, proc, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -203,7 +205,7 @@ def test_per_sample_media_counts_differ_within_a_batch(tiny_spec):
     ]
     samples = [proc(c, key=str(i)) for i, c in enumerate(convs)]
     batch = proc.collate(samples)
-    assert batch["pixel_values"].shape[0] == 3
+    assert batch["media"][0].values.shape[0] == 3
     with torch.no_grad():
         together = model.sequence_logprobs(**batch)
         alone = torch.cat([model.sequence_logprobs(**proc.collate([s])) for s in samples])
@@ -226,3 +228,59 @@ def test_packed_batch_gives_the_padded_loss(tiny_spec):
         assert abs(a.loss.item() - b.loss.item()) < 1e-5  # fails if any sample attends across its row
     with pytest.raises(Exception, match="do not fit data.pack_length=8"):
         proc.collate_packed(samples, pack_length=8)
+
+
+def _granite_dir(tmp_path, scaling=8.0):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    tok = word_tokenizer(WORDS)
+    config = GraniteConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4, logits_scaling=scaling, embedding_multiplier=2.0, residual_multiplier=0.5,
+                           attention_multiplier=0.1, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GraniteForCausalLM(config).save_pretrained(str(tmp_path / "granite"))
+    tok.save_pretrained(str(tmp_path / "granite"))
+    return tmp_path / "granite"
+
+
+def test_granite_logit_scaling_gives_hf_loss(tmp_path):
+    """Granite divides its logits by logits_scaling: the supervised-only head must too, or the loss is wrong."""
+    spec = ModelSpec.model_validate({"encoder": {"name": "tiny-vit", "options": {"image_size": 32, "patch_size": 8, "dim": 32}},
+                                     "llm": {"path": str(_granite_dir(tmp_path))}})
+    model, proc = build_model(spec)
+    model.eval()
+    batch = proc.collate([proc(c, key=str(i)) for i, c in enumerate(_conversations(3))])
+    with torch.no_grad():
+        ours = model(**batch).loss
+        embeds = model.embed(batch["input_ids"], batch["media"])
+        theirs = model.causal_lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert abs(ours.item() - theirs.item()) < 1e-5
+
+
+def test_an_llm_whose_logits_the_head_would_not_reproduce_is_refused(tmp_path, monkeypatch):
+    import mmdomain.builder as builder
+    from mmdomain.errors import ModelLoadError
+
+    monkeypatch.setattr(builder, "head_transform", lambda config: (lambda logits: logits))  # as if granite were unknown
+    spec = ModelSpec.model_validate({"encoder": {"name": "tiny-vit", "options": {"image_size": 32, "patch_size": 8, "dim": 32}},
+                                     "llm": {"path": str(_granite_dir(tmp_path))}})
+    with pytest.raises(ModelLoadError, match=r"LLM .*granite \(granite\): mmdomain's loss head differs from the model's own logits"):
+        build_model(spec)
+
+
+def test_a_frozen_encoder_stays_in_eval_mode_while_training(tiny_llm_dir):
+    """wav2vec2 masks time steps (SpecAugment) and applies dropout in training mode: a frozen one must not, or its
+    features differ between calls, and between training and evaluation."""
+    spec = ModelSpec.model_validate({
+        "encoder": {"name": "hf_audio:wav2vec2", "options": {"random_init": True, "clip_seconds": 1.0, "config": dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=[32, 32], conv_stride=[5, 4],
+            conv_kernel=[10, 4], num_feat_extract_layers=2, mask_time_prob=0.5, mask_time_length=2, hidden_dropout=0.3,
+            apply_spec_augment=True)}},
+        "connector": {"name": "frame_stack", "options": {"k": 8}}, "domain": {"name": "audio"}, "llm": {"path": tiny_llm_dir}})
+    model, _ = build_model(spec)
+    model.train()
+    assert not model.encoder.training and model.connector.training and model.llm.training
+    clip = MediaBatch(torch.randn(2, 16000))
+    with torch.no_grad():
+        assert torch.equal(model.encode(0, clip), model.encode(0, clip))
+    model.encoder.requires_grad_(True)  # an encoder that trains gets training mode
+    assert model.train().encoder.training

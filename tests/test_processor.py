@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmdomain.model import build_model
+from mmdomain.builder import build_model
 from mmdomain.processor import IGNORE, SampleError
 from mmdomain.spec import ModelSpec
 
@@ -86,7 +86,7 @@ def test_collate_pads_and_orders_media(tiny_llm_dir):
     a = proc([{"role": "user", "content": "<image> where ?"}, {"role": "assistant", "content": "left"}], [torch.zeros(3, 32, 32)], key="a")
     b = proc(CONV, key="b")
     batch = proc.collate([a, b])
-    assert batch["input_ids"].shape == (2, len(b.input_ids)) and batch["pixel_values"].shape[0] == 2
+    assert batch["input_ids"].shape == (2, len(b.input_ids)) and batch["media"][0].values.shape[0] == 2
     assert batch["attention_mask"][0].sum() == len(a.input_ids) and (batch["labels"][0, len(a.input_ids):] == IGNORE).all()
     left = proc.collate([a, b], padding_side="left")
     assert left["attention_mask"][0, -1] == 1 and left["attention_mask"][0, 0] == 0

@@ -74,7 +74,7 @@ def test_overrides_parse_yaml_values(tmp_path):
 
 def test_components_are_registry_names_not_python_paths(tmp_path):
     recipe = load_recipe(_write(tmp_path, MINIMAL), ["model.encoder.name=os.system"])
-    from mmdomain.model import build_model
+    from mmdomain.builder import build_model
 
     with pytest.raises(KeyError, match="unknown encoder 'os.system'"):
         build_model(recipe.model)
@@ -171,7 +171,7 @@ def test_real_model_recipes_build_with_tiny_stand_ins(path, tmp_path):
     of its domain, trains one backward pass through what it says trains, and keeps its other settings."""
     import torch
 
-    from mmdomain.model import build_model
+    from mmdomain.builder import build_model
     from mmdomain.trainability import apply_trainable
 
     original = load_recipe(path)

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from mmdomain.cli import main
-from mmdomain.model import MultimodalLM, build_model
+from mmdomain.builder import build_model, load_pretrained
+from mmdomain.model import MultimodalLM
 from mmdomain.recipe import validate_recipe
 from mmdomain.train import NonFiniteLossError, lr_factor, train
 from mmdomain.trainability import apply_trainable, param_groups, trainable_table
@@ -80,7 +81,7 @@ def test_gradient_accumulation_is_token_weighted_and_exact(tiny_llm_dir, shard_d
     for name, extra in {"one": {"optim__batch_size": 8}, "accum": {"optim__batch_size": 4, "optim__grad_accum": 2}}.items():
         recipe = _recipe(tiny_llm_dir, shards, tmp_path / name, optim__max_steps=2, data__shuffle_buffer=0, data__eval=None, **extra)
         train(recipe)
-        weights[name] = MultimodalLM.from_pretrained(str(tmp_path / name / "checkpoint"))[0].connector.state_dict()
+        weights[name] = load_pretrained(tmp_path / name)[0].connector.state_dict()
     for k in weights["one"]:
         assert torch.allclose(weights["one"][k], weights["accum"][k], atol=1e-6), k
 
@@ -108,7 +109,7 @@ def test_non_finite_loss_stops_with_step_and_keys(tiny_llm_dir, shard_dir, tmp_p
     monkeypatch.setattr(MultimodalLM, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"step 3: loss is nan on samples \['train-000000.tar:x"):
         train(recipe)
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_missing_local_model_is_a_clear_cli_error(tiny_llm_dir, shard_dir, tmp_path, capsys):
@@ -145,8 +146,8 @@ def test_end_to_end_cli_shards_align_instruct_eval(tiny_llm_dir, shard_dir, tmp_
     assert report["samples"] == 64 and report["closed"]["accuracy"] == result["eval"]["closed"]["accuracy"]
 
     # The checkpoint reloads to identical outputs, and init_from really carried stage 1's connector into stage 2.
-    model, proc = MultimodalLM.from_pretrained(str(tmp_path / "instruct" / "checkpoint"))
-    again, _ = MultimodalLM.from_pretrained(str(tmp_path / "instruct" / "checkpoint"))
+    model, proc = load_pretrained(tmp_path / "instruct")
+    again, _ = load_pretrained(tmp_path / "instruct")
     sample = proc([{"role": "user", "content": "<image> where is the lesion ?"}, {"role": "assistant", "content": "left"}],
                   [np.zeros((32, 32), np.uint8)], key="k")
     batch = proc.collate([sample])

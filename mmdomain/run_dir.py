@@ -1,0 +1,227 @@
+"""A run's directory: one process at a time, a fresh start or a resume, what ``overwrite`` may replace, and the
+JSONL logs (metrics, the sample keys each step trained on) that a resumed run continues without duplicates.
+
+What a run writes: ``recipe.yaml`` (resolved), ``metrics.jsonl``, ``samples.jsonl`` (with ``log_sample_keys``),
+``checkpoints/step-N/`` + ``checkpoints/latest``, ``result.json``, ``eval_predictions.jsonl``. ``overwrite: true``
+moves exactly these aside into ``.replaced/`` (nothing else in the folder is touched) and deletes them only once
+the new run has written its first complete checkpoint, so a new run that dies early loses nothing.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CHECKPOINTS, complete_checkpoints, latest_checkpoint, remove_unfinished
+from .errors import MmdomainError
+from .recipe import Recipe, dump_recipe
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "samples.jsonl", "result.json", "eval_predictions.jsonl", CHECKPOINTS, "checkpoint")
+REPLACED = ".replaced"
+LOCK = ".lock"
+
+# Recipe fields a resumed run may change (each change is logged); any other change is refused unless accepted,
+# because the continuation would no longer be the run the checkpoint belongs to.
+RESUMABLE_CHANGES = (
+    "optim.lr", "lr.", "optim.max_steps", "optim.epochs", "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio",
+    "optim.clip_grad_norm", "eval.", "data.eval", "data.num_workers", "data.decode_error_budget", "save_every", "keep_last",
+    "log_every", "log_sample_keys", "threads", "device", "overwrite", "resume", "output_dir", "init_from", "stage",
+)
+
+
+class RunDirectoryError(MmdomainError, RuntimeError):
+    """An output_dir that cannot take this run (it holds another run, another process writes it, ...)."""
+
+
+class ResumeError(MmdomainError, RuntimeError):
+    """A resume that would not continue the same run: nothing to resume, or the recipe or data changed."""
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in RUN_FILES)
+
+
+class RunLock:
+    """An exclusive lock on the run directory for this process's lifetime (released by the OS even on kill -9)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            self._fd = None
+            raise RunDirectoryError(f"another mmdomain process{f' (pid {holder})' if holder else ''} is running into "
+                                    f"{self.path.parent}; wait for it, or choose another output_dir") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class RunStart:
+    run_dir: Path
+    lock: RunLock
+    resume_from: Path | None
+    """The checkpoint to continue from, or None for a fresh start."""
+
+
+def open_run(recipe: Recipe) -> RunStart:
+    """Take the output directory for this run: lock it, then resume from its newest complete checkpoint (``resume``
+    true or auto) or start fresh (refused over another run unless ``overwrite``)."""
+    run_dir = Path(recipe.output_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirectoryError(f"output_dir {str(run_dir)!r} cannot be created: {exc.strerror}") from None
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        removed = remove_unfinished(run_dir)
+        if removed:
+            log.info("removed %d unfinished checkpoint writes from an earlier, interrupted run", len(removed))
+        newest = latest_checkpoint(run_dir)
+        if recipe.resume and newest is not None:
+            return RunStart(run_dir, lock, newest)
+        if recipe.resume is True and not holds_run(run_dir):
+            raise ResumeError(f"nothing to resume in {run_dir}: it holds no run; start it without --resume")
+        if recipe.resume is True:
+            log.warning("%s holds a run with no complete checkpoint (it stopped before its first save): starting it again from step 0", run_dir)
+            _clear_run_files(run_dir)
+        elif holds_run(run_dir):
+            if not recipe.overwrite and recipe.resume is False:
+                step = f" (complete up to step {complete_checkpoints(run_dir)[-1][0]})" if newest is not None else ""
+                raise RunDirectoryError(f"output_dir {str(run_dir)!r} already holds a run{step}; continue it with --resume, choose "
+                                        "another output_dir, or set overwrite=true to replace it")
+            _set_aside(run_dir, newest is not None)
+        return RunStart(run_dir, lock, None)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _clear_run_files(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _set_aside(run_dir: Path, has_checkpoint: bool) -> None:
+    """Move the previous run's files into ``.replaced/`` (kept until the new run's first checkpoint). If the files
+    present belong to an attempt that never saved a checkpoint while ``.replaced/`` holds an older, real run, the
+    older run is what stays set aside."""
+    aside = run_dir / REPLACED
+    if aside.exists() and not has_checkpoint:
+        _clear_run_files(run_dir)
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    for name in RUN_FILES:
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, aside / name)
+    log.info("overwrite: the previous run in %s was moved to %s; it is deleted once this run saves its first checkpoint", run_dir, aside)
+
+
+def drop_replaced(run_dir: Path) -> None:
+    aside = run_dir / REPLACED
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        log.info("removed %s (the replaced run): this run has a complete checkpoint now", aside)
+
+
+def write_recipe(run_dir: Path, recipe: Recipe) -> None:
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+
+
+class JsonLog:
+    """Appends one JSON object per line (``metrics.jsonl``, ``samples.jsonl``), flushed per line so a kill loses at
+    most the line being written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def start_fresh(self) -> "JsonLog":
+        self.path.write_text("")
+        return self
+
+    def continue_after(self, step: int) -> "JsonLog":
+        """Keep only the lines of steps up to ``step`` (the checkpoint resumed from): the stopped run may have logged
+        steps past it, which the resumed run logs again."""
+        if not self.path.exists():
+            return self.start_fresh()
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the line a kill cut short
+            if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        return self
+
+    def write(self, **row: Any) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Dotted fields whose values differ between two recipe dicts: ``(field, old, new)``."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        dotted = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += recipe_changes(a, b, dotted + ".")
+        elif a != b:
+            changes.append((dotted, a, b))
+    return changes
+
+
+def check_resume_changes(checkpoint: Path, old: dict[str, Any], new: dict[str, Any], accept: bool) -> list[tuple[str, Any, Any]]:
+    """Log the recipe's allowed changes; refuse the others unless ``accept``. Returns every change."""
+    changes = recipe_changes(old, new)
+    for name, a, b in changes:
+        log.info("resume: %s changed from %r to %r", name, a, b)
+    _refuse(checkpoint, [c for c in changes if not c[0].startswith(RESUMABLE_CHANGES)], accept)
+    return changes
+
+
+def check_resume_data(checkpoint: Path, before: list[list[Any]], now: list[list[Any]], accept: bool) -> None:
+    """The data position means nothing over other shards: refuse changed shard files unless ``accept``."""
+    if before != now:
+        _refuse(checkpoint, [("data (shard files)", f"{len(before)} shards as recorded", f"{len(now)} shards, not the same files, "
+                              "sizes or sample counts")], accept)
+
+
+def _refuse(checkpoint: Path, refused: list[tuple[str, Any, Any]], accept: bool) -> None:
+    if refused and not accept:
+        lines = "\n  ".join(f"{name}: {a!r} -> {b!r}" for name, a, b in refused)
+        raise ResumeError(f"resuming {checkpoint} with changes that make it another run:\n  {lines}\n"
+                          "undo them, start a new run (another output_dir), or pass --accept-changes to continue anyway")
+    if refused:
+        log.warning("resume: continuing despite changes that make it another run (--accept-changes): %s", [name for name, _, _ in refused])
+
+

@@ -1,0 +1,119 @@
+"""What a run checkpoint adds to the model so training continues as if it never stopped: optimizer moments, the
+random streams, the data position, the failures counted, the loss history. Tensors go to safetensors, the rest to
+JSON; nothing needs pickle to read back.
+
+Optimizer state is keyed by parameter *name* (not torch's positional ids), so a resumed run that builds its
+optimizer again finds each moment for the right parameter, and a changed set of trained parameters is named.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointWriter, read_json, read_tensors
+from .errors import CheckpointError
+
+OPTIMIZER = "optimizer.safetensors"
+RNG = "rng.safetensors"
+STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Scalars of a run at a step boundary."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    batch: int
+    """Batches of ``epoch`` this rank has consumed."""
+    failures: dict[str, list[Any]]
+    first_loss: float | None
+    recent_losses: list[float]
+    window: dict[str, float]
+    """Sums of the metrics interval in progress, so the next metrics row covers the same steps as without a stop."""
+    recipe: dict[str, Any]
+    data: list[list[Any]]
+    """The training shards (path, size, usable samples) the position refers to."""
+    resumed_at: list[int] = field(default_factory=list)
+
+
+def _optimizer_names(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def write_training(writer: CheckpointWriter, state: TrainerState, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors: dict[str, torch.Tensor] = {}
+    for param_name, param in zip(_optimizer_names(optimizer, names), (p for g in optimizer.param_groups for p in g["params"])):
+        for field_name, value in optimizer.state.get(param, {}).items():
+            tensors[f"{param_name}/{field_name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    writer.tensors(OPTIMIZER, tensors)
+    rng_tensors, rng_json = capture_rng()
+    writer.tensors(RNG, rng_tensors)
+    writer.json(STATE, {**asdict(state), "optimizer": {"params": _optimizer_names(optimizer, names),
+                                                       "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]},
+                        "rng": rng_json})
+
+
+def read_trainer_state(directory: Path) -> TrainerState:
+    data = read_json(directory / STATE)
+    known = set(TrainerState.__dataclass_fields__)
+    try:
+        return TrainerState(**{k: v for k, v in data.items() if k in known})
+    except TypeError as exc:
+        raise CheckpointError(f"{directory / STATE} is not a trainer state of this mmdomain ({exc})") from None
+
+
+def restore_training(directory: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """Load optimizer moments (by parameter name) and the random streams saved in ``directory``."""
+    data = read_json(directory / STATE)
+    names = {id(p): n for n, p in model.named_parameters()}
+    mine = _optimizer_names(optimizer, names)
+    theirs = data["optimizer"]["params"]
+    if sorted(mine) != sorted(theirs):
+        missing, extra = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
+        raise CheckpointError(f"{directory}: the parameters that train differ from the checkpoint's (only there: {missing[:3]}; "
+                              f"only here: {extra[:3]}); resume with the trainable settings the run was started with")
+    stored = read_tensors(directory / OPTIMIZER)
+    fresh = optimizer.state_dict()
+    by_name = dict(zip(mine, (i for g in fresh["param_groups"] for i in g["params"])))
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in stored.items():
+        param_name, _, field_name = key.rpartition("/")
+        if param_name not in by_name:
+            raise CheckpointError(f"{directory / OPTIMIZER}: state for unknown parameter {param_name!r}")
+        state.setdefault(by_name[param_name], {})[field_name] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": fresh["param_groups"]})
+    restore_rng(read_tensors(directory / RNG), data["rng"])
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every random stream training draws from: torch (CPU and each CUDA device), NumPy's and Python's globals."""
+    tensors = {"torch_cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    return tensors, {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                     "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None:
+    torch.random.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted(k for k in tensors if k.startswith("torch_cuda_"))
+    if cuda and torch.cuda.is_available():
+        states = [tensors[k] for k in cuda][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(states)
+    np_state = data["numpy"]
+    np.random.set_state((np_state["kind"], tensors["numpy_keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"],
+                         np_state["cached_gaussian"]))
+    py = data["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
