@@ -1,0 +1,145 @@
+"""A second run into the same folder, overwrite, resume with a changed recipe, two processes at once, SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mmdomain.checkpoint import complete_checkpoints, latest_checkpoint
+from mmdomain.data import DataError
+from mmdomain.recipe import validate_recipe
+from mmdomain.run_dir import REPLACED, ResumeError, RunDirectoryError, RunLock
+from mmdomain.shards import make_shards
+from mmdomain.train import train
+
+DRIVER = Path(__file__).with_name("fault_driver.py")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rundir")
+    (root / "media").mkdir()
+    rows = []
+    for i in range(32):
+        Image.fromarray(np.full((32, 32), 40 + 5 * i, np.uint8)).save(root / "media" / f"{i}.png")
+        rows.append({"id": f"r{i}", "image": f"{i}.png", "question": "where is the lesion ?", "answer": ["left", "right"][i % 2]})
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_shards(root / "rows.jsonl", root / "media", root / "shards", samples_per_shard=8)
+    return str(root / "shards" / "*.tar")
+
+
+def _recipe(llm_dir, shards, out, **changes):
+    data = {"model": {"encoder": {"name": "tiny-vit", "options": {"image_size": 32, "patch_size": 8, "dim": 32, "channels": 1}},
+                      "llm": {"path": llm_dir}, "max_length": 64},
+            "data": {"train": shards, "shuffle_buffer": 8}, "optim": {"max_steps": 6, "batch_size": 4, "lr": 3e-3},
+            "output_dir": str(out), "save_every": 2, "log_every": 1}
+    for key, value in changes.items():
+        node = data
+        *parents, leaf = key.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return validate_recipe(data)
+
+
+def test_a_second_run_into_the_same_folder_is_refused_with_the_ways_out(tiny_llm_dir, shards, tmp_path):
+    train(_recipe(tiny_llm_dir, shards, tmp_path / "run"))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirectoryError, match=r"already holds a run \(complete up to step 6\); continue it with --resume.*overwrite=true"):
+        train(_recipe(tiny_llm_dir, shards, tmp_path / "run"))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tiny_llm_dir, shards, tmp_path):
+    run = tmp_path / "run"
+    train(_recipe(tiny_llm_dir, shards, run))
+    old_weights = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+    (run / "notes.txt").write_text("mine")  # not a run file: overwrite must never touch it
+    # A new run that dies before its first checkpoint (a data error) loses nothing: the old run is set aside whole.
+    with pytest.raises(DataError):
+        train(_recipe(tiny_llm_dir, str(tmp_path / "nothing-*.tar"), run, overwrite=True))
+    assert (run / REPLACED / "checkpoints").is_dir() and not (run / "checkpoints").exists()
+    kept = load_file(str(latest_checkpoint(run / REPLACED) / "model.safetensors"))
+    assert all(torch.equal(kept[k], v) for k, v in old_weights.items())
+    # A new run that gets to its first checkpoint replaces the old one; metrics are its own only.
+    result = train(_recipe(tiny_llm_dir, shards, run, overwrite=True, optim__max_steps=4, seed=1))
+    assert not (run / REPLACED).exists() and (run / "notes.txt").read_text() == "mine"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4 and result["steps"] == 4 and [s for s, _ in complete_checkpoints(run)] == [2, 4]
+
+
+def test_resume_takes_allowed_changes_and_refuses_the_others(tiny_llm_dir, shards, tmp_path, caplog):
+    run = tmp_path / "run"
+    train(_recipe(tiny_llm_dir, shards, run))
+    # Finished run, same recipe: nothing to redo.
+    assert train(_recipe(tiny_llm_dir, shards, run, resume=True))["steps"] == 6
+    with pytest.raises(ResumeError, match=r"(?s)changes that make it another run:.*model.connector.options.depth: None -> 3.*"
+                                          r"optim.batch_size: 4 -> 2.*--accept-changes"):
+        train(_recipe(tiny_llm_dir, shards, run, resume=True, optim__batch_size=2, model__connector={"name": "mlp", "options": {"depth": 3}}))
+    # Same pattern, other files (a shard removed since): the saved data position would point elsewhere.
+    import shutil
+
+    own = tmp_path / "own"
+    shutil.copytree(Path(shards).parent, own)
+    train(_recipe(tiny_llm_dir, str(own / "*.tar"), tmp_path / "run2", optim__max_steps=2))
+    (own / "train-000003.tar").unlink()
+    with pytest.raises(ResumeError, match=r"data \(shard files\): '4 shards as recorded' -> '3 shards, not the same files"):
+        train(_recipe(tiny_llm_dir, str(own / "*.tar"), tmp_path / "run2", resume=True, optim__max_steps=3))
+    # More steps and another LR continue the same run, logged as a diff.
+    caplog.set_level("INFO")
+    result = train(_recipe(tiny_llm_dir, shards, run, resume=True, optim__max_steps=9, optim__lr=1e-3))
+    assert result["steps"] == 9 and result["resumed_at"] == [6]
+    assert "resume: optim.max_steps changed from 6 to 9" in caplog.text
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["changes"] for r in rows if r.get("event") == "resume"][-1]["optim.lr"] == [3e-3, 1e-3]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 10))
+    # --accept-changes continues anyway.
+    assert train(_recipe(tiny_llm_dir, shards, run, resume=True, optim__max_steps=10, data__shuffle_buffer=0), accept_changes=True)["steps"] == 10
+
+
+def test_resume_with_nothing_to_resume(tiny_llm_dir, shards, tmp_path):
+    with pytest.raises(ResumeError, match="nothing to resume in .*start it without --resume"):
+        train(_recipe(tiny_llm_dir, shards, tmp_path / "empty", resume=True))
+    assert train(_recipe(tiny_llm_dir, shards, tmp_path / "auto", resume="auto", optim__max_steps=2))["resumed_at"] == []
+
+
+def test_one_process_per_run_directory(tiny_llm_dir, shards, tmp_path):
+    (tmp_path / "run").mkdir()
+    holder = RunLock(tmp_path / "run")
+    holder.acquire()
+    try:
+        with pytest.raises(RunDirectoryError, match=rf"another mmdomain process \(pid {os.getpid()}\) is running into"):
+            train(_recipe(tiny_llm_dir, shards, tmp_path / "run"))
+    finally:
+        holder.release()
+    train(_recipe(tiny_llm_dir, shards, tmp_path / "run", optim__max_steps=1))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_boundary_and_the_resumed_run_is_identical(tiny_llm_dir, shards, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(_recipe(tiny_llm_dir, shards, tmp_path / "run", save_every=0, threads=1,
+                                         data__num_workers=2).model_dump(mode="json")))
+    stopped = subprocess.run([sys.executable, str(DRIVER), "sigterm-after-optimizer-step", "3", "--", "run", str(recipe)],
+                             capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "stopped by SIGTERM after step 3 of 6" in stopped.stderr.strip().splitlines()[-1]
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [3]
+    resumed = subprocess.run([sys.executable, "-m", "mmdomain.cli", "-q", "run", str(tmp_path / "run"), "--resume"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = subprocess.run([sys.executable, "-m", "mmdomain.cli", "-q", "run", str(recipe), f"output_dir={tmp_path / 'ref'}"],
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    a = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "ref") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
