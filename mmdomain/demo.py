@@ -18,7 +18,7 @@ from .builder import build_model
 from .recipe import load_recipe
 from .shards import make_shards
 from .tiny_models import write_tiny_llm
-from .train import train
+from .train import seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ def run_demo(out: str | Path = "runs/demo", *, seed: int = 0, train_samples: int
     instruct = load_recipe(recipes_dir() / INSTRUCT, [*common, f"data.train={out / 'shards' / 'instruct-*.tar'}", f"output_dir={out / 'instruct'}",
                                                      f"init_from={out / 'align'}", *overrides])
 
+    seed_everything(seed)  # the untrained model is the one align starts from
     model, processor = build_model(align.model)
     before = evaluate_shards(model, processor, align.data.eval, max_samples=heldout_samples)
     log.info("held-out accuracy before training: %.3f", before["closed"]["accuracy"])

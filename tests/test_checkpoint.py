@@ -119,3 +119,19 @@ def test_writer_failure_leaves_nothing_and_names_the_target(tmp_path):
         with CheckpointWriter(step_directory(tmp_path, 2), step=2):
             raise ValueError("boom")
     assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_an_encoder_whose_weights_changed_is_refused(tmp_path, tiny_llm_dir):
+    """The encoder is referenced by path: other weights saved there since would silently change the model."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(str(tmp_path / "vision"))
+    spec = ModelSpec.model_validate({"encoder": {"name": f"hf:{tmp_path / 'vision'}"}, "llm": {"path": tiny_llm_dir}})
+    model, proc = build_model(spec)
+    stage1 = save_pretrained(model, proc, tmp_path / "stage1")
+    CLIPVisionModel(config).save_pretrained(str(tmp_path / "vision"))  # re-initialised: same config, other weights
+    with pytest.raises(CheckpointError, match=rf"init_from {stage1} was made with encoder {tmp_path / 'vision'}.*its weight files differ"):
+        check_handoff(spec, stage1)
+    with pytest.raises(CheckpointError, match="its weight files differ"):
+        load_pretrained(stage1)
