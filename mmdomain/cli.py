@@ -68,11 +68,32 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
         domains.update({k.token: build_domain(k.domain.name, k.domain.options) for k in model.extra_kinds})
         media_token = model.media_token
     else:
-        domains, media_token = build_domain(args.domain, json.loads(args.domain_options)), "<image>"
+        domains, media_token = _domain_from_flags(args.domain, args.domain_options), "<image>"
     manifest = make_shards(args.jsonl, args.media, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
                            caption_prompt=args.caption_prompt, overwrite=args.overwrite, domain=domains, media_token=media_token)
     print(json.dumps(manifest, indent=2))
     return 0
+
+
+def _domain_from_flags(name: str, options: str):
+    """--domain and --domain-options as a domain; a typo is a ShardError naming the flag and the fix, not a traceback."""
+    from pydantic import ValidationError
+
+    from .domains import build_domain, validate_options
+    from .shards import ShardError
+
+    try:
+        parsed = json.loads(options)
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"--domain-options is not valid JSON ({exc.msg}); write an object, e.g. '{{\"max_pixels\": 100000000}}'") from None
+    if not isinstance(parsed, dict):
+        raise ShardError(f"--domain-options must be a JSON object, got {options!r}; e.g. '{{\"max_pixels\": 100000000}}'")
+    try:
+        validate_options(name, parsed)  # an unknown --domain is a KeyError that names the choices
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(options)'}: {e['msg']}" for e in exc.errors())
+        raise ShardError(f"--domain-options for the {name} domain: {problems} (the options are the fields of the options class in mmdomain/domains/{name}.py)") from None
+    return build_domain(name, parsed)
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:

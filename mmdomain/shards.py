@@ -7,7 +7,9 @@ Accepted JSONL lines (one sample each):
 - ``{"image": "a.png", "caption": "..."}`` (the user turn is ``<image> {caption_prompt}``).
 Optional fields kept for evaluation: ``id`` (the sample key), ``choices``, ``answer_type`` (closed/open).
 
-A sample becomes ``{key}.json`` plus ``{key}.{i}.{ext}`` per media item, stored as the original file bytes.
+A sample becomes ``{key}.json`` plus ``{key}.{i}.{ext}`` per media item, stored as the original file bytes once the
+domain has checked them (``prepare_for_shard``: the format matches the extension, the size fits ``max_pixels``, a
+DICOM is stripped of identifying attributes). Media paths must be relative to the media folder and stay inside it.
 Each shard is written under a temporary name and renamed when complete; ``manifest.json`` is written last.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import os
 import re
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Iterable
 
 from .domains import DecodeError, Domain, build_domain, media_type
@@ -173,7 +175,7 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
             keys.add(key)
             blobs = []
             for i, (rel, kind) in enumerate(zip(sample.pop("media"), kinds)):
-                path = media_root / rel
+                path = media_root / _inside_media(rel, where, media_root)
                 ext = media_type(path.name)
                 domain_of = domains[kind]
                 if ext not in domain_of.media_types():
@@ -184,7 +186,9 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
                 try:
                     blobs.append((f"{i}.{ext}", domain_of.prepare_for_shard(path.name, path.read_bytes())))
                 except DecodeError as exc:
-                    raise ShardError(f"{where}: media {rel!r}: {exc}") from None
+                    # The domain names the member by its file name; here the JSONL path says it better, once.
+                    reason = str(exc).removeprefix(f"member {path.name!r}: ")
+                    raise ShardError(f"{where}: media {rel!r}: {reason}") from None
             writer.write(key, [("json", json.dumps(sample).encode()), *blobs])
     shards = writer.shards
     if not shards:
@@ -196,6 +200,23 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
     write_manifest(out_dir, {prefix: manifest})
     log.info("wrote %d samples in %d shards to %s", manifest["total"], len(shards), out_dir)
     return manifest
+
+
+def _inside_media(rel: Any, where: str, media_root: Path) -> str:
+    """``rel`` if it names a file inside the media folder; otherwise a ShardError naming the line, the path and the fix.
+
+    Decided lexically (no absolute path, no ``..`` component) rather than by resolving the path: a symlink a team
+    placed inside --media (a shared archive, another disk) is inside by intent and keeps working, while a JSONL line
+    can no longer pull an arbitrary readable file (``/etc/...``, ``../secrets``) into shards that get shared."""
+    if not isinstance(rel, str) or not rel:
+        raise ShardError(f"{where}: media entry {rel!r} is not a file path; write paths relative to --media ({media_root})")
+    if PurePath(rel).is_absolute():
+        raise ShardError(f"{where}: media path {rel!r} is absolute; write it relative to --media ({media_root}), "
+                         "or choose a --media folder that contains it")
+    if ".." in PurePath(rel).parts:
+        raise ShardError(f"{where}: media path {rel!r} climbs out of --media with '..'; write it relative to --media "
+                         f"({media_root}) without '..', or choose a --media folder that contains it")
+    return rel
 
 
 def _lines(path: Path) -> Iterable[str]:

@@ -8,6 +8,9 @@ from ..errors import MmdomainError
 
 Output = Literal["unit", "standardized", "waveform"]
 
+# The fix for every "too many pixels" refusal, so each domain points at the same option in the same words.
+PIXELS_FIX = ("if the file is meant to be this large, raise the domain's max_pixels (model.domain.options.max_pixels "
+              "in a recipe, --domain-options '{\"max_pixels\": N}' for make-shards)")
 
 class DecodeError(MmdomainError, ValueError):
     """A media member that cannot be decoded; the message names the member and why (never a header value)."""

@@ -14,8 +14,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import DecodeError, guarded, media_type
-from .generic import GenericDomain
+from .base import PIXELS_FIX, DecodeError, guarded, media_type
+from .generic import GenericDomain, GenericOptions
 
 # Window presets (center, width) in Hounsfield units.
 PRESETS: dict[str, tuple[float, float]] = {
@@ -66,7 +66,8 @@ class MedicalOptions(BaseModel):
     """``file`` (the DICOM's own VOI window; NIfTI cal_min/cal_max; else 0.5-99.5 percentiles), ``minmax``, a preset
     name, ``{center, width}``, or a list of these stacked as channels (e.g. [lung, mediastinum, bone])."""
     frame: Literal["middle"] | int = "middle"
-    max_pixels: int = Field(64_000_000, ge=1, description="rows x columns x frames x samples allowed, checked from the header")
+    max_pixels: int = Field(64_000_000, ge=1, description="DICOM rows x columns x frames x samples, or PNG/JPEG/WebP/BMP width x height "
+                                                           "x frames (.npy: elements), allowed; checked from the header")
     max_nifti_bytes: int = Field(1 << 31, ge=1, description="decompressed NIfTI size allowed, checked from the header")
     nifti: NiftiSlices = Field(default_factory=NiftiSlices)
     phi_allow: list[str] = Field(default_factory=list, description="extra DICOM keywords allowed into shards")
@@ -110,7 +111,7 @@ class MedicalDomain:
 
     def __init__(self, options: MedicalOptions, encoder_info: object = None) -> None:
         self.options = options
-        self.generic = GenericDomain()
+        self.generic = GenericDomain(GenericOptions(max_pixels=options.max_pixels))  # one cap for every file type of the domain
 
     def media_types(self) -> list[str]:
         return sorted({"dcm", "nii", "nii.gz", *self.generic.media_types()})
@@ -134,7 +135,7 @@ class MedicalDomain:
         if rows * cols * frames * samples > self.options.max_pixels:
             raise DecodeError(
                 f"member {name!r}: {rows} x {cols} x {frames} frames x {samples} samples exceeds max_pixels="
-                f"{self.options.max_pixels}; rejected before decoding (raise model.domain.options.max_pixels if intended)"
+                f"{self.options.max_pixels}; rejected before decoding; {PIXELS_FIX}"
             )
         if not rows or not cols:
             raise DecodeError(f"member {name!r}: DICOM without Rows/Columns has no image to decode")
@@ -237,7 +238,7 @@ class MedicalDomain:
             return self._strip_dicom(name, data)
         if kind in ("nii", "nii.gz"):
             return self._strip_nifti(name, data, kind == "nii.gz")
-        return data
+        return self.generic.prepare_for_shard(name, data)
 
     def _strip_dicom(self, name: str, data: bytes) -> bytes:
         from pydicom import dcmread

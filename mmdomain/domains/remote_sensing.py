@@ -18,8 +18,8 @@ from typing import Iterable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import DecodeError, guarded, media_type
-from .generic import GenericDomain
+from .base import PIXELS_FIX, DecodeError, guarded, media_type
+from .generic import GenericDomain, GenericOptions
 
 _ITEM = re.compile(r'<Item name="DESCRIPTION" sample="(\d+)"[^>]*>([^<]*)</Item>')
 
@@ -53,7 +53,8 @@ class RemoteSensingOptions(BaseModel):
     gsd: float | None = Field(None, gt=0, description="ground sampling distance of the files (m/pixel)")
     target_gsd: float | None = Field(None, gt=0, description="resample to this GSD before tiling (needs gsd)")
     tile: Tiling | None = None
-    max_pixels: int = Field(1 << 28, ge=1, description="height x width x bands allowed, checked before reading")
+    max_pixels: int = Field(1 << 28, ge=1, description="TIFF height x width x bands, or PNG/JPEG/WebP/BMP width x height x "
+                                                       "frames (.npy: elements), allowed; checked from the header before reading")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RemoteSensingOptions":
@@ -79,7 +80,7 @@ class RemoteSensingDomain:
     def __init__(self, options: RemoteSensingOptions, encoder_info: object = None) -> None:
         self.options = options
         self.stats = options.resolved_stats()
-        self.generic = GenericDomain()
+        self.generic = GenericDomain(GenericOptions(max_pixels=options.max_pixels))  # one cap for every file type of the domain
         # Standardised bands skip the encoder's own mean/std; composites and unscaled bands are [0, 1] images.
         self.output = "standardized" if (options.mode == "bands" and self.stats is not None) else "unit"
 
@@ -109,7 +110,7 @@ class RemoteSensingDomain:
         with guarded(name, lambda d: tifffile.TiffFile(io.BytesIO(d)), data) as tif:
             series = tif.series[0]
             if int(np.prod(series.shape)) > self.options.max_pixels:
-                raise DecodeError(f"member {name!r}: shape {series.shape} exceeds max_pixels={self.options.max_pixels}; rejected before reading")
+                raise DecodeError(f"member {name!r}: shape {series.shape} exceeds max_pixels={self.options.max_pixels}; rejected before reading; {PIXELS_FIX}")
             page = tif.pages[0]
             tags = {t.code: t.value for t in page.tags.values()}
             array = guarded(name, lambda s: s.asarray(), series)
@@ -185,7 +186,8 @@ class RemoteSensingDomain:
     def prepare_for_shard(self, name: str, data: bytes) -> bytes:
         if media_type(name) in ("tif", "tiff"):
             self.read_bands(name, data)  # fail at make-shards time, not mid-training
-        return data
+            return data
+        return self.generic.prepare_for_shard(name, data)
 
 
 def _dtype_scale(dtype: np.dtype) -> float:
