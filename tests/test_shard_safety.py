@@ -172,8 +172,9 @@ def test_decompression_bomb_refused_at_decode_time_without_decoding(tmp_path, no
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     failures = FailureBudget(1)
-    assert list(iter_records([str(shard)], build_domain("generic"), failures=failures, split=False)) == []
-    assert len(failures.failures) == 1 and "'0.png'" in failures.failures[0] and "max_pixels=64000000" in failures.failures[0]
+    assert list(iter_records([str(shard)], build_domain("generic"), failures=failures)) == []
+    (reason, _), = failures.failures.values()
+    assert failures.total == 1 and "'0.png'" in reason and "max_pixels=64000000" in reason
 
 
 def test_pillow_bomb_limits_neither_warn_nor_decide(tmp_path, no_pixel_decoding):
