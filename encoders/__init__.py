@@ -10,15 +10,24 @@ from typing import Any, Callable
 
 from ._registry import REGISTRY, lazy
 from .base import Encoder, EncoderInfo
+from .errors import EncoderError
 from .transforms import AudioTransform, ImageTransform, audio_transform, image_transform
 
-__all__ = ["AudioTransform", "Encoder", "EncoderInfo", "ImageTransform", "audio_transform", "create_encoder", "describe_encoders", "image_transform", "list_encoders", "register_encoder"]
+__all__ = ["AudioTransform", "Encoder", "EncoderError", "EncoderInfo", "ImageTransform", "audio_transform", "check_options",
+           "create_encoder", "describe_encoders", "image_transform", "list_encoders", "register_encoder"]
 
 
 def create_encoder(name: str, **options: Any) -> Encoder:
     """Build an encoder by registry name: an exact name (``tiny-vit``) or ``family:spec`` (``timm:<arch>``,
-    ``open_clip:<name or dir>``, ``hf:<dir or model type>``). Weights come only from local paths."""
+    ``open_clip:<name or dir>``, ``hf:<dir or model type>``). Weights come only from local paths.
+    Every failure caused by the arguments raises an ``EncoderError`` (see ``encoders.errors``)."""
     return REGISTRY.create(name, **options)
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise ``UnknownOptionError`` (an ``EncoderError``) naming any option ``name``'s builder does not take, with a
+    did-you-mean; builds nothing and imports no model library, so a recipe can be checked before it runs."""
+    REGISTRY.check_options(name, options)
 
 
 def list_encoders() -> list[str]:

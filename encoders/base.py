@@ -7,6 +7,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .errors import EncoderOptionError
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,7 +84,7 @@ def resolve_layer(layer: int, num_layers: int, source: str) -> tuple[int, bool]:
     """
     index = layer if layer >= 0 else num_layers + 1 + layer
     if not 1 <= index <= num_layers:
-        raise ValueError(
+        raise EncoderOptionError(
             f"layer={layer} is out of range for {source}, which has {num_layers} layers: "
             f"use 1..{num_layers} or -1..-{num_layers} (-1 is the last, -2 the one before, as in LLaVA)"
         )
