@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -224,3 +225,39 @@ def test_clap_needs_only_the_audio_towers_weights(tmp_path):
     save_file({k: v for k, v in full.items() if "patch_embed" not in k}, str(weights), metadata={"format": "pt"})
     with pytest.raises(WeightsMismatchError, match=r"weights missing \(first: audio_model\.audio_encoder\.patch_embed"):
         create_encoder(f"hf_audio:{tmp_path / 'clap'}")
+
+
+# -- LLM directories ------------------------------------------------------------------------------------------------
+
+
+def _llm_copy(tiny_llm_dir, tmp_path):
+    directory = tmp_path / "llm"
+    shutil.copytree(tiny_llm_dir, directory)
+    return directory
+
+
+def test_llm_folder_with_a_malicious_pickle_is_refused_naming_the_directory(tmp_path, tiny_llm_dir):
+    from mmdomain.errors import ModelLoadError
+    from mmdomain.llm import load_llm
+    from mmdomain.spec import LLMSpec
+
+    directory = _llm_copy(tiny_llm_dir, tmp_path)
+    (directory / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": os.system}, str(directory / "pytorch_model.bin"))  # would run code if unpickled
+    with pytest.raises(ModelLoadError) as caught:
+        load_llm(LLMSpec(path=str(directory)))
+    message = str(caught.value)
+    assert f"LLM directory {str(directory)!r}" in message and str(directory / "pytorch_model.bin") in message
+    assert "system" in message and "safetensors" in message and "Weights only load failed" not in message
+
+
+def test_llm_folder_with_truncated_safetensors_names_the_file(tmp_path, tiny_llm_dir):
+    from mmdomain.errors import ModelLoadError
+    from mmdomain.llm import load_llm
+    from mmdomain.spec import LLMSpec
+
+    directory = _llm_copy(tiny_llm_dir, tmp_path)
+    _truncate(directory / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"LLM directory '.*llm' cannot be loaded: weights file '.*model\.safetensors' "
+                                             r"is not a complete safetensors file"):
+        load_llm(LLMSpec(path=str(directory)))
