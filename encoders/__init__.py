@@ -8,17 +8,28 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ._checkpoint import diagnose_weights
 from ._registry import REGISTRY, lazy
 from .base import Encoder, EncoderInfo
+from .errors import EncoderError
 from .transforms import AudioTransform, ImageTransform, audio_transform, image_transform
 
-__all__ = ["AudioTransform", "Encoder", "EncoderInfo", "ImageTransform", "audio_transform", "create_encoder", "describe_encoders", "image_transform", "list_encoders", "register_encoder"]
+__all__ = ["AudioTransform", "Encoder", "EncoderError", "EncoderInfo", "ImageTransform", "audio_transform", "check_options",
+           "create_encoder", "describe_encoders", "diagnose_weights", "image_transform", "list_encoders", "register_encoder"]
 
 
 def create_encoder(name: str, **options: Any) -> Encoder:
     """Build an encoder by registry name: an exact name (``tiny-vit``) or ``family:spec`` (``timm:<arch>``,
-    ``open_clip:<name or dir>``, ``hf:<dir or model type>``). Weights come only from local paths."""
+    ``open_clip:<name or dir>``, ``hf:<dir or model type>``). Weights come only from local paths; a family encoder
+    without weights is refused unless ``random_init=True`` asks for a deliberately random tower.
+    Every failure caused by the arguments raises an ``EncoderError`` (see ``encoders.errors``)."""
     return REGISTRY.create(name, **options)
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise ``UnknownOptionError`` (an ``EncoderError``) naming any option ``name``'s builder does not take, with a
+    did-you-mean; builds nothing and imports no model library, so a recipe can be checked before it runs."""
+    REGISTRY.check_options(name, options)
 
 
 def list_encoders() -> list[str]:
@@ -36,12 +47,12 @@ def register_encoder(name: str, builder: Callable[..., Any], *, family: bool = F
 
 
 register_encoder("timm", lazy("encoders.timm_encoder", "build_timm_encoder"), family=True,
-                 description="any timm architecture; weights= a local file")
+                 description="any timm architecture; weights= a local file (or random_init=True)")
 register_encoder("open_clip", lazy("encoders.open_clip_encoder", "build_open_clip_encoder"), family=True,
-                 description="an open_clip visual tower by model name or local open_clip_config.json directory")
+                 description="an open_clip visual tower from a local open_clip_config.json directory (or a model name with weights= or random_init=True)")
 register_encoder("hf", lazy("encoders.hf_vision", "build_hf_vision_encoder"), family=True,
-                 description="a transformers vision tower (CLIP, SigLIP, DINOv2, AutoModel) from a local dir or config")
+                 description="a transformers vision tower (CLIP, SigLIP, DINOv2, AutoModel) from a local dir (or a model type with random_init=True)")
 register_encoder("hf_audio", lazy("encoders.hf_audio", "build_hf_audio_encoder"), family=True,
-                 description="a transformers audio encoder (Whisper encoder, wav2vec2 / HuBERT) from a local dir or config")
+                 description="a transformers audio encoder (Whisper encoder, wav2vec2 / HuBERT, CLAP) from a local dir (or a model type with random_init=True)")
 register_encoder("tiny-vit", lazy("encoders.testing", "build_tiny_vit"),
                  description="tiny random-init ViT with fixed sin-cos positions, for tests and the CPU demo")

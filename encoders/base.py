@@ -7,6 +7,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .errors import EncoderOptionError, RandomInitError
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,6 +40,8 @@ class EncoderInfo:
     exact_tokens: int | None = None
     """Token count at ``input_size`` when it is not ``grid + prefix`` (audio conv stacks lose edge frames)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    """The local file or directory the weights were loaded from; None for a random-init encoder."""
 
     def grid(self, input_size: tuple[int, ...] | None = None) -> tuple[int, ...]:
         size = tuple(input_size) if input_size is not None else self.input_size
@@ -82,11 +86,26 @@ def resolve_layer(layer: int, num_layers: int, source: str) -> tuple[int, bool]:
     """
     index = layer if layer >= 0 else num_layers + 1 + layer
     if not 1 <= index <= num_layers:
-        raise ValueError(
+        raise EncoderOptionError(
             f"layer={layer} is out of range for {source}, which has {num_layers} layers: "
             f"use 1..{num_layers} or -1..-{num_layers} (-1 is the last, -2 the one before, as in LLaVA)"
         )
     return index - 1, index == num_layers
+
+
+def random_init_refused(source: str, reason: str, how_to_give_weights: str) -> RandomInitError:
+    """The error for a family encoder that would silently start from random weights (a frozen random tower trains
+    nothing useful, and nothing else would tell the user)."""
+    return RandomInitError(
+        f"{source} would start from random weights: {reason}. Give it weights: {how_to_give_weights}. "
+        "For a deliberately random tower set the option random_init=True (in a recipe: `random_init: true`)"
+    )
+
+
+def check_random_init(source: str, random_init: bool, weights_given: bool) -> None:
+    if random_init and weights_given:
+        raise EncoderOptionError(f"{source}: random_init=True and weights were both given; drop one "
+                                 "(random_init is only for a tower that has no weights)")
 
 
 def fit_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:

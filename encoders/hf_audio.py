@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._hf_loading import load_pruned
-from .base import EncoderInfo, resolve_layer
+from ._hf_loading import known_model_type, load_pruned
+from .base import EncoderInfo, check_random_init, random_init_refused, resolve_layer
+from .errors import EncoderNotFoundError, EncoderOptionError, UnknownEncoderError
 
 _WHISPER = ("whisper",)
 _WAV2VEC = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
@@ -72,36 +73,44 @@ class HFAudioEncoder(nn.Module):
         return self.model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
-def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, layer: int = -1, clip_seconds: float | None = None,
-                           license: str | None = None) -> HFAudioEncoder:
+def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, random_init: bool = False, layer: int = -1,
+                           clip_seconds: float | None = None, license: str | None = None) -> HFAudioEncoder:
     """``hf_audio:/models/whisper-small`` (the encoder half is kept) or ``hf_audio:wav2vec2`` / ``hubert`` /
-    ``whisper`` with ``config={...}`` for a random-init model. ``clip_seconds`` sets the wav2vec2-family clip length
-    (Whisper's is fixed by its positions: 30 s for released models)."""
+    ``whisper`` with ``random_init=True`` and ``config={...}`` for a random-init model. ``clip_seconds`` sets the
+    wav2vec2-family clip length (Whisper's is fixed by its positions: 30 s for released models)."""
     import transformers
 
     path = Path(spec).expanduser()
     local = path.is_dir()
+    source = f"hf_audio:{spec}"
     if local:
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{str(path)!r} has no config.json; it is not a transformers model directory")
+            raise EncoderNotFoundError(f"{str(path)!r} has no config.json; it is not a transformers model directory")
         model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
-        cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     elif "/" in spec or spec.startswith((".", "~")):
-        raise FileNotFoundError(
+        raise EncoderNotFoundError(
             f"audio model directory {spec!r} does not exist. mmdomain never downloads (hub ids included): download it "
             "yourself, e.g. `huggingface-cli download <repo> --local-dir DIR`, and pass hf_audio:DIR"
         )
     else:
-        model_type = spec
+        model_type = known_model_type(spec, source, "hf_audio:DIR")
+    if model_type not in _WHISPER + _WAV2VEC + _CLAP:
+        raise UnknownEncoderError(f"hf_audio supports {', '.join(_WHISPER + _WAV2VEC + _CLAP)}; got model type {model_type!r}")
+    check_random_init(source, random_init, local)
+    if not local and not random_init:
+        raise random_init_refused(source, f"{spec!r} is not a local directory, so it names a model type whose encoder "
+                                  "would be built from config alone",
+                                  "the local model directory, hf_audio:DIR (e.g. from `huggingface-cli download <repo> --local-dir DIR`)")
+    if local:
+        cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    else:
         cfg = transformers.AutoConfig.for_model(model_type, **(config or {}))
     if model_type in _WHISPER:
         kind, num_layers = "whisper", int(cfg.encoder_layers)
     elif model_type in _WAV2VEC:
         kind, num_layers = "wav2vec", int(cfg.num_hidden_layers)
-    elif model_type in _CLAP:
-        return _build_clap(path if local else None, cfg, layer, license)
     else:
-        raise KeyError(f"hf_audio supports {', '.join(_WHISPER + _WAV2VEC + _CLAP)}; got model type {model_type!r}")
+        return _build_clap(path if local else None, cfg, layer, license)
     block_index, is_last = resolve_layer(layer, num_layers, f"hf_audio:{spec}")
     sample_rate, normalize = 16000, True
     if local and (path / "preprocessor_config.json").is_file():
@@ -112,7 +121,7 @@ def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, l
         cfg.encoder_layers = block_index + 1
         cfg.decoder_layers = 1  # only the encoder is kept; do not build (or hold) the decoder stack
         if local:
-            model = load_pruned(transformers.WhisperModel, path, cfg).encoder
+            model = load_pruned(transformers.WhisperModel, path, cfg, needed_prefix="encoder.").encoder
         else:
             from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -130,9 +139,9 @@ def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, l
     model.eval()
     info = EncoderInfo(
         modality="audio", embed_dim=dim, input_size=(samples,), patch_size=(max(1, samples // tokens),), channels=1,
-        mean=(0.0,), std=(1.0,), source=f"hf_audio:{spec}",
+        mean=(0.0,), std=(1.0,), source=source,
         license=license or ("see the model directory's README" if local else "n/a (random init)"),
-        layer=layer, sample_rate=sample_rate, exact_tokens=tokens,
+        layer=layer, sample_rate=sample_rate, exact_tokens=tokens, weights=str(path) if local else None,
     )
     return HFAudioEncoder(model, info, is_last, kind, normalize, features)
 
@@ -143,12 +152,13 @@ def _build_clap(path: Path | None, cfg: Any, layer: int, license: str | None) ->
     import transformers
 
     if layer != -1:
-        raise ValueError(f"hf_audio CLAP offers layer=-1 only (HTSAT stages change resolution); got layer={layer}")
+        raise EncoderOptionError(f"hf_audio CLAP offers layer=-1 only (HTSAT stages change resolution); got layer={layer}")
     audio_cfg = getattr(cfg, "audio_config", cfg)
     if path is None:
         model = transformers.ClapAudioModel(audio_cfg)
     elif getattr(cfg, "model_type", "") == "clap":
-        model = load_pruned(transformers.ClapModel, path, cfg).audio_model  # the text tower is dropped after loading
+        # The text tower is dropped after loading, so only the audio tower's weights must be in the directory.
+        model = load_pruned(transformers.ClapModel, path, cfg, needed_prefix="audio_model.").audio_model
     else:
         model = load_pruned(transformers.ClapAudioModel, path, audio_cfg)
     extractor_kwargs = {"truncation": "rand_trunc", "feature_size": int(audio_cfg.num_mel_bins)}
@@ -166,6 +176,7 @@ def _build_clap(path: Path | None, cfg: Any, layer: int, license: str | None) ->
         modality="audio", embed_dim=int(grid[1]), input_size=(samples,), patch_size=(samples // (grid[2] * grid[3]),), channels=1,
         mean=(0.0,), std=(1.0,), source=f"hf_audio:{path or 'clap'}", license=license or ("see the model directory's README" if path else "n/a (random init)"),
         layer=layer, sample_rate=int(features.sampling_rate), exact_tokens=int(grid[2] * grid[3]),
+        weights=str(path) if path is not None else None,
     )
     return HFAudioEncoder(model, info, True, "clap", False, features)
 

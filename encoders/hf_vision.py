@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._hf_loading import load_pruned
-from .base import HALF, IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderInfo, as_pair, fit_channels, resolve_layer
+from ._hf_loading import known_model_type, load_pruned
+from .base import (HALF, IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderInfo, as_pair, check_random_init,
+                   fit_channels, random_init_refused, resolve_layer)
+from .errors import EncoderNotFoundError
 
 # model_type -> (transformers class name, default mean, default std, prefix tokens before the patches)
 _KNOWN = {
@@ -53,29 +55,37 @@ def build_hf_vision_encoder(
     spec: str,
     *,
     config: dict[str, Any] | None = None,
+    random_init: bool = False,
     layer: int = -1,
     keep_cls: bool = False,
     license: str | None = None,
 ) -> HFVisionEncoder:
     """``hf:/path/to/dir`` loads a local model (a full CLIP/SigLIP checkpoint works: its vision half is taken);
-    ``hf:clip`` / ``hf:siglip`` / ``hf:dinov2`` / ``hf:<model_type>`` with ``config={...}`` builds a random-init tower.
+    ``hf:clip`` / ``hf:siglip`` / ``hf:dinov2`` / ``hf:<model_type>`` with ``random_init=True`` and ``config={...}``
+    builds a random-init tower.
     """
     import transformers
 
     path = Path(spec).expanduser()
     local = path.is_dir()
+    source = f"hf:{spec}"
     if local:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
-            raise FileNotFoundError(f"{str(path)!r} has no config.json; it is not a transformers model directory")
+            raise EncoderNotFoundError(f"{str(path)!r} has no config.json; it is not a transformers model directory")
         model_type = json.loads(cfg_file.read_text()).get("model_type", "")
     elif "/" in spec or spec.startswith((".", "~")):
-        raise FileNotFoundError(
+        raise EncoderNotFoundError(
             f"transformers model directory {spec!r} does not exist. mmdomain never downloads (hub ids included): "
             "download it yourself, e.g. `huggingface-cli download <repo> --local-dir DIR`, and pass hf:DIR"
         )
     else:
-        model_type = _ALIASES.get(spec, spec)
+        model_type = known_model_type(_ALIASES.get(spec, spec), source, "hf:DIR")
+    check_random_init(source, random_init, local)
+    if not local and not random_init:
+        raise random_init_refused(source, f"{spec!r} is not a local directory, so it names a model type (here "
+                                  f"{model_type!r}) whose tower would be built from config alone",
+                                  "the local model directory, hf:DIR (e.g. from `huggingface-cli download <repo> --local-dir DIR`)")
     class_name, mean, std, num_prefix = _KNOWN.get(model_type, ("AutoModel", IMAGENET_MEAN, IMAGENET_STD, 1))
     model_class = getattr(transformers, class_name)
 
@@ -114,6 +124,7 @@ def build_hf_vision_encoder(
         license=license or ("see the model directory's README" if local else "n/a (random init)"),
         layer=layer,
         num_prefix_tokens=num_prefix if keep_cls else 0,
+        weights=str(path) if local else None,
     )
     return HFVisionEncoder(model, info, is_last, num_prefix, keep_cls)
 

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checkpoint import read_state_dict
-from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderInfo, as_pair, fit_channels, resolve_layer
+from ._checkpoint import describe_key_mismatch, read_state_dict
+from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderInfo, as_pair, check_random_init, fit_channels, random_init_refused, resolve_layer
+from .errors import EncoderNotFoundError, UnknownEncoderError, WeightsMismatchError
 
 _WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
 
@@ -44,14 +45,14 @@ def _model_config(spec: str) -> tuple[dict[str, Any], dict[str, Any], Path | Non
     if path.is_dir():
         config_file = path / "open_clip_config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"{str(path)!r} has no open_clip_config.json; an open_clip model directory needs it")
+            raise EncoderNotFoundError(f"{str(path)!r} has no open_clip_config.json; an open_clip model directory needs it")
         config = json.loads(config_file.read_text())
         weights = next((path / n for n in _WEIGHT_NAMES if (path / n).is_file()), None)
         if weights is None:
-            raise FileNotFoundError(f"{str(path)!r} holds no weights file (looked for {', '.join(_WEIGHT_NAMES)})")
+            raise EncoderNotFoundError(f"{str(path)!r} holds no weights file (looked for {', '.join(_WEIGHT_NAMES)})")
         return config["model_cfg"], config.get("preprocess_cfg", {}), weights
     if "/" in spec or spec.startswith((".", "~")):
-        raise FileNotFoundError(
+        raise EncoderNotFoundError(
             f"open_clip model directory {spec!r} does not exist. mmdomain never downloads (hf-hub ids included): "
             "download the model yourself, e.g. `huggingface-cli download <repo> --local-dir DIR`, and pass DIR"
         )
@@ -62,7 +63,7 @@ def _model_config(spec: str) -> tuple[dict[str, Any], dict[str, Any], Path | Non
         import difflib
 
         near = difflib.get_close_matches(spec, open_clip.list_models(), n=3)
-        raise KeyError(f"open_clip has no model {spec!r}" + (f"; did you mean {', '.join(near)}?" if near else ""))
+        raise UnknownEncoderError(f"open_clip has no model {spec!r}" + (f"; did you mean {', '.join(near)}?" if near else ""))
     return copy.deepcopy(cfg), dict(cfg.get("preprocess_cfg", {})), None
 
 
@@ -70,19 +71,26 @@ def build_open_clip_encoder(
     spec: str,
     *,
     weights: str | None = None,
+    random_init: bool = False,
     layer: int = -1,
     keep_cls: bool = False,
     vision_cfg: dict[str, Any] | None = None,
     license: str | None = None,
 ) -> OpenClipEncoder:
-    """``open_clip:<name>`` (random init, or ``weights=`` a local checkpoint) or ``open_clip:<dir>`` holding
-    ``open_clip_config.json`` and weights (how BiomedCLIP and RemoteCLIP are distributed).
+    """``open_clip:<dir>`` holding ``open_clip_config.json`` and weights (how BiomedCLIP and RemoteCLIP are
+    distributed), or ``open_clip:<name>`` with ``weights=`` a local checkpoint, or with ``random_init=True``.
 
     ``vision_cfg`` overrides fields of the tower's config (e.g. a tiny width for tests).
     """
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
     model_cfg, preprocess_cfg, found = _model_config(spec)
+    source = f"open_clip:{spec}"
+    check_random_init(source, random_init, weights is not None or found is not None)
+    if weights is None and found is None and not random_init:
+        raise random_init_refused(source, f"{spec!r} is an architecture name and no weights= was given",
+                                  "a local directory holding open_clip_config.json and the weights (open_clip:DIR), "
+                                  f"or weights=<local checkpoint of {spec}>")
     vcfg = dict(model_cfg["vision_cfg"], **(vision_cfg or {}))
     vcfg["timm_model_pretrained"] = False  # a timm trunk must never fetch its own weights
     visual = _build_vision_tower(model_cfg["embed_dim"], CLIPVisionCfg(**{k: v for k, v in vcfg.items() if k in CLIPVisionCfg.__dataclass_fields__}), quick_gelu=model_cfg.get("quick_gelu", False))
@@ -92,9 +100,18 @@ def build_open_clip_encoder(
         state = read_state_dict(weights_path)
         if any(k.startswith("visual.") for k in state):
             state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-        missing, unexpected = visual.load_state_dict(state, strict=False)
-        if missing:
-            raise ValueError(f"{weights_path} lacks {len(missing)} visual-tower weights (first: {missing[:3]}); is it a checkpoint of {spec}?")
+        try:
+            missing, _ = visual.load_state_dict(state, strict=False)  # keys of the text tower are expected extras
+        except RuntimeError as exc:  # torch raises on weights of another shape even when not strict
+            mismatch = describe_key_mismatch(load_error=str(exc))
+        else:
+            mismatch = describe_key_mismatch(missing)
+        if mismatch:
+            raise WeightsMismatchError(
+                f"{source}: weights file {str(weights_path)!r} does not fit its visual tower: {mismatch}. Check that it "
+                f"is a checkpoint of {'the model its open_clip_config.json describes' if found else spec} (a config and "
+                "weights from the same download, or the open_clip model name it was trained as)"
+            )
 
     timm_trunk = getattr(visual, "trunk", None)
     if timm_trunk is not None:
@@ -127,5 +144,6 @@ def build_open_clip_encoder(
         license=license or ("see the weights' model card" if weights_path else "n/a (random init)"),
         layer=layer,
         num_prefix_tokens=num_prefix if keep_cls else 0,
+        weights=str(weights_path) if weights_path is not None else None,
     )
     return OpenClipEncoder(visual, info, block_index, is_last, keep_cls)

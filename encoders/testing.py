@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import EncoderInfo, as_pair, resolve_layer
+from .errors import EncoderOptionError
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
@@ -83,6 +84,8 @@ def build_tiny_vit(
     keep_cls: bool = False,
 ) -> TinyViT:
     """``tiny-vit``: a ~0.1 M-parameter random ViT. Layers after ``layer`` are never built."""
+    if dim % 4 or dim % heads:
+        raise EncoderOptionError(f"tiny-vit: dim={dim} must be divisible by 4 (sin-cos positions) and by heads={heads}")
     block_index, is_last = resolve_layer(layer, depth, "tiny-vit")
     info = EncoderInfo(
         modality="image",

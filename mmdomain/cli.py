@@ -272,11 +272,9 @@ def is_user_error(exc: BaseException) -> bool:
     """Errors about the user's input or machine (fixable there), as opposed to a defect in mmdomain."""
     from pydantic import ValidationError
 
-    import encoders
+    from encoders import EncoderError
 
     from .errors import MmdomainError
-
-    EncoderError = getattr(encoders, "EncoderError", KeyError)  # noqa: N806 - until encoders exports it
 
     return isinstance(exc, (MmdomainError, EncoderError, OSError, KeyError, ValidationError))
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .errors import ModelLoadError
 from .spec import LLMSpec, LoraSpec
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,19 @@ def load_llm(spec: LLMSpec) -> tuple[Any, Any]:
 
     path = check_local_dir(spec.path, "LLM path")
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), local_files_only=True, dtype=_DTYPES[spec.dtype], attn_implementation=spec.attn_implementation
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=_DTYPES[spec.dtype], attn_implementation=spec.attn_implementation
+        )
+    except Exception as exc:
+        # transformers reports a refused pickle or a truncated file as a bare UnpicklingError / SafetensorError /
+        # OSError that names no file; find the file that cannot be read and say so, else let the error through.
+        from encoders import diagnose_weights
+
+        problem = diagnose_weights(path)
+        if problem is None:
+            raise
+        raise ModelLoadError(f"LLM directory {str(path)!r} cannot be loaded: {problem}") from exc
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and labels, so which id pads does not change the loss.
         tokenizer.pad_token = tokenizer.eos_token

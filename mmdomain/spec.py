@@ -20,6 +20,11 @@ class EncoderSpec(_Strict):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
 
+    def model_post_init(self, __context: Any) -> None:
+        from encoders import check_options
+
+        check_options(self.name, self.options)  # an unknown option fails when the recipe is validated, not at build
+
     def is_referenced(self) -> bool:
         """True when the weights come from a local path, so a checkpoint may point at them instead of copying."""
         if self.options.get("weights"):

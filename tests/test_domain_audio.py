@@ -30,7 +30,7 @@ def _wav(samples: np.ndarray, rate: int, fmt: str = "WAV") -> bytes:
 
 
 def test_stereo_44k_and_mono_16k_reach_the_encoder_identically():
-    encoder = create_encoder("hf_audio:whisper", config=WHISPER)
+    encoder = create_encoder("hf_audio:whisper", random_init=True, config=WHISPER)
     assert encoder.info.sample_rate == 16000 and encoder.info.input_size == (16000,)
     domain = build_domain("audio", {}, encoder.info)
     fit = audio_transform(encoder.info)
@@ -66,7 +66,7 @@ def test_duration_is_capped_from_the_header_and_bad_files_are_named():
 
 
 def test_wav2vec2_family_reports_exact_tokens():
-    enc = create_encoder("hf_audio:hubert", config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    enc = create_encoder("hf_audio:hubert", random_init=True, config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                                         conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
                          clip_seconds=2.0, layer=-2)
     assert enc.info.num_tokens() == 99 and enc.info.tokens_per_second == pytest.approx(49.5)
@@ -77,7 +77,7 @@ def test_frame_stack_sets_tokens_per_clip(tmp_path, tiny_llm_dir):
     from mmdomain.builder import build_model
     from mmdomain.spec import ModelSpec
 
-    spec = ModelSpec.model_validate({"encoder": {"name": "hf_audio:whisper", "options": {"config": WHISPER}},
+    spec = ModelSpec.model_validate({"encoder": {"name": "hf_audio:whisper", "options": {"random_init": True, "config": WHISPER}},
                                      "connector": {"name": "frame_stack", "options": {"k": 4}},
                                      "llm": {"path": tiny_llm_dir}, "domain": {"name": "audio"}})
     model, proc = build_model(spec)
@@ -143,4 +143,4 @@ def test_clap_audio_tower_from_a_full_clap_directory(tmp_path):
         ref = full.audio_model(**feats).last_hidden_state.flatten(2).transpose(1, 2)
         assert torch.allclose(enc(wave), ref, atol=1e-5)
     with pytest.raises(ValueError, match="layer=-1 only"):
-        create_encoder("hf_audio:clap_audio_model", config=CLAP_AUDIO, layer=-2)
+        create_encoder("hf_audio:clap_audio_model", random_init=True, config=CLAP_AUDIO, layer=-2)

@@ -28,13 +28,13 @@ def test_encoders_import_without_mmdomain():
 
 
 def test_timm_vit_by_name_reports_info_and_prunes_after_layer():
-    enc = create_encoder("timm:vit_tiny_patch16_224", layer=-2)
+    enc = create_encoder("timm:vit_tiny_patch16_224", random_init=True, layer=-2)
     info = enc.info
     assert (info.modality, info.embed_dim, info.input_size, info.patch_size, info.channels) == ("image", 192, (224, 224), (16, 16), 3)
     assert info.num_tokens() == 196 and info.source == "timm:vit_tiny_patch16_224"
     assert len(enc.model.blocks) == 11  # the 12th block is never built into the forward pass
     _check_shape(enc)
-    enc_cls = create_encoder("timm:vit_tiny_patch16_224", layer=-1, keep_cls=True, image_size=160)
+    enc_cls = create_encoder("timm:vit_tiny_patch16_224", random_init=True, layer=-1, keep_cls=True, image_size=160)
     assert enc_cls.info.num_tokens() == 101 and enc_cls.info.input_size == (160, 160)
     _check_shape(enc_cls)
 
@@ -53,17 +53,17 @@ def test_timm_layer_matches_full_model_intermediate(tmp_path):
 
 
 def test_timm_cnn_and_multispectral_channels():
-    enc = create_encoder("timm:resnet18", layer=-2)
+    enc = create_encoder("timm:resnet18", random_init=True, layer=-2)
     assert enc.info.patch_size == (16, 16) and enc.info.embed_dim == 256
     _check_shape(enc)
-    wide = create_encoder("timm:vit_tiny_patch16_224", in_chans=6)
+    wide = create_encoder("timm:vit_tiny_patch16_224", random_init=True, in_chans=6)
     assert wide.info.channels == 6 and len(wide.info.mean) == 6
     _check_shape(wide)
 
 
 def test_open_clip_by_name_and_from_local_directory(tmp_path):
     tiny = dict(width=32, layers=3, head_width=16, image_size=64, patch_size=16)
-    enc = create_encoder("open_clip:ViT-B-16", vision_cfg=tiny, layer=-2)
+    enc = create_encoder("open_clip:ViT-B-16", random_init=True, vision_cfg=tiny, layer=-2)
     assert enc.info.embed_dim == 32 and enc.info.num_tokens() == 16 and enc.info.patch_size == (16, 16)
     assert len(enc.visual.transformer.resblocks) == 2
     _check_shape(enc)
@@ -87,10 +87,10 @@ def test_open_clip_by_name_and_from_local_directory(tmp_path):
 
 @pytest.mark.parametrize("model_type,prefix", [("clip", 1), ("siglip", 0), ("dinov2", 1)])
 def test_hf_towers_from_config(model_type, prefix):
-    enc = create_encoder(f"hf:{model_type}", config=TINY_HF, layer=-2)
+    enc = create_encoder(f"hf:{model_type}", random_init=True, config=TINY_HF, layer=-2)
     assert enc.info.embed_dim == 32 and enc.info.num_tokens() == 16 and enc.model.config.num_hidden_layers == 2
     _check_shape(enc)
-    kept = create_encoder(f"hf:{model_type}", config=TINY_HF, keep_cls=True)
+    kept = create_encoder(f"hf:{model_type}", random_init=True, config=TINY_HF, keep_cls=True)
     assert kept.info.num_tokens() == 16 + prefix
     _check_shape(kept)
 

@@ -22,7 +22,7 @@ def _spec(llm_dir):
     return {
         "encoder": {"name": "tiny-vit", "options": {"image_size": 32, "channels": 1}},
         "llm": {"path": llm_dir},
-        "extra_kinds": [{"name": "audio", "token": "<audio>", "encoder": {"name": "hf_audio:whisper", "options": {"config": WHISPER}},
+        "extra_kinds": [{"name": "audio", "token": "<audio>", "encoder": {"name": "hf_audio:whisper", "options": {"random_init": True, "config": WHISPER}},
                          "connector": {"name": "frame_stack", "options": {"k": 10}}, "domain": {"name": "audio"}}],
     }
 
