@@ -64,7 +64,7 @@ def main() -> None:
 
     def raw_members():
         reader = ShardReader(shards)  # the tar index and member reads training uses, without decoding
-        return (reader.read(s, i) for s in range(len(shards)) for i in range(len(reader.index(s).samples)))
+        return (reader.read(s, i) for s in range(len(shards)) for i in range(len(reader.index(s))))
 
     def one_epoch(patterns, proc, workers):
         failures = FailureBudget(0)

@@ -12,10 +12,10 @@ from .shard_index import ShardReader
 
 def _members(shards: list[str], max_samples: int) -> Iterator[tuple[str, bytes]]:
     """Media members of the first ``max_samples`` samples, in shard order."""
-    reader = ShardReader(shards)
+    reader = ShardReader(shards, cache=2)
     seen = 0
     for shard in range(len(shards)):
-        for sample in range(len(reader.index(shard).samples)):
+        for sample in range(len(reader.index(shard))):
             if seen >= max_samples:
                 return
             seen += 1

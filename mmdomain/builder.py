@@ -256,6 +256,9 @@ def check_handoff(spec: ModelSpec, path: str | Path) -> Path:
                 f"init_from {directory}: its {part} is {_dump(getattr(previous, part))} but this recipe's is "
                 f"{_dump(getattr(spec, part))}; stages must share the {part}"
             )
+    if previous.domain != spec.domain:  # legitimate at times (a cap raised, tiling added), never silently
+        log.warning("init_from %s: media were decoded with domain %s there and %s here; the weights it carries learnt from "
+                    "the former", directory, previous.domain.model_dump(), spec.domain.model_dump())
     check_bases(config, spec, directory, "init_from")
     return directory
 

@@ -35,10 +35,14 @@ _STEP = re.compile(r"^step-(\d+)$")
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to the disk, so a rename after it never outlives its content."""
+    """Flush a file's (or a directory's entries') data to the disk, so a rename after it never outlives its content.
+    Some network and FUSE filesystems cannot fsync a directory (EINVAL): there it is skipped, their own guarantee."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if not (path.is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 
@@ -125,9 +129,10 @@ class CheckpointWriter:
 
 
 def _publish(tmp: Path, target: Path) -> None:
-    """Make ``tmp`` visible as ``target`` in one rename. An existing ``target`` is first renamed aside (and removed
-    after), so a crash in between leaves the complete old or new directory under a name ``resolve_checkpoint``
-    reports."""
+    """Make ``tmp`` visible as ``target`` in one rename. An existing ``target`` (a model saved again to the same
+    directory) is first renamed aside and removed after, so a crash in between leaves the complete old or new
+    directory under a name ``resolve_checkpoint`` reports. (A run never saves the same step twice, so in a run's
+    checkpoints/ such leftovers are only litter, removed with the others.)"""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -249,11 +254,14 @@ def remove_unfinished(run_dir: str | Path) -> list[Path]:
 
 
 def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Keep the newest ``keep_last`` complete checkpoints (at least one: the newest is never deleted)."""
+    """Keep the newest ``keep_last`` complete checkpoints (at least one: the newest is never deleted). Each doomed one
+    is renamed to a hidden name first, so a crash mid-delete never leaves a marked checkpoint with files missing."""
     found = complete_checkpoints(run_dir)
     doomed = [path for _, path in found[: max(0, len(found) - max(1, keep_last))]]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        hidden = path.with_name(f".{path.name}.deleting")
+        os.replace(path, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
     return doomed
 
 

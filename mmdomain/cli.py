@@ -248,7 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after flags (`run RECIPE --resume optim.max_steps=9`), which argparse cannot split from its
+    # positional list once an option intervenes; any leftover key=value joins the overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
@@ -256,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - every error becomes one line (the traceback with --debug)
         if args.debug:
             raise
-        from .train import RunInterrupted
+        from .errors import RunInterrupted
 
         print(f"mmdomain {args.command}: {describe_error(exc)}", file=sys.stderr)
         return 130 if isinstance(exc, RunInterrupted) else 2 if is_user_error(exc) else 1
@@ -268,6 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+# Optional libraries of the extras, and the extra that installs each.
+_EXTRAS = {"pydicom": "medical", "nibabel": "medical", "tifffile": "remote-sensing", "soundfile": "audio", "pylibjpeg": "dicom-codecs",
+           "openjpeg": "dicom-codecs", "libjpeg": "dicom-codecs"}
+
+
+def _missing_extra(exc: BaseException) -> str | None:
+    name = getattr(exc, "name", None) or ""
+    return _EXTRAS.get(name.split(".")[0]) if isinstance(exc, ModuleNotFoundError) else None
+
+
 def is_user_error(exc: BaseException) -> bool:
     """Errors about the user's input or machine (fixable there), as opposed to a defect in mmdomain."""
     from pydantic import ValidationError
@@ -276,10 +293,13 @@ def is_user_error(exc: BaseException) -> bool:
 
     from .errors import MmdomainError
 
-    return isinstance(exc, (MmdomainError, EncoderError, OSError, KeyError, ValidationError))
+    return isinstance(exc, (MmdomainError, EncoderError, OSError, KeyError, ValidationError)) or _missing_extra(exc) is not None
 
 
 def describe_error(exc: BaseException) -> str:
+    extra = _missing_extra(exc)
+    if extra is not None:
+        return f"error: this needs {exc.name}, which comes with an optional extra: pip install 'mmdomain[{extra}]'"
     if not is_user_error(exc):
         return (f"internal error: {type(exc).__name__}: {exc} (this is a defect in mmdomain, not in your input: rerun with --debug "
                 "for the traceback and please report it)")

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .domains import DecodeError, Domain, decode_media
 from .errors import MmdomainError
 from .processor import SampleError
-from .shard_index import ShardReader
+from .shard_index import ShardIndex, ShardReader
 from .shards import normalise_record, read_manifest
 
 log = logging.getLogger(__name__)
@@ -100,40 +100,53 @@ class FailureBudget:
     def state(self) -> dict[str, list[Any]]:
         return {key: [reason, count] for key, (reason, count) in self.failures.items()}
 
-    def load_state(self, state: dict[str, list[Any]]) -> None:
-        self.failures = {key: (reason, int(count)) for key, (reason, count) in state.items()}
+    def merge(self, state: dict[str, list[Any]]) -> None:
+        """Add the failures a checkpoint recorded (a resumed run counts each of them once, as before the stop)."""
+        for key, (reason, count) in state.items():
+            self.failures.setdefault(key, (reason, int(count)))
+
+
+class ShardFaults:
+    """Records each shard's faults in the failure budget as the shard is indexed: its duplicate or ambiguous samples,
+    and samples missing against ``manifest.json`` (make-shards lists each shard's count there)."""
+
+    def __init__(self, failures: FailureBudget) -> None:
+        self.failures = failures
+        self._manifests: dict[Path, dict[str, int]] = {}
+
+    def check(self, index: ShardIndex, name: str) -> None:
+        for key, reason in index.problems:
+            self.failures.record(f"{name}:{key}", reason)
+        path = Path(index.path)
+        if path.parent not in self._manifests:
+            manifest = read_manifest(path.parent) or {}
+            self._manifests[path.parent] = {s["name"]: s["samples"] for entry in manifest.values() for s in entry.get("shards", [])}
+        expected = self._manifests[path.parent].get(path.name)
+        found = len(index) + len(index.problems)
+        if expected is not None and found < expected:
+            cause = index.truncated or "the file holds fewer samples than were written"
+            self.failures.record(f"{name}:<missing>", f"holds {found} of the {expected} samples manifest.json lists ({cause}); re-copy "
+                                 "or re-write the shard", count=expected - found)
+        elif expected is not None and found > expected:
+            log.warning("shard %s holds %d samples but manifest.json lists %d: it was replaced after make-shards", path, found, expected)
+        elif index.truncated:
+            log.warning("shard %s: %s; a sample at its end may be incomplete", path, index.truncated)
 
 
 class ShardCatalog:
-    """Every training or evaluation shard indexed before the first sample is read: usable samples per shard, and
-    each fault found (duplicate keys, a file cut short, samples missing against ``manifest.json``) counted once in
-    ``failures`` so a damaged dataset stops the run at step 0, with names, instead of half-way through."""
+    """Every training shard indexed before the first sample is read: usable samples per shard, and each fault
+    counted once in ``failures``, so a damaged dataset stops the run at step 0, with names, not half-way through.
+    The indexes stay in memory, so DataLoader workers forked from this process never read a tar header again."""
 
-    def __init__(self, paths: list[str], failures: FailureBudget, *, reader: ShardReader | None = None) -> None:
-        self.reader = reader or ShardReader(paths)
+    def __init__(self, paths: list[str], failures: FailureBudget) -> None:
+        self.reader = ShardReader(paths)
         self.paths, self.names = self.reader.paths, self.reader.names
+        faults = ShardFaults(failures)
         self.counts: list[int] = []
-        manifests: dict[Path, dict[str, int]] = {}
-        for shard, path in enumerate(tqdm(self.paths, desc="index shards", leave=False, disable=len(self.paths) < 50)):
+        for shard in tqdm(range(len(self.paths)), desc="index shards", leave=False, disable=len(self.paths) < 50):
             index = self.reader.index(shard)
-            name = self.names[shard]
-            self.counts.append(len(index.samples))
-            for key, reason in index.problems:
-                failures.record(f"{name}:{key}", reason)
-            directory = Path(path).parent
-            if directory not in manifests:
-                manifest = read_manifest(directory) or {}
-                manifests[directory] = {s["name"]: s["samples"] for entry in manifest.values() for s in entry.get("shards", [])}
-            expected = manifests[directory].get(Path(path).name)
-            found = len(index.samples) + len(index.problems)
-            if expected is not None and found < expected:
-                cause = index.truncated or "the file holds fewer samples than were written"
-                failures.record(f"{name}:<missing>", f"holds {found} of the {expected} samples manifest.json lists ({cause}); re-copy "
-                                "or re-write the shard", count=expected - found)
-            elif expected is not None and found > expected:
-                log.warning("shard %s holds %d samples but manifest.json lists %d: it was replaced after make-shards", path, found, expected)
-            elif index.truncated:
-                log.warning("shard %s: %s; a sample at its end may be incomplete", path, index.truncated)
+            faults.check(index, self.names[shard])
+            self.counts.append(len(index))
 
     @property
     def total(self) -> int:
@@ -180,13 +193,17 @@ def decode_sample(raw: dict[str, bytes], key: str, layout: SampleFormat, domains
 
 def iter_records(shards: list[str], domains: Domain | dict[str, Domain], *, failures: FailureBudget,
                  layout: SampleFormat = SampleFormat(), media_token: str = "<image>") -> Iterator[Record]:
-    """Decoded records in shard order (evaluation, feature caching): shards indexed first, bad samples counted in
-    ``failures`` and skipped."""
-    catalog = ShardCatalog(shards, failures)
-    for shard, count in enumerate(catalog.counts):
-        for sample in range(count):
-            key = catalog.reader.key(shard, sample)
+    """Decoded records in shard order (evaluation, feature caching). Each shard is indexed when reached, so reading
+    only the first samples (``eval.max_samples``) indexes only the shards they come from; faults and bad samples are
+    counted in ``failures`` and skipped."""
+    reader = ShardReader(shards, cache=2)
+    faults = ShardFaults(failures)
+    for shard in range(len(shards)):
+        index = reader.index(shard)
+        faults.check(index, reader.names[shard])
+        for sample in range(len(index)):
+            key = reader.key(shard, sample)
             try:
-                yield decode_sample(catalog.reader.read(shard, sample), key, layout, domains, media_token)
+                yield decode_sample(reader.read(shard, sample), key, layout, domains, media_token)
             except SAMPLE_FAILURES as exc:
                 failures.record(key, str(exc))

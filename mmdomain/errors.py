@@ -19,3 +19,7 @@ class ModelLoadError(MmdomainError, ValueError):
 class CheckpointError(MmdomainError, ValueError):
     """A checkpoint that cannot be read, written or used here: incomplete, truncated, of another format, or made
     for other base models. The message names the checkpoint directory (and file) and what to do instead."""
+
+
+class RunInterrupted(MmdomainError, RuntimeError):
+    """SIGINT/SIGTERM stopped a run at a step boundary, after saving a checkpoint to resume from."""

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CHECKPOINTS, complete_checkpoints, latest_checkpoint, remove_unfinished
-from .errors import MmdomainError
+from .checkpoint import CHECKPOINTS, complete_checkpoints, latest_checkpoint, remove_unfinished, verify
+from .errors import CheckpointError, MmdomainError
 from .recipe import Recipe, dump_recipe
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ RESUMABLE_CHANGES = (
     "optim.lr", "lr.", "optim.max_steps", "optim.epochs", "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio",
     "optim.clip_grad_norm", "eval.", "data.eval", "data.num_workers", "data.decode_error_budget", "save_every", "keep_last",
     "log_every", "log_sample_keys", "threads", "device", "overwrite", "resume", "output_dir", "init_from", "stage",
-)
+)  # (another thread count or device still trains the same run, though CPU sums may then round differently)
 
 
 class RunDirectoryError(MmdomainError, RuntimeError):
@@ -49,15 +49,19 @@ def holds_run(run_dir: Path) -> bool:
 
 
 class RunLock:
-    """An exclusive lock on the run directory for this process's lifetime (released by the OS even on kill -9)."""
+    """An exclusive lock on the run directory for this process's lifetime, released by the OS when the process dies,
+    kill -9 included. (A forked child shares the lock; ``close_in_child`` drops the child's hold, so a DataLoader
+    worker outliving a killed run for a few seconds does not keep the directory locked.)"""
+
+    _held: set[int] = set()
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
@@ -65,14 +69,32 @@ class RunLock:
             self._fd = None
             raise RunDirectoryError(f"another mmdomain process{f' (pid {holder})' if holder else ''} is running into "
                                     f"{self.path.parent}; wait for it, or choose another output_dir") from None
+        except OSError as exc:  # a filesystem without locks (some network mounts)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            raise RunDirectoryError(f"cannot lock {self.path} ({exc.strerror}); the output_dir's filesystem does not support "
+                                    "file locks: choose an output_dir on a local disk") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        RunLock._held.add(self._fd)
 
     def release(self) -> None:
         if self._fd is not None:
+            RunLock._held.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    @classmethod
+    def close_in_child(cls) -> None:
+        """In a forked child: close (never unlock: that would unlock the parent too) the inherited lock descriptors."""
+        for fd in list(cls._held):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        cls._held.clear()
 
 
 @dataclass
@@ -84,7 +106,7 @@ class RunStart:
 
 
 def open_run(recipe: Recipe) -> RunStart:
-    """Take the output directory for this run: lock it, then resume from its newest complete checkpoint (``resume``
+    """Take the output directory for this run: lock it, then resume from its newest usable checkpoint (``resume``
     true or auto) or start fresh (refused over another run unless ``overwrite``)."""
     run_dir = Path(recipe.output_dir)
     try:
@@ -97,24 +119,58 @@ def open_run(recipe: Recipe) -> RunStart:
         removed = remove_unfinished(run_dir)
         if removed:
             log.info("removed %d unfinished checkpoint writes from an earlier, interrupted run", len(removed))
-        newest = latest_checkpoint(run_dir)
-        if recipe.resume and newest is not None:
-            return RunStart(run_dir, lock, newest)
-        if recipe.resume is True and not holds_run(run_dir):
-            raise ResumeError(f"nothing to resume in {run_dir}: it holds no run; start it without --resume")
+        if recipe.resume:
+            usable = newest_usable_checkpoint(run_dir)
+            if usable is not None:
+                return RunStart(run_dir, lock, usable)
+        if not holds_run(run_dir):
+            if recipe.resume is True:
+                raise ResumeError(f"nothing to resume in {run_dir}: it holds no run; start it without --resume")
+            return RunStart(run_dir, lock, None)
+        if recipe.resume and _never_saved(run_dir):
+            log.warning("%s holds a run that stopped before its first checkpoint: starting it again from step 0", run_dir)
+            _set_aside(run_dir)
+            return RunStart(run_dir, lock, None)
         if recipe.resume is True:
-            log.warning("%s holds a run with no complete checkpoint (it stopped before its first save): starting it again from step 0", run_dir)
-            _clear_run_files(run_dir)
-        elif holds_run(run_dir):
-            if not recipe.overwrite and recipe.resume is False:
-                step = f" (complete up to step {complete_checkpoints(run_dir)[-1][0]})" if newest is not None else ""
-                raise RunDirectoryError(f"output_dir {str(run_dir)!r} already holds a run{step}; continue it with --resume, choose "
-                                        "another output_dir, or set overwrite=true to replace it")
-            _set_aside(run_dir, newest is not None)
+            raise ResumeError(f"{run_dir} holds a run but no checkpoint this mmdomain can continue from ({_what_is_there(run_dir)}); "
+                              "start it again with overwrite=true (the old files are kept until the new run's first checkpoint), "
+                              "or choose another output_dir")
+        if not recipe.overwrite:
+            newest = latest_checkpoint(run_dir)
+            step = f" (complete up to step {complete_checkpoints(run_dir)[-1][0]})" if newest is not None else ""
+            raise RunDirectoryError(f"output_dir {str(run_dir)!r} already holds a run{step}; continue it with --resume, choose "
+                                    "another output_dir, or set overwrite=true to replace it")
+        _set_aside(run_dir)
         return RunStart(run_dir, lock, None)
     except BaseException:
         lock.release()
         raise
+
+
+def newest_usable_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose files are whole; a damaged newer one is skipped with a warning that says
+    what is wrong with it, so a bad disk block costs the steps since the previous save, not the run."""
+    for _, directory in reversed(complete_checkpoints(run_dir)):
+        try:
+            verify(directory)
+            return directory
+        except CheckpointError as exc:
+            log.warning("not resuming from %s: %s; trying the checkpoint before it (delete %s once you have looked at it)",
+                        directory, exc, directory)
+    return None
+
+
+def _never_saved(run_dir: Path) -> bool:
+    """Only the files of an attempt that died before its first checkpoint (nothing of value to keep)."""
+    return not (run_dir / "checkpoint").exists() and not (run_dir / "result.json").exists() and latest_checkpoint(run_dir) is None
+
+
+def _what_is_there(run_dir: Path) -> str:
+    if (run_dir / "checkpoint").exists():
+        return "checkpoint/ was written by an older mmdomain (format 1)"
+    if latest_checkpoint(run_dir) is not None:
+        return "every checkpoint in checkpoints/ is damaged"
+    return "result.json says it finished, but checkpoints/ holds no complete checkpoint"
 
 
 def _clear_run_files(run_dir: Path) -> None:
@@ -126,12 +182,12 @@ def _clear_run_files(run_dir: Path) -> None:
             path.unlink()
 
 
-def _set_aside(run_dir: Path, has_checkpoint: bool) -> None:
+def _set_aside(run_dir: Path) -> None:
     """Move the previous run's files into ``.replaced/`` (kept until the new run's first checkpoint). If the files
-    present belong to an attempt that never saved a checkpoint while ``.replaced/`` holds an older, real run, the
-    older run is what stays set aside."""
+    present belong to an attempt that never saved a checkpoint while ``.replaced/`` holds an older run, the older
+    run is what stays set aside."""
     aside = run_dir / REPLACED
-    if aside.exists() and not has_checkpoint:
+    if aside.exists() and _never_saved(run_dir):
         _clear_run_files(run_dir)
         return
     shutil.rmtree(aside, ignore_errors=True)
@@ -211,9 +267,14 @@ def check_resume_changes(checkpoint: Path, old: dict[str, Any], new: dict[str, A
 
 def check_resume_data(checkpoint: Path, before: list[list[Any]], now: list[list[Any]], accept: bool) -> None:
     """The data position means nothing over other shards: refuse changed shard files unless ``accept``."""
-    if before != now:
-        _refuse(checkpoint, [("data (shard files)", f"{len(before)} shards as recorded", f"{len(now)} shards, not the same files, "
-                              "sizes or sample counts")], accept)
+    if before == now:
+        return
+    old, new = {str(d[0]): d[1:] for d in before}, {str(d[0]): d[1:] for d in now}
+    gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+    changed = sorted(p for p in set(old) & set(new) if old[p] != new[p])
+    what = "; ".join(f"{label}: {paths[0]}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+                     for label, paths in (("missing", gone), ("new", added), ("changed size or sample count", changed)) if paths)
+    _refuse(checkpoint, [("data (shard files)", f"{len(before)} shards as recorded", f"{len(now)} shards ({what or 'reordered'})")], accept)
 
 
 def _refuse(checkpoint: Path, refused: list[tuple[str, Any, Any]], accept: bool) -> None:

@@ -17,10 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .errors import MmdomainError
 
@@ -34,23 +37,30 @@ class ShardFormatError(MmdomainError, ValueError):
     """A shard that cannot be indexed at all (not a tar file, compressed, unreadable); names the shard and the fix."""
 
 
-@dataclass(frozen=True)
-class Member:
-    suffix: str
-    offset: int
-    size: int
-
-
 @dataclass
 class ShardIndex:
-    """A shard's usable samples ``(key, members)`` in file order, and ``problems``: ``(key, reason)`` of every sample
-    that cannot be used (each counts once against ``data.decode_error_budget``)."""
+    """A shard's usable samples in file order, stored compactly (a million samples take ~130 MB: numbers in arrays,
+    suffix strings shared), and ``problems``: ``(key, reason)`` of every sample that cannot be used (each counts once
+    against ``data.decode_error_budget``)."""
 
     path: str
-    samples: list[tuple[str, tuple[Member, ...]]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    first: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    """Sample ``i``'s members are ``first[i]:first[i + 1]`` of the member arrays."""
+    suffixes: list[str] = field(default_factory=list)
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     problems: list[tuple[str, str]] = field(default_factory=list)
     truncated: str | None = None
     """How the file ends early, when it does (its last sample may then be incomplete)."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def members(self, sample: int) -> list[tuple[str, int, int]]:
+        """``(suffix, offset, size)`` of each member of a sample."""
+        lo, hi = int(self.first[sample]), int(self.first[sample + 1])
+        return [(self.suffixes[m], int(self.offsets[m]), int(self.sizes[m])) for m in range(lo, hi)]
 
 
 def scan_shard(path: str | Path) -> ShardIndex:
@@ -60,7 +70,7 @@ def scan_shard(path: str | Path) -> ShardIndex:
         raise ShardFormatError(f"shard {path} is compressed; samples in it cannot be reached by position, which training and "
                                "resume need: decompress it (e.g. `gunzip`) and point data.train at the .tar")
     index = ShardIndex(path)
-    groups: list[tuple[str, dict[str, Member], list[str]]] = []  # key, members, duplicated suffixes
+    groups: list[tuple[str, dict[str, tuple[int, int]], list[str]]] = []  # key, suffix -> (offset, size), duplicated suffixes
     seen_keys: dict[str, int] = {}
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -79,7 +89,7 @@ def scan_shard(path: str | Path) -> ShardIndex:
                 if not info.isfile() or match is None:
                     continue
                 key, suffix = match.groups()
-                member = Member(suffix, info.offset_data, info.size)
+                member = (info.offset_data, info.size)
                 if groups and groups[-1][0] == key:
                     if suffix in groups[-1][1]:
                         groups[-1][2].append(suffix)
@@ -94,6 +104,7 @@ def scan_shard(path: str | Path) -> ShardIndex:
         end = tar.offset
     if index.truncated is None and not _has_end_blocks(path, end, size):
         index.truncated = f"the file ends at byte {size} without tar's end-of-archive blocks (a copy cut short?)"
+    first, suffixes, offsets, sizes = [0], [], [], []
     for key, members, duplicated in groups:
         if key in seen_keys:
             index.problems.append((f"{key}#{seen_keys[key] + 1}", f"sample key {key!r} appears again after other samples "
@@ -105,7 +116,14 @@ def scan_shard(path: str | Path) -> ShardIndex:
             index.problems.append((key, f"member {key}.{duplicated[0]} appears twice in a row; which copy is meant is "
                                    "unknown, so the sample is skipped"))
             continue
-        index.samples.append((key, tuple(members.values())))
+        index.keys.append(key)
+        for suffix, (offset, size) in members.items():
+            suffixes.append(sys.intern(suffix))
+            offsets.append(offset)
+            sizes.append(size)
+        first.append(len(suffixes))
+    index.first, index.offsets, index.sizes = np.asarray(first, np.int64), np.asarray(offsets, np.int64), np.asarray(sizes, np.int64)
+    index.suffixes = suffixes
     return index
 
 
@@ -129,9 +147,11 @@ def display_names(paths: list[str]) -> list[str]:
 
 
 class ShardReader:
-    """Reads samples by (shard number, sample number), indexing each shard on first use (a few are kept)."""
+    """Reads samples by (shard number, sample number), indexing each shard on first use. ``cache`` bounds how many
+    indexes are kept (None: all, so DataLoader workers forked from a process that indexed everything read no header
+    again; a small number for a single pass over the data)."""
 
-    def __init__(self, paths: list[str], cache: int = 64) -> None:
+    def __init__(self, paths: list[str], cache: int | None = None) -> None:
         self.paths = list(paths)
         self.names = display_names(self.paths)
         self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
@@ -141,24 +161,23 @@ class ShardReader:
         found = self._indexes.get(shard)
         if found is None:
             found = self._indexes[shard] = scan_shard(self.paths[shard])
-            if len(self._indexes) > self._cache:
+            if self._cache is not None and len(self._indexes) > self._cache:
                 self._indexes.popitem(last=False)
         else:
             self._indexes.move_to_end(shard)
         return found
 
     def key(self, shard: int, sample: int) -> str:
-        return f"{self.names[shard]}:{self.index(shard).samples[sample][0]}"
+        return f"{self.names[shard]}:{self.index(shard).keys[sample]}"
 
     def read(self, shard: int, sample: int) -> dict[str, bytes]:
         """The sample's members as ``{suffix: bytes}``."""
-        _, members = self.index(shard).samples[sample]
         out = {}
         with open(self.paths[shard], "rb") as f:
-            for member in members:
-                f.seek(member.offset)
-                data = f.read(member.size)
-                if len(data) != member.size:  # the file shrank after it was indexed
-                    raise OSError(f"shard {self.paths[shard]} changed while training read it ({member.suffix} is cut short)")
-                out[member.suffix] = data
+            for suffix, offset, size in self.index(shard).members(sample):
+                f.seek(offset)
+                data = f.read(size)
+                if len(data) != size:  # the file shrank after it was indexed
+                    raise OSError(f"shard {self.paths[shard]} changed while training read it ({suffix} is cut short)")
+                out[suffix] = data
         return out

@@ -38,8 +38,8 @@ class StopRequests:
         self._previous.clear()
 
 
-def ignore_in_worker(_: int) -> None:
-    """DataLoader ``worker_init_fn``: a Ctrl-C reaches the whole process group, but only the main process decides
-    when to stop; a worker that died of it would fail the step the main process is finishing."""
+def ignore_signals() -> None:
+    """In a DataLoader worker: a Ctrl-C reaches the whole process group, but only the main process decides when to
+    stop; a worker that died of it would fail the step the main process is finishing."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -23,11 +23,11 @@ from tqdm import tqdm
 from .builder import base_identities, build_model, check_handoff, load_handoff, load_weights, write_model
 from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, step_directory
 from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards
-from .errors import CheckpointError, MmdomainError
+from .errors import CheckpointError, MmdomainError, RunInterrupted
 from .evaluate import evaluate_shards, to_device
 from .feature_cache import check_cacheable, open_cache
 from .processor import IGNORE
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
 from .stop_requests import StopRequests
 from .train_state import TrainerState, read_trainer_state, restore_training, write_training
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(MmdomainError, RuntimeError):
     """The loss or gradient became NaN/inf; the run stops before any checkpoint is written from it."""
-
-
-class RunInterrupted(MmdomainError, RuntimeError):
-    """SIGINT/SIGTERM stopped the run at a step boundary, after saving a checkpoint to resume from."""
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -57,15 +53,20 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
 
 
 def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device: cuda, but torch sees no CUDA GPU here (torch.cuda.is_available() is False; torch "
+                          f"{torch.__version__}); use device: auto or cpu, or check the driver and that torch is a CUDA build")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
 
 
-def run_eval(model: Any, processor: Any, recipe: Recipe, patterns: Any, layout: SampleFormat, path: Path | None = None) -> dict[str, Any] | None:
+def run_eval(model: Any, processor: Any, recipe: Recipe, patterns: Any, layout: SampleFormat, *, device: torch.device,
+             path: Path | None = None) -> dict[str, Any] | None:
     if patterns is None:
         return None
-    with torch.random.fork_rng(devices=[]):  # evaluation never shifts training's random stream
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # evaluation never shifts training's random streams
         return evaluate_shards(model, processor, patterns, max_samples=recipe.eval.max_samples, batch_size=recipe.eval.batch_size,
                                max_new_tokens=recipe.eval.max_new_tokens, error_budget=recipe.data.decode_error_budget,
                                predictions_path=path, layout=layout, choice_score=recipe.eval.choice_score)
@@ -113,6 +114,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         train_patterns, eval_patterns = open_cache(recipe.data.feature_cache, model, processor, recipe)
         layout = SampleFormat()  # cache shards always hold numbered members, whatever the source shards used
         log.info("training from feature cache %s", recipe.data.feature_cache)
+    if eval_patterns is not None:
+        expand_shards(eval_patterns)  # a wrong eval pattern fails now, not after the first steps
     failures = FailureBudget(recipe.data.decode_error_budget)
     catalog = ShardCatalog(expand_shards(train_patterns), failures)
     dataset = TrainBatches(catalog, processor, layout=layout, seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
@@ -131,14 +134,16 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     metrics, keys_log = JsonLog(run_dir / "metrics.jsonl"), JsonLog(run_dir / "samples.jsonl")
     if saved is not None:
         check_resume_data(resume_from, saved.data, state.data, accept_changes)
+        if saved.step >= steps and (run_dir / "result.json").is_file():
+            log.info("%s finished at step %d of %d already; nothing to do (raise optim.max_steps to train on)", run_dir, saved.step, steps)
+            return json.loads((run_dir / "result.json").read_text())
         restore_training(resume_from, optimizer, model)
-        for key, (reason, count) in saved.failures.items():
-            failures.failures.setdefault(key, (reason, int(count)))
+        failures.merge(saved.failures)
         state = TrainerState(**{**saved.__dict__, "total_steps": steps, "recipe": recipe_dict, "data": state.data,
                                 "resumed_at": [*saved.resumed_at, saved.step]})
         metrics.continue_after(saved.step).write(step=saved.step, event="resume", checkpoint=str(resume_from),
                                                  changes={name: [a, b] for name, a, b in changes})
-        if recipe.log_sample_keys:
+        if recipe.log_sample_keys or keys_log.path.exists():
             keys_log.continue_after(saved.step)
         log.info("resuming from %s at step %d of %d", resume_from, saved.step, steps)
     else:
@@ -215,18 +220,23 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
                               tokens_per_s=window["tokens"] / window["seconds"], skipped_samples=failures.total)
                 state.window = _empty_window()
             if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step != steps:
-                report = run_eval(model, processor, recipe, eval_patterns, layout)
-                if report is not None:
+                try:
+                    report = run_eval(model, processor, recipe, eval_patterns, layout, device=device)
+                except MmdomainError as exc:  # a problem with the evaluation data must not cost the training run
+                    log.error("step %d: evaluation failed, training goes on: %s", step, exc)
+                    metrics.write(step=step, eval_error=str(exc))
+                else:
                     metrics.write(step=step, eval=report)
                     log.info("step %d eval: %s", step, json.dumps(report))
-            saved = save(step) if step == steps or (recipe.save_every and step % recipe.save_every == 0) else None
-            if stop.requested and step != steps:
-                saved = saved or save(step)
-                raise RunInterrupted(f"stopped by {stop.requested} after step {step} of {steps}; checkpoint {saved}. Continue with "
+            written = save(step) if step == steps or (recipe.save_every and step % recipe.save_every == 0) else None
+            if stop.requested:
+                written = written or save(step)
+                raise RunInterrupted(f"stopped by {stop.requested} after step {step} of {steps}; checkpoint {written}"
+                                     f"{' (the final evaluation did not run)' if step == steps else ''}. Continue with "
                                      "`mmdomain run RECIPE --resume`")
     stream.close()
 
-    report = run_eval(model, processor, recipe, eval_patterns, layout, run_dir / "eval_predictions.jsonl")
+    report = run_eval(model, processor, recipe, eval_patterns, layout, device=device, path=run_dir / "eval_predictions.jsonl")
     if report is not None:
         metrics.write(step=steps, eval=report)
     tail = state.recent_losses[-max(1, min(20, steps // 5)) :]

@@ -73,6 +73,8 @@ def read_trainer_state(directory: Path) -> TrainerState:
 def restore_training(directory: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
     """Load optimizer moments (by parameter name) and the random streams saved in ``directory``."""
     data = read_json(directory / STATE)
+    if not isinstance(data.get("optimizer"), dict) or "params" not in data["optimizer"] or "rng" not in data:
+        raise CheckpointError(f"{directory / STATE} lacks the optimizer or random-stream records; it was not written by this mmdomain")
     names = {id(p): n for n, p in model.named_parameters()}
     mine = _optimizer_names(optimizer, names)
     theirs = data["optimizer"]["params"]
@@ -90,15 +92,18 @@ def restore_training(directory: Path, optimizer: torch.optim.Optimizer, model: t
             raise CheckpointError(f"{directory / OPTIMIZER}: state for unknown parameter {param_name!r}")
         state.setdefault(by_name[param_name], {})[field_name] = tensor
     optimizer.load_state_dict({"state": state, "param_groups": fresh["param_groups"]})
-    restore_rng(read_tensors(directory / RNG), data["rng"])
+    try:
+        restore_rng(read_tensors(directory / RNG), data["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{directory}: the random-stream records cannot be restored ({type(exc).__name__}: {exc})") from None
 
 
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every random stream training draws from: torch (CPU and each CUDA device), NumPy's and Python's globals."""
     tensors = {"torch_cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = state
+        # The training device's stream only: asking every visible GPU would create a context (and memory) on each.
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
     version, internal, gauss_next = random.getstate()
@@ -108,10 +113,8 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def restore_rng(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None:
     torch.random.set_rng_state(tensors["torch_cpu"])
-    cuda = sorted(k for k in tensors if k.startswith("torch_cuda_"))
-    if cuda and torch.cuda.is_available():
-        states = [tensors[k] for k in cuda][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all(states)
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"], torch.cuda.current_device())
     np_state = data["numpy"]
     np.random.set_state((np_state["kind"], tensors["numpy_keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"],
                          np_state["cached_gaussian"]))

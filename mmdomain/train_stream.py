@@ -24,8 +24,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .data import SAMPLE_FAILURES, DataError, FailureBudget, SampleFormat, ShardCatalog, decode_sample
-from .processor import MultimodalProcessor
-from .stop_requests import ignore_in_worker
+from .errors import MmdomainError
+from .processor import MultimodalProcessor, SampleError
+from .run_dir import RunLock
+from .stop_requests import ignore_signals
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,11 @@ def _as_is(batch: Any) -> Any:  # the dataset yields finished batches; the DataL
     return batch
 
 
+def _init_worker(_: int) -> None:
+    ignore_signals()
+    RunLock.close_in_child()
+
+
 class TrainBatches(IterableDataset):
     """Yields this rank's batches of one epoch from ``start`` on; each item is ``{"index", "batch", "failures"}``
     where ``batch`` is the collated batch (None when every sample failed) and ``failures`` lists ``(key, reason)``."""
@@ -70,6 +77,7 @@ class TrainBatches(IterableDataset):
         self.catalog, self.processor, self.layout = catalog, processor, layout
         self.seed, self.shuffle_buffer, self.limit, self.batch_size = seed, shuffle_buffer, limit, batch_size
         self.rank, self.world = rank, world
+        self.pack_length = pack_length
         self.collate = processor.collate if pack_length is None else functools.partial(processor.collate_packed, pack_length=pack_length)
         self.offsets = np.concatenate([[0], np.cumsum(catalog.counts)]).astype(np.int64)
         self.start = Position()
@@ -90,7 +98,12 @@ class TrainBatches(IterableDataset):
                             limit=self.limit)
         for local in range(self.start.batch + worker, self.batches_per_epoch(), workers):
             b = local * self.world + self.rank
-            yield self._batch(local, order[b * self.batch_size : (b + 1) * self.batch_size])
+            try:
+                yield self._batch(local, order[b * self.batch_size : (b + 1) * self.batch_size])
+            except (OSError, MmdomainError, ImportError) as exc:
+                # Raised in the main process as it is: a worker's own exception would arrive wrapped in torch's
+                # "Caught ... in DataLoader worker" text with its traceback, not as the one line a user should see.
+                yield {"index": local, "batch": None, "failures": [], "error": exc}
 
     def _batch(self, local: int, numbers: np.ndarray) -> dict[str, Any]:
         samples, failures = [], []
@@ -101,7 +114,10 @@ class TrainBatches(IterableDataset):
             key = reader.key(shard, within)
             try:
                 record = decode_sample(reader.read(shard, within), key, self.layout, self.processor.domains, media_token)
-                samples.append(self.processor(record.conversations, record.media, key=record.key))
+                sample = self.processor(record.conversations, record.media, key=record.key)
+                if self.pack_length is not None and len(sample.input_ids) > self.pack_length:
+                    raise SampleError(f"{len(sample.input_ids)} tokens do not fit data.pack_length={self.pack_length}; raise it")
+                samples.append(sample)
             except SAMPLE_FAILURES as exc:
                 failures.append((key, str(exc)))
         return {"index": local, "batch": self.collate(samples) if samples else None, "failures": failures}
@@ -127,7 +143,7 @@ class BatchStream:
         # A generator of its own: a DataLoader otherwise draws its base seed from the global RNG at every epoch,
         # which would make training's random stream depend on when a run was resumed.
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            generator=torch.Generator(), persistent_workers=False, worker_init_fn=ignore_in_worker)
+                            generator=torch.Generator(), persistent_workers=False, worker_init_fn=_init_worker)
         self._iterator = iter(loader)
 
     def next_batch(self) -> tuple[int, dict[str, Any]]:
@@ -143,6 +159,8 @@ class BatchStream:
                 self._iterator = None
                 self.position = Position(self.position.epoch + 1, 0)
                 continue
+            if item.get("error") is not None:
+                raise item["error"]
             if item["index"] != self.position.batch:  # the DataLoader keeps order; anything else is a bug, not data
                 raise RuntimeError(f"batch {item['index']} arrived where batch {self.position.batch} was expected")
             self.position = Position(self.position.epoch, self.position.batch + 1)

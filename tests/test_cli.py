@@ -61,3 +61,32 @@ def test_a_run_directory_can_be_named_instead_of_its_recipe(tmp_path, capsys):
     (tmp_path / "run" / "recipe.yaml").write_text(json.dumps(MINIMAL))
     assert main(["validate", str(tmp_path / "run")]) == 0
     assert "output_dir: runs/x" in capsys.readouterr().out
+
+
+def test_overrides_may_follow_flags(recipe, capsys):
+    assert main(["validate", recipe, "optim.max_steps=7"]) == 0
+    from mmdomain.cli import build_parser
+
+    assert "  max_steps: 7\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", recipe, "--resume", "--no-such-flag"])
+    args = build_parser().parse_known_args(["run", recipe, "--resume", "optim.max_steps=3"])
+    assert args[1] == ["optim.max_steps=3"]  # what main() adds to the overrides
+
+
+def test_machine_problems_are_user_errors_with_the_fix(tmp_path, tiny_llm_dir, capsys, monkeypatch):
+    import torch
+
+    data = {**MINIMAL, "model": {"encoder": {"name": "tiny-vit"}, "llm": {"path": tiny_llm_dir}}, "device": "cuda",
+            "output_dir": str(tmp_path / "run")}
+    (tmp_path / "r.yaml").write_text(json.dumps(data))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["-q", "run", str(tmp_path / "r.yaml")]) == 2
+    assert "device: cuda, but torch sees no CUDA GPU here" in capsys.readouterr().err
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'pydicom'", name="pydicom")
+
+    monkeypatch.setattr(train_module, "train", missing)
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert "this needs pydicom, which comes with an optional extra: pip install 'mmdomain[medical]'" in capsys.readouterr().err

@@ -73,9 +73,8 @@ def test_truncated_shard_is_named_counted_and_the_rest_is_used(made):
 def test_shard_cut_at_a_member_boundary_is_caught_by_the_manifest(made):
     """A copy cut exactly between members reads as a valid but shorter tar: only the manifest tells."""
     shard = made / "train-000000.tar"
-    index = scan_shard(shard)
-    last_kept = index.samples[5][1][-1]
-    shard.write_bytes(shard.read_bytes()[: last_kept.offset + ((last_kept.size + 511) // 512) * 512])
+    _, offset, size = scan_shard(shard).members(5)[-1]
+    shard.write_bytes(shard.read_bytes()[: offset + ((size + 511) // 512) * 512])
     failures = FailureBudget(10)
     catalog = ShardCatalog([str(shard)], failures)
     assert catalog.counts == [6] and failures.total == 4
@@ -137,3 +136,29 @@ def test_the_budget_is_global_across_workers(tmp_path, processor, workers):
         for _ in range(dataset.batches_per_epoch()):
             stream.next_batch()
     stream.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_that_changes_under_a_worker_is_one_clear_error(tmp_path, processor, workers):
+    shard = _tar(tmp_path / "c-000000.tar", [m for i in range(8) for m in _sample(f"g{i}")])
+    failures = FailureBudget(0)
+    dataset = TrainBatches(ShardCatalog([shard], failures), processor, layout=SampleFormat(), seed=0, shuffle_buffer=0, limit=None, batch_size=4)
+    with open(shard, "r+b") as f:
+        f.truncate(2048)  # replaced by a shorter file after it was indexed
+    stream = BatchStream(dataset, num_workers=workers, failures=failures)
+    with pytest.raises(OSError) as caught:
+        stream.next_batch()
+    stream.close()
+    assert "c-000000.tar changed while training read it" in str(caught.value) and "DataLoader worker" not in str(caught.value)
+
+
+def test_a_sample_longer_than_pack_length_is_counted_not_fatal(tmp_path, processor):
+    long_answer = json.dumps({"conversations": [{"role": "user", "content": "<image> where ?"},
+                                                {"role": "assistant", "content": " ".join(["left"] * 40)}]}).encode()
+    shard = _tar(tmp_path / "p-000000.tar", [*_sample("a"), *_sample("b"), ("long.json", long_answer), ("long.0.png", _png())])
+    failures = FailureBudget(1)
+    dataset = TrainBatches(ShardCatalog([shard], failures), processor, layout=SampleFormat(), seed=0, shuffle_buffer=0, limit=None,
+                           batch_size=3, pack_length=40)
+    stream = BatchStream(dataset, num_workers=0, failures=failures)
+    assert sorted(stream.next_batch()[1]["keys"]) == ["p-000000.tar:a", "p-000000.tar:b"]
+    assert "do not fit data.pack_length=40" in failures.failures["p-000000.tar:long"][0]
