@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = (
     "optim.lr", "lr.", "optim.max_steps", "optim.epochs", "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio",
     "optim.clip_grad_norm", "eval.", "data.eval", "data.num_workers", "data.decode_error_budget", "save_every", "keep_last",
     "log_every", "log_sample_keys", "threads", "device", "overwrite", "resume", "output_dir", "init_from", "stage",
+    "data.train",  # the shards themselves are compared (check_resume_data): the same files moved elsewhere are fine
 )  # (another thread count or device still trains the same run, though CPU sums may then round differently)
 
 
@@ -266,10 +267,12 @@ def check_resume_changes(checkpoint: Path, old: dict[str, Any], new: dict[str, A
 
 
 def check_resume_data(checkpoint: Path, before: list[list[Any]], now: list[list[Any]], accept: bool) -> None:
-    """The data position means nothing over other shards: refuse changed shard files unless ``accept``."""
-    if before == now:
+    """The data position means nothing over other shards: refuse changed shard files unless ``accept``. Shards are
+    compared by file name, size and sample count, so data copied elsewhere (a local disk on a cluster) still matches."""
+    same = lambda facts: [[Path(d[0]).name, *d[1:]] for d in facts]  # noqa: E731
+    if same(before) == same(now):
         return
-    old, new = {str(d[0]): d[1:] for d in before}, {str(d[0]): d[1:] for d in now}
+    old, new = {Path(d[0]).name: d[1:] for d in before}, {Path(d[0]).name: d[1:] for d in now}
     gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
     changed = sorted(p for p in set(old) & set(new) if old[p] != new[p])
     what = "; ".join(f"{label}: {paths[0]}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")

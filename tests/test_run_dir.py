@@ -91,9 +91,11 @@ def test_resume_takes_allowed_changes_and_refuses_the_others(tiny_llm_dir, shard
     own = tmp_path / "own"
     shutil.copytree(Path(shards).parent, own)
     train(_recipe(tiny_llm_dir, str(own / "*.tar"), tmp_path / "run2", optim__max_steps=2))
+    moved = shutil.copytree(own, tmp_path / "moved")  # the same files elsewhere: the same run
+    assert train(_recipe(tiny_llm_dir, str(moved / "*.tar"), tmp_path / "run2", resume=True, optim__max_steps=3))["steps"] == 3
     (own / "train-000003.tar").unlink()
-    with pytest.raises(ResumeError, match=r"data \(shard files\): '4 shards as recorded' -> '3 shards \(missing: "):
-        train(_recipe(tiny_llm_dir, str(own / "*.tar"), tmp_path / "run2", resume=True, optim__max_steps=3))
+    with pytest.raises(ResumeError, match=r"data \(shard files\): '4 shards as recorded' -> '3 shards \(missing: train-000003.tar"):
+        train(_recipe(tiny_llm_dir, str(own / "*.tar"), tmp_path / "run2", resume=True, optim__max_steps=4))
     # More steps and another LR continue the same run, logged as a diff.
     caplog.set_level("INFO")
     result = train(_recipe(tiny_llm_dir, shards, run, resume=True, optim__max_steps=9, optim__lr=1e-3))
