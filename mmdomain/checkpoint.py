@@ -84,10 +84,16 @@ class CheckpointWriter:
         return self
 
     def tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.path / name),
-                  metadata={"format": FORMAT, **(metadata or {})})
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.path / name),
+                      metadata={"format": FORMAT, **(metadata or {})})
+        except SafetensorError as exc:  # safetensors reports its I/O errors (a full disk too) as its own type
+            text = str(exc)
+            code = errno.ENOSPC if "os error 28" in text or "No space left" in text else errno.EIO
+            raise OSError(code, text, str(self.path / name)) from exc
 
     def json(self, name: str, data: Any) -> None:
         (self.path / name).write_text(json.dumps(data, indent=2) + "\n")
@@ -224,7 +230,8 @@ def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
                 log.info("ignoring %s: an unfinished checkpoint write (removed when a run next writes here)", path)
             continue
         if read_marker(path) is None:
-            log.warning("ignoring %s: it has no %s marker, so it was never completely written", path, MARKER)
+            log.warning("ignoring %s: it has no %s marker, so it is not a checkpoint this mmdomain wrote whole (a copy in "
+                        "progress?)", path, MARKER)
             continue
         found.append((int(match.group(1)), path))
     return sorted(found)
@@ -240,13 +247,17 @@ def point_latest(run_dir: str | Path, directory: Path) -> None:
     write_text_durably(Path(run_dir) / CHECKPOINTS / LATEST, directory.name + "\n")
 
 
+_LEFTOVER = re.compile(r"^\.step-\d+\.(tmp-\d+|old-\d+|deleting)$")  # what CheckpointWriter, _publish and prune leave
+
+
 def remove_unfinished(run_dir: str | Path) -> list[Path]:
-    """Delete the leftovers of interrupted writes (temporary directories, directories without a marker)."""
+    """Delete what interrupted checkpoint writes and deletions of this format leave (hidden ``.step-N.*`` folders).
+    A ``step-N`` folder without a marker is never deleted: no write of ours leaves one, so it is a copy in progress
+    or someone's edit, and readers just skip it."""
     root = Path(run_dir) / CHECKPOINTS
     removed = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
-        unfinished = path.is_dir() and (path.name.startswith(".") or (_STEP.match(path.name) and read_marker(path) is None))
-        if unfinished:
+        if path.is_dir() and _LEFTOVER.match(path.name):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
             log.info("removed %s, left by an interrupted checkpoint write", path)
@@ -270,6 +281,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if read_marker(path) is not None:
         return path
+    siblings = sorted(path.parent.glob(f".{path.name}.*")) if path.name else []
+    complete_siblings = [s for s in siblings if read_marker(s) is not None]
+    if complete_siblings and not path.exists():
+        raise CheckpointError(f"{path} is missing, but {complete_siblings[-1]} is a complete checkpoint left by an interrupted "
+                              f"save: rename it to {path}")
+    if not path.exists():
+        raise CheckpointError(f"{str(path)!r} does not exist; give a run directory (e.g. runs/x) or one of its checkpoints/step-N")
     newest = latest_checkpoint(path)
     if newest is not None:
         return newest
@@ -279,11 +297,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 raise CheckpointError(f"{config.parent} is a checkpoint of an older mmdomain (format 1); re-run the stage with this version")
             raise CheckpointError(f"{config.parent} has no {MARKER} marker, so it was never completely written (or the marker was "
                                   "deleted); use another checkpoint")
-    siblings = sorted(path.parent.glob(f".{path.name}.*")) if path.name else []
-    complete_siblings = [s for s in siblings if read_marker(s) is not None]
-    if complete_siblings:
-        raise CheckpointError(f"{path} is missing, but {complete_siblings[-1]} is a complete checkpoint left by an interrupted "
-                              f"save: rename it to {path}")
     if (path / CHECKPOINTS).is_dir():
         raise CheckpointError(f"run {path} has no complete checkpoint yet (the run stopped before its first save)")
     raise CheckpointError(f"{str(path)!r} is neither a checkpoint nor a run directory with {CHECKPOINTS}/")

@@ -11,18 +11,21 @@ from typing import Sequence
 log = logging.getLogger("mmdomain")
 
 
-def _recipe_path(given: str) -> Path:
-    """A recipe file, or a run directory (its resolved recipe.yaml), so `mmdomain run runs/x --resume` works."""
+def _recipe_and_overrides(given: str, overrides: list[str]) -> tuple[Path, list[str]]:
+    """A recipe file, or a run directory: its resolved recipe.yaml, with output_dir set to that directory (a run
+    copied or moved elsewhere continues where it now is, never in the folder its recipe was first written for)."""
     path = Path(given)
-    return path / "recipe.yaml" if path.is_dir() and (path / "recipe.yaml").is_file() else path
+    if path.is_dir() and (path / "recipe.yaml").is_file():
+        return path / "recipe.yaml", [f"output_dir={path}", *overrides]
+    return path, overrides
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .recipe import load_recipe
     from .train import train
 
-    overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
-    result = train(load_recipe(_recipe_path(args.recipe), overrides), accept_changes=args.accept_changes)
+    path, overrides = _recipe_and_overrides(args.recipe, [*args.overrides, *(["resume=true"] if args.resume else [])])
+    result = train(load_recipe(path, overrides), accept_changes=args.accept_changes)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -30,7 +33,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .recipe import dump_recipe, load_recipe
 
-    recipe = load_recipe(_recipe_path(args.recipe), args.overrides)
+    recipe = load_recipe(*_recipe_and_overrides(args.recipe, args.overrides))
     print(dump_recipe(recipe), end="")
     print(f"# {args.recipe}: valid", file=sys.stderr)
     return 0
@@ -266,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .errors import RunInterrupted
 
         print(f"mmdomain {args.command}: {describe_error(exc)}", file=sys.stderr)
-        return 130 if isinstance(exc, RunInterrupted) else 2 if is_user_error(exc) else 1
+        return exc.exit_code if isinstance(exc, RunInterrupted) else 2 if is_user_error(exc) else 1
     except KeyboardInterrupt:
         if args.debug:
             raise

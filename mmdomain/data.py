@@ -2,6 +2,7 @@
 reading records in order (evaluation, feature caching, statistics). Training's resumable order is train_stream."""
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import logging
@@ -87,14 +88,15 @@ class FailureBudget:
     def record(self, key: str, reason: str, count: int = 1) -> None:
         if key in self.failures:
             return
+        reason = reason.removeprefix(f"sample {key}: ")  # the processor names the sample too
         self.failures[key] = (reason, count)
         log.warning("skipped %s (%d failed so far, budget %d): %s", key if count == 1 else f"{count} samples of {key}",
                     self.total, self.budget, reason)
         if self.total > self.budget:
-            shown = "\n  ".join(f"{k}: {r}" for k, (r, _) in list(self.failures.items())[:5])
+            first = "; ".join(f"{k}: {r}" for k, (r, _) in list(self.failures.items())[:3])
             raise DataError(
-                f"{self.total} samples failed, over data.decode_error_budget={self.budget}:\n  {shown}\n"
-                "fix or drop those samples (or raise the budget if losing them is acceptable)"
+                f"{self.total} samples failed, over data.decode_error_budget={self.budget} (each is in the log; first: {first}); "
+                "fix or drop those samples, or raise the budget if losing them is acceptable"
             )
 
     def state(self) -> dict[str, list[Any]]:
@@ -131,22 +133,58 @@ class ShardFaults:
             log.warning("shard %s holds %d samples but manifest.json lists %d: it was replaced after make-shards", path, found, expected)
         elif index.truncated:
             log.warning("shard %s: %s; a sample at its end may be incomplete", path, index.truncated)
+        if expected is None and self._manifests[path.parent]:
+            log.warning("shard %s is not listed in the manifest.json beside it: make-shards did not write it there (copied or "
+                        "added by hand?); its samples are used", path)
+
+    def listed_but_missing(self, patterns: str | list[str], found: list[str]) -> list[tuple[str, int]]:
+        """(path, samples) of shards a manifest lists that ``patterns`` would match but that are not on disk."""
+        import braceexpand
+
+        present = {str(Path(p).resolve()) for p in found}
+        missing = []
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            for expanded in braceexpand.braceexpand(str(Path(pattern).expanduser())):
+                directory = Path(expanded).parent
+                manifest = read_manifest(directory) if directory.is_dir() else None
+                for entry in (manifest or {}).values():
+                    for shard in entry.get("shards", []):
+                        path = directory / shard["name"]
+                        if fnmatch.fnmatch(str(path), expanded) and str(path.resolve()) not in present:
+                            missing.append((str(path), int(shard["samples"])))
+        return list(dict.fromkeys(missing))
 
 
 class ShardCatalog:
     """Every training shard indexed before the first sample is read: usable samples per shard, and each fault
     counted once in ``failures``, so a damaged dataset stops the run at step 0, with names, not half-way through.
-    The indexes stay in memory, so DataLoader workers forked from this process never read a tar header again."""
+    With the ``patterns`` the shards were found by, shards a manifest lists under them but that are missing on disk
+    count too, and a shard that is a byte-size and key-for-key copy of another is left out (its samples would train
+    twice). The indexes stay in memory, so DataLoader workers forked from this process never read a header again."""
 
-    def __init__(self, paths: list[str], failures: FailureBudget) -> None:
+    def __init__(self, paths: list[str], failures: FailureBudget, patterns: str | list[str] | None = None) -> None:
         self.reader = ShardReader(paths)
         self.paths, self.names = self.reader.paths, self.reader.names
         faults = ShardFaults(failures)
         self.counts: list[int] = []
+        seen: dict[tuple[int, int], int] = {}  # (size, hash of the key sequence) -> first shard with it
         for shard in tqdm(range(len(self.paths)), desc="index shards", leave=False, disable=len(self.paths) < 50):
             index = self.reader.index(shard)
             faults.check(index, self.names[shard])
+            identity = (Path(self.paths[shard]).stat().st_size, hash(tuple(index.keys)))
+            if len(index) and identity in seen:
+                failures.record(f"{self.names[shard]}:<copy>", f"is a copy of {self.names[seen[identity]]} (same size and sample keys), "
+                                "so its samples would train twice; it is left out: remove it", count=len(index))
+                self.counts.append(0)
+                continue
+            seen.setdefault(identity, shard)
+            if not len(index) and not index.problems:
+                log.warning("shard %s holds no sample", self.paths[shard])
             self.counts.append(len(index))
+        if patterns is not None:
+            for path, listed in faults.listed_but_missing(patterns, self.paths):
+                failures.record(f"{Path(path).name}:<missing shard>", f"manifest.json lists this shard with {listed} samples, but the "
+                                "file is not there; copy it back or write the shards again", count=listed)
 
     @property
     def total(self) -> int:

@@ -23,3 +23,7 @@ class CheckpointError(MmdomainError, ValueError):
 
 class RunInterrupted(MmdomainError, RuntimeError):
     """SIGINT/SIGTERM stopped a run at a step boundary, after saving a checkpoint to resume from."""
+
+    def __init__(self, message: str, signal_number: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number  # what a shell reports for a process ended by that signal

@@ -162,6 +162,9 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{str(path)!r} is a folder without recipe.yaml: give a recipe file, or a run directory (one that holds "
+                          "recipe.yaml)")
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist (see `mmdomain ls recipes`)")
     with path.open() as f:

@@ -108,7 +108,8 @@ class RunStart:
 
 def open_run(recipe: Recipe) -> RunStart:
     """Take the output directory for this run: lock it, then resume from its newest usable checkpoint (``resume``
-    true or auto) or start fresh (refused over another run unless ``overwrite``)."""
+    true or auto; resuming takes precedence over ``overwrite``) or start fresh (refused over another run unless
+    ``overwrite``)."""
     run_dir = Path(recipe.output_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -120,9 +121,12 @@ def open_run(recipe: Recipe) -> RunStart:
         removed = remove_unfinished(run_dir)
         if removed:
             log.info("removed %d unfinished checkpoint writes from an earlier, interrupted run", len(removed))
+        _restore_interrupted_overwrite(run_dir)
         if recipe.resume:
             usable = newest_usable_checkpoint(run_dir)
             if usable is not None:
+                if recipe.overwrite:
+                    log.info("resuming %s (overwrite applies only when there is nothing to resume)", run_dir)
                 return RunStart(run_dir, lock, usable)
         if not holds_run(run_dir):
             if recipe.resume is True:
@@ -130,7 +134,7 @@ def open_run(recipe: Recipe) -> RunStart:
             return RunStart(run_dir, lock, None)
         if recipe.resume and _never_saved(run_dir):
             log.warning("%s holds a run that stopped before its first checkpoint: starting it again from step 0", run_dir)
-            _set_aside(run_dir)
+            _clear_run_files(run_dir)
             return RunStart(run_dir, lock, None)
         if recipe.resume is True:
             raise ResumeError(f"{run_dir} holds a run but no checkpoint this mmdomain can continue from ({_what_is_there(run_dir)}); "
@@ -146,6 +150,19 @@ def open_run(recipe: Recipe) -> RunStart:
     except BaseException:
         lock.release()
         raise
+
+
+def _restore_interrupted_overwrite(run_dir: Path) -> None:
+    """An overwrite that died before the new run's first checkpoint leaves the old run in ``.replaced/``: it is still
+    this directory's run, so it goes back in place (the dead attempt's own files never held a checkpoint)."""
+    aside = run_dir / REPLACED
+    if not aside.is_dir() or latest_checkpoint(run_dir) is not None:
+        return
+    _clear_run_files(run_dir)
+    for path in aside.iterdir():
+        os.replace(path, run_dir / path.name)
+    aside.rmdir()
+    log.warning("an overwrite of %s stopped before the new run saved a checkpoint: the previous run is back in place", run_dir)
 
 
 def newest_usable_checkpoint(run_dir: Path) -> Path | None:
@@ -184,14 +201,8 @@ def _clear_run_files(run_dir: Path) -> None:
 
 
 def _set_aside(run_dir: Path) -> None:
-    """Move the previous run's files into ``.replaced/`` (kept until the new run's first checkpoint). If the files
-    present belong to an attempt that never saved a checkpoint while ``.replaced/`` holds an older run, the older
-    run is what stays set aside."""
+    """Move the previous run's files into ``.replaced/``, kept until the new run's first checkpoint."""
     aside = run_dir / REPLACED
-    if aside.exists() and _never_saved(run_dir):
-        _clear_run_files(run_dir)
-        return
-    shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir()
     for name in RUN_FILES:
         if (run_dir / name).exists():
@@ -259,7 +270,8 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 
 def check_resume_changes(checkpoint: Path, old: dict[str, Any], new: dict[str, Any], accept: bool) -> list[tuple[str, Any, Any]]:
     """Log the recipe's allowed changes; refuse the others unless ``accept``. Returns every change."""
-    changes = recipe_changes(old, new)
+    # resume and overwrite say how this run was started, not what it trains
+    changes = [c for c in recipe_changes(old, new) if c[0] not in ("resume", "overwrite")]
     for name, a, b in changes:
         log.info("resume: %s changed from %r to %r", name, a, b)
     _refuse(checkpoint, [c for c in changes if not c[0].startswith(RESUMABLE_CHANGES)], accept)
@@ -282,9 +294,9 @@ def check_resume_data(checkpoint: Path, before: list[list[Any]], now: list[list[
 
 def _refuse(checkpoint: Path, refused: list[tuple[str, Any, Any]], accept: bool) -> None:
     if refused and not accept:
-        lines = "\n  ".join(f"{name}: {a!r} -> {b!r}" for name, a, b in refused)
-        raise ResumeError(f"resuming {checkpoint} with changes that make it another run:\n  {lines}\n"
-                          "undo them, start a new run (another output_dir), or pass --accept-changes to continue anyway")
+        listed = "; ".join(f"{name}: {a!r} -> {b!r}" for name, a, b in refused)
+        raise ResumeError(f"resuming {checkpoint} with changes that make it another run ({listed}): undo them, start a new run "
+                          "(another output_dir), or pass --accept-changes to continue anyway")
     if refused:
         log.warning("resume: continuing despite changes that make it another run (--accept-changes): %s", [name for name, _, _ in refused])
 

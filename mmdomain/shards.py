@@ -182,7 +182,8 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
                     raise ShardError(f"{where}: media {rel!r} has type .{ext}; the {domain_of.name} domain allows "
                                      f"{', '.join(domain_of.media_types())} (choose the domain with --domain or --recipe)")
                 if not path.is_file():
-                    raise ShardError(f"{where}: media file {str(path)!r} does not exist")
+                    raise ShardError(f"{where}: media file {str(path)!r} does not exist; paths in the JSONL are relative to --media "
+                                     f"({media_root}): check both")
                 try:
                     blobs.append((f"{i}.{ext}", domain_of.prepare_for_shard(path.name, path.read_bytes())))
                 except DecodeError as exc:

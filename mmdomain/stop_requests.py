@@ -17,13 +17,14 @@ log = logging.getLogger(__name__)
 class StopRequests:
     def __init__(self) -> None:
         self.requested: str | None = None
+        self.signal_number = 0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = name
+        self.requested, self.signal_number = name, signum
         log.warning("%s: finishing this step and saving a checkpoint before stopping (Ctrl-C again stops at once)", name)
 
     def __enter__(self) -> "StopRequests":

@@ -117,7 +117,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     if eval_patterns is not None:
         expand_shards(eval_patterns)  # a wrong eval pattern fails now, not after the first steps
     failures = FailureBudget(recipe.data.decode_error_budget)
-    catalog = ShardCatalog(expand_shards(train_patterns), failures)
+    catalog = ShardCatalog(expand_shards(train_patterns), failures, patterns=train_patterns)
     dataset = TrainBatches(catalog, processor, layout=layout, seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
                            limit=recipe.data.max_train_samples, batch_size=opt.batch_size, pack_length=recipe.data.pack_length)
     if dataset.samples_per_epoch == 0:
@@ -155,8 +155,11 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opt.precision == "bf16")
     bases = base_identities(recipe.model)
 
+    earlier_seconds = state.seconds  # of the sessions before this one, when resuming
+
     def save(step: int) -> Path:
         state.epoch, state.batch = stream.position.epoch, stream.position.batch
+        state.seconds = earlier_seconds + time.perf_counter() - started
         state.failures = failures.state()
         target = step_directory(run_dir, step)
         try:
@@ -167,7 +170,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
             previous = latest_checkpoint(run_dir)
             kept = f"the previous checkpoint {previous} is complete and untouched" if previous else "no earlier checkpoint exists"
             raise CheckpointError(f"step {step}: {exc}; {kept}. Free the space (or fix the cause) and continue with "
-                                  "`mmdomain run RECIPE --resume`") from None
+                                  f"`mmdomain run {run_dir} --resume`") from None
         point_latest(run_dir, target)
         prune(run_dir, recipe.keep_last)
         drop_replaced(run_dir)
@@ -233,7 +236,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
                 written = written or save(step)
                 raise RunInterrupted(f"stopped by {stop.requested} after step {step} of {steps}; checkpoint {written}"
                                      f"{' (the final evaluation did not run)' if step == steps else ''}. Continue with "
-                                     "`mmdomain run RECIPE --resume`")
+                                     f"`mmdomain run {run_dir} --resume`", stop.signal_number)
     stream.close()
 
     report = run_eval(model, processor, recipe, eval_patterns, layout, device=device, path=run_dir / "eval_predictions.jsonl")
@@ -249,7 +252,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         "skipped": [f"{key}: {reason}" for key, (reason, _) in list(failures.failures.items())[:20]],
         "resumed_at": state.resumed_at,
         "eval": report,
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(earlier_seconds + time.perf_counter() - started, 2),
         "checkpoint": str(latest_checkpoint(run_dir)),
     }
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -41,6 +41,8 @@ class TrainerState:
     data: list[list[Any]]
     """The training shards (path, size, usable samples) the position refers to."""
     resumed_at: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    """Wall time of the run up to this checkpoint, over all the sessions that made it."""
 
 
 def _optimizer_names(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:
@@ -80,8 +82,9 @@ def restore_training(directory: Path, optimizer: torch.optim.Optimizer, model: t
     theirs = data["optimizer"]["params"]
     if sorted(mine) != sorted(theirs):
         missing, extra = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
-        raise CheckpointError(f"{directory}: the parameters that train differ from the checkpoint's (only there: {missing[:3]}; "
-                              f"only here: {extra[:3]}); resume with the trainable settings the run was started with")
+        raise CheckpointError(f"{directory}: the parameters that train are not the checkpoint's (only there: {missing[:3]}; only "
+                              f"here: {extra[:3]}): the model or trainable settings changed, which no resume can bridge; resume "
+                              "with the settings the run was started with, or start a new run (init_from this one)")
     stored = read_tensors(directory / OPTIMIZER)
     fresh = optimizer.state_dict()
     by_name = dict(zip(mine, (i for g in fresh["param_groups"] for i in g["params"])))

@@ -135,3 +135,18 @@ def test_an_encoder_whose_weights_changed_is_refused(tmp_path, tiny_llm_dir):
         check_handoff(spec, stage1)
     with pytest.raises(CheckpointError, match="its weight files differ"):
         load_pretrained(stage1)
+
+
+def test_a_full_disk_reported_by_safetensors_is_named(tmp_path, monkeypatch):
+    """safetensors raises its own SafetensorError for I/O failures (ENOSPC included), not an OSError."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step-00000003: the disk is full"):
+        with CheckpointWriter(step_directory(tmp_path, 3), step=3) as writer:
+            writer.tensors("model.safetensors", {})
+    assert not list((tmp_path / "checkpoints").iterdir())

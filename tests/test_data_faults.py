@@ -162,3 +162,18 @@ def test_a_sample_longer_than_pack_length_is_counted_not_fatal(tmp_path, process
     stream = BatchStream(dataset, num_workers=0, failures=failures)
     assert sorted(stream.next_batch()[1]["keys"]) == ["p-000000.tar:a", "p-000000.tar:b"]
     assert "do not fit data.pack_length=40" in failures.failures["p-000000.tar:long"][0]
+
+
+def test_a_shard_missing_from_disk_or_copied_twice_is_counted(made, caplog):
+    import shutil
+
+    shutil.copy(made / "train-000000.tar", made / "train-000009.tar")  # a copy under another name
+    (made / "train-000001.tar").unlink()  # listed in manifest.json, gone from disk
+    failures = FailureBudget(100)
+    pattern = str(made / "train-*.tar")
+    catalog = ShardCatalog(sorted(str(p) for p in made.glob("train-*.tar")), failures, patterns=pattern)
+    assert catalog.counts == [10, 0]
+    assert failures.failures["train-000001.tar:<missing shard>"] == (
+        "manifest.json lists this shard with 10 samples, but the file is not there; copy it back or write the shards again", 10)
+    assert "is a copy of train-000000.tar" in failures.failures["train-000009.tar:<copy>"][0]
+    assert "train-000009.tar is not listed in the manifest.json beside it" in caplog.text
