@@ -77,6 +77,9 @@ class CheckpointWriter:
         self.path = self.target.with_name(f".{self.target.name}.tmp-{os.getpid()}")
 
     def __enter__(self) -> "CheckpointWriter":
+        if self.target.exists() and read_marker(self.target) is None and (not self.target.is_dir() or any(self.target.iterdir())):
+            raise CheckpointError(f"{self.target} exists and is not an mmdomain checkpoint; saving there would replace it whole: "
+                                  "choose a new or empty directory")
         self.target.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # left by an earlier attempt of this same process id
             shutil.rmtree(self.path)

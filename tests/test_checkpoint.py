@@ -150,3 +150,15 @@ def test_a_full_disk_reported_by_safetensors_is_named(tmp_path, monkeypatch):
         with CheckpointWriter(step_directory(tmp_path, 3), step=3) as writer:
             writer.tensors("model.safetensors", {})
     assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_saving_over_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path, tiny_llm_dir):
+    model, proc = build_model(_spec(tiny_llm_dir))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="mine exists and is not an mmdomain checkpoint"):
+        save_pretrained(model, proc, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    save_pretrained(model, proc, tmp_path / "ckpt")
+    save_pretrained(model, proc, tmp_path / "ckpt")  # a checkpoint is replaced whole, atomically
+    verify(tmp_path / "ckpt")
