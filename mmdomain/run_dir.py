@@ -156,7 +156,13 @@ def _restore_interrupted_overwrite(run_dir: Path) -> None:
     """An overwrite that died before the new run's first checkpoint leaves the old run in ``.replaced/``: it is still
     this directory's run, so it goes back in place (the dead attempt's own files never held a checkpoint)."""
     aside = run_dir / REPLACED
-    if not aside.is_dir() or latest_checkpoint(run_dir) is not None:
+    if not aside.is_dir():
+        return
+    if latest_checkpoint(run_dir) is not None:  # the new run saved; only the deletion of the old one was cut short
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    if not _never_saved(run_dir):
+        log.warning("%s holds both a replaced run (%s) and files of another; neither is touched: keep the one you want", run_dir, aside)
         return
     _clear_run_files(run_dir)
     for path in aside.iterdir():
@@ -179,8 +185,11 @@ def newest_usable_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _never_saved(run_dir: Path) -> bool:
-    """Only the files of an attempt that died before its first checkpoint (nothing of value to keep)."""
-    return not (run_dir / "checkpoint").exists() and not (run_dir / "result.json").exists() and latest_checkpoint(run_dir) is None
+    """Only the files of an attempt that died before its first checkpoint (nothing of value to keep): no checkpoint
+    of any kind (not even a folder someone copied in without its marker) and no result."""
+    checkpoints = run_dir / CHECKPOINTS
+    saved = [p for p in checkpoints.iterdir() if p.name != "latest"] if checkpoints.is_dir() else []
+    return not (run_dir / "checkpoint").exists() and not (run_dir / "result.json").exists() and not saved
 
 
 def _what_is_there(run_dir: Path) -> str:

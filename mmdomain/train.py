@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .builder import base_identities, build_model, check_handoff, load_handoff, load_weights, write_model
-from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, step_directory
+from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, read_marker, step_directory
 from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards
 from .errors import CheckpointError, MmdomainError, RunInterrupted
 from .evaluate import evaluate_shards, to_device
@@ -162,6 +162,10 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         state.seconds = earlier_seconds + time.perf_counter() - started
         state.failures = failures.state()
         target = step_directory(run_dir, step)
+        if target.exists() and read_marker(target) is None:  # not ours: a copy or an edit; kept, under another name
+            kept_as = target.with_name(f"{target.name}.set-aside-{int(time.time())}")
+            target.rename(kept_as)
+            log.warning("%s was not a complete checkpoint; it is kept as %s and step %d is saved in its place", target, kept_as, step)
         try:
             with CheckpointWriter(target, step=step) as writer:
                 write_model(writer, model, processor, bases)

@@ -210,7 +210,9 @@ def test_a_checkpoint_folder_without_its_marker_is_skipped_not_deleted(tiny_llm_
     train(_recipe(tiny_llm_dir, shards, run, optim__max_steps=4))
     (step_directory(run, 4) / "COMPLETE").unlink()  # a copy in progress, say
     assert train(_recipe(tiny_llm_dir, shards, run, optim__max_steps=5, resume=True))["resumed_at"] == [2]
-    assert (step_directory(run, 4) / "model.safetensors").is_file()
+    kept = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step-00000004.set-aside-")]
+    assert len(kept) == 1 and (kept[0] / "model.safetensors").is_file()  # the marker-less folder was kept, renamed
+    assert [s for s, _ in complete_checkpoints(run)][-1] == 5
 
 
 def test_a_run_directory_given_to_the_cli_is_where_the_run_continues(tiny_llm_dir, shards, tmp_path):
