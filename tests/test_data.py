@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -16,6 +15,8 @@ from mmdomain.builder import build_model
 from mmdomain.shards import ShardError, make_shards, read_manifest
 from mmdomain.spec import ModelSpec
 from mmdomain.train_stream import BatchStream, Position, TrainBatches
+
+from .conftest import write_tar
 
 
 GENERIC = build_domain("generic")
@@ -78,14 +79,6 @@ def test_make_shards_refuses_to_mix_with_existing_shards(tmp_path):
     make_shards(src, media, tmp_path / "shards", overwrite=True)
 
 
-def _raw_shard(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def _png():
     buf = io.BytesIO()
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(buf, format="PNG")
@@ -97,7 +90,7 @@ GOOD = json.dumps({"conversations": [{"role": "user", "content": "<image> where 
 
 def test_reader_counts_and_names_bad_samples_then_stops(tmp_path):
     shard = tmp_path / "s-000000.tar"
-    _raw_shard(shard, [
+    write_tar(shard, [
         ("ok.json", GOOD), ("ok.0.png", _png()),
         ("evil.json", GOOD), ("evil.0.pickle", b"\x80\x04K\x01."),           # not an allowed decoder
         ("nofield.json", json.dumps({"caption": "x"}).encode()),               # missing field
@@ -115,7 +108,7 @@ def test_reader_counts_and_names_bad_samples_then_stops(tmp_path):
 
 def test_expand_shards_errors_and_braces(tmp_path):
     for i in range(3):
-        _raw_shard(tmp_path / f"t-{i:06d}.tar", [("k.json", GOOD)])
+        write_tar(tmp_path / f"t-{i:06d}.tar", [("k.json", GOOD)])
     assert len(expand_shards(str(tmp_path / "t-{000000..000002}.tar"))) == 3
     with pytest.raises(DataError, match="matches no file"):
         expand_shards(str(tmp_path / "nothing-*.tar"))
@@ -186,7 +179,7 @@ def test_plain_image_text_shards_with_named_members(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="JPEG")
     shard = tmp_path / "laion-000000.tar"
-    _raw_shard(shard, [("000001.jpg", buf.getvalue()), ("000001.txt", b"a chest x-ray\n"), ("000001.json", b'{"url": "x"}'),
+    write_tar(shard, [("000001.jpg", buf.getvalue()), ("000001.txt", b"a chest x-ray\n"), ("000001.json", b'{"url": "x"}'),
                        ("000002.txt", b"no image here")])
     failures = FailureBudget(1)
     layout = SampleFormat(media_keys=("jpg",), caption_key="txt", caption_prompt="describe .")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -18,6 +17,8 @@ from mmdomain.shards import make_shards
 from mmdomain.spec import ModelSpec
 from mmdomain.train_stream import BatchStream, TrainBatches
 
+from .conftest import write_tar
+
 GENERIC = build_domain("generic")
 
 
@@ -29,15 +30,6 @@ def _png(value: int = 0) -> bytes:
 
 def _json(answer: str = "left") -> bytes:
     return json.dumps({"conversations": [{"role": "user", "content": "<image> where ?"}, {"role": "assistant", "content": answer}]}).encode()
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _sample(key: str, value: int = 0):
@@ -82,7 +74,7 @@ def test_shard_cut_at_a_member_boundary_is_caught_by_the_manifest(made):
 
 
 def test_duplicate_keys_adjacent_and_apart_are_named_and_skipped(tmp_path):
-    shard = _tar(tmp_path / "d-000000.tar", [
+    shard = write_tar(tmp_path / "d-000000.tar", [
         *_sample("a"),
         ("b.json", _json()), ("b.json", _json("right")), ("b.0.png", _png()),  # adjacent: which json is meant?
         *_sample("c"),
@@ -114,7 +106,7 @@ def processor(tiny_llm_dir):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_bad_sample_counts_once_over_epochs_and_workers(tmp_path, processor, workers):
     good = [m for i in range(11) for m in _sample(f"g{i}")]
-    shard = _tar(tmp_path / "b-000000.tar", [*good, ("bad.json", _json()), ("bad.0.png", b"not a png")])
+    shard = write_tar(tmp_path / "b-000000.tar", [*good, ("bad.json", _json()), ("bad.0.png", b"not a png")])
     failures = FailureBudget(1)
     dataset = TrainBatches(ShardCatalog([shard], failures), processor, layout=SampleFormat(), seed=0, shuffle_buffer=4, limit=None, batch_size=4)
     stream = BatchStream(dataset, num_workers=workers, failures=failures)
@@ -128,7 +120,7 @@ def test_a_bad_sample_counts_once_over_epochs_and_workers(tmp_path, processor, w
 def test_the_budget_is_global_across_workers(tmp_path, processor, workers):
     members = [m for i in range(8) for m in _sample(f"g{i}")]
     members += [m for i in range(3) for m in [(f"bad{i}.json", _json()), (f"bad{i}.0.png", b"nope")]]
-    shard = _tar(tmp_path / "b-000000.tar", members)
+    shard = write_tar(tmp_path / "b-000000.tar", members)
     failures = FailureBudget(2)
     dataset = TrainBatches(ShardCatalog([shard], failures), processor, layout=SampleFormat(), seed=0, shuffle_buffer=0, limit=None, batch_size=2)
     stream = BatchStream(dataset, num_workers=workers, failures=failures)
@@ -140,7 +132,7 @@ def test_the_budget_is_global_across_workers(tmp_path, processor, workers):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_shard_that_changes_under_a_worker_is_one_clear_error(tmp_path, processor, workers):
-    shard = _tar(tmp_path / "c-000000.tar", [m for i in range(8) for m in _sample(f"g{i}")])
+    shard = write_tar(tmp_path / "c-000000.tar", [m for i in range(8) for m in _sample(f"g{i}")])
     failures = FailureBudget(0)
     dataset = TrainBatches(ShardCatalog([shard], failures), processor, layout=SampleFormat(), seed=0, shuffle_buffer=0, limit=None, batch_size=4)
     with open(shard, "r+b") as f:
@@ -155,7 +147,7 @@ def test_a_shard_that_changes_under_a_worker_is_one_clear_error(tmp_path, proces
 def test_a_sample_longer_than_pack_length_is_counted_not_fatal(tmp_path, processor):
     long_answer = json.dumps({"conversations": [{"role": "user", "content": "<image> where ?"},
                                                 {"role": "assistant", "content": " ".join(["left"] * 40)}]}).encode()
-    shard = _tar(tmp_path / "p-000000.tar", [*_sample("a"), *_sample("b"), ("long.json", long_answer), ("long.0.png", _png())])
+    shard = write_tar(tmp_path / "p-000000.tar", [*_sample("a"), *_sample("b"), ("long.json", long_answer), ("long.0.png", _png())])
     failures = FailureBudget(1)
     dataset = TrainBatches(ShardCatalog([shard], failures), processor, layout=SampleFormat(), seed=0, shuffle_buffer=0, limit=None,
                            batch_size=3, pack_length=40)

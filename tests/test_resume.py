@@ -9,17 +9,16 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from mmdomain.checkpoint import complete_checkpoints, latest_checkpoint
 from mmdomain.shards import make_shards
+
+from .conftest import with_changes, write_side_task
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 STEPS, SAVE_EVERY = 10, 3
@@ -29,16 +28,7 @@ STEPS, SAVE_EVERY = 10, 3
 def task(tmp_path_factory, tiny_llm_dir):
     """64 samples in 4 shards of a bright-left / bright-right task, and a recipe writer."""
     root = tmp_path_factory.mktemp("resume")
-    (root / "media").mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(64):
-        side = ["left", "right"][i % 2]
-        img = rng.normal(100, 10, (32, 32))
-        img[:, :16 if side == "left" else 16:] += 80
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "media" / f"{i}.png")
-        rows.append({"id": f"x{i}", "image": f"{i}.png", "question": "where is the lesion ?", "answer": side, "choices": ["left", "right"]})
-    (root / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_side_task(root)
     make_shards(root / "samples.jsonl", root / "media", root / "shards", samples_per_shard=16)
 
     def recipe(name: str, **changes) -> Path:
@@ -50,14 +40,8 @@ def task(tmp_path_factory, tiny_llm_dir):
             "output_dir": str(root / "runs" / name), "seed": 0, "threads": 1, "log_every": 1, "save_every": SAVE_EVERY,
             "keep_last": 5, "log_sample_keys": True,
         }
-        for key, value in changes.items():
-            node = data
-            *parents, leaf = key.split("__")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
         path = root / f"{name}.yaml"
-        path.write_text(json.dumps(data))
+        path.write_text(json.dumps(with_changes(data, changes)))
         return path
 
     recipe.root = root

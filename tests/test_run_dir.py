@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ from mmdomain.recipe import validate_recipe
 from mmdomain.run_dir import REPLACED, ResumeError, RunDirectoryError, RunLock
 from mmdomain.shards import make_shards
 from mmdomain.train import train
+
+from .conftest import with_changes
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 
@@ -42,13 +43,7 @@ def _recipe(llm_dir, shards, out, **changes):
                       "llm": {"path": llm_dir}, "max_length": 64},
             "data": {"train": shards, "shuffle_buffer": 8}, "optim": {"max_steps": 6, "batch_size": 4, "lr": 3e-3},
             "output_dir": str(out), "save_every": 2, "log_every": 1}
-    for key, value in changes.items():
-        node = data
-        *parents, leaf = key.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return validate_recipe(data)
+    return validate_recipe(with_changes(data, changes))
 
 
 def test_a_second_run_into_the_same_folder_is_refused_with_the_ways_out(tiny_llm_dir, shards, tmp_path):

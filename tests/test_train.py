@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mmdomain.cli import main
 from mmdomain.builder import build_model, load_pretrained
@@ -15,6 +14,8 @@ from mmdomain.model import MultimodalLM
 from mmdomain.recipe import validate_recipe
 from mmdomain.train import NonFiniteLossError, lr_factor, train
 from mmdomain.trainability import apply_trainable, param_groups, trainable_table
+
+from .conftest import with_changes, write_side_task
 
 
 
@@ -33,13 +34,7 @@ def _spec(llm_dir, **llm):
 def _recipe(llm_dir, shards, out, **extra):
     data = {"model": _spec(llm_dir), "data": {"train": shards, "eval": shards, "shuffle_buffer": 16},
             "optim": {"max_steps": 30, "batch_size": 8, "lr": 3e-3, "warmup_steps": 3}, "output_dir": str(out), "log_every": 5, "seed": 0}
-    for key, value in extra.items():
-        node = data
-        *parents, leaf = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return validate_recipe(data)
+    return validate_recipe(with_changes(data, extra))
 
 
 def test_trainable_switches_globs_and_groups(tiny_llm_dir):
@@ -60,17 +55,7 @@ def test_trainable_switches_globs_and_groups(tiny_llm_dir):
 def shard_dir(tmp_path_factory):
     """Tiny learnable task: a bright left or right half; answer 'left' or 'right'."""
     root = tmp_path_factory.mktemp("task")
-    (root / "media").mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(64):
-        side = ["left", "right"][i % 2]
-        img = rng.normal(100, 10, (32, 32))
-        img[:, :16] += 80 if side == "left" else 0
-        img[:, 16:] += 80 if side == "right" else 0
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "media" / f"{i}.png")
-        rows.append({"id": f"x{i}", "image": f"{i}.png", "question": "where is the lesion ?", "answer": side, "choices": ["left", "right"]})
-    (root / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_side_task(root)
     return root
 
 
