@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from .data import FailureBudget, Record, SampleFormat, expand_shards, iter_records
-from .model import MultimodalLM
 from .media import MediaBatch
+from .model import MultimodalLM
 from .processor import MultimodalProcessor
 
 log = logging.getLogger(__name__)
