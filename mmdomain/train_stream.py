@@ -107,13 +107,13 @@ class TrainBatches(IterableDataset):
 
     def _batch(self, local: int, numbers: np.ndarray) -> dict[str, Any]:
         samples, failures = [], []
-        reader, media_token = self.catalog.reader, self.processor.media_token
+        reader, media_token, domains = self.catalog.reader, self.processor.media_token, self.processor.domains
         for number in numbers.tolist():
             shard = int(np.searchsorted(self.offsets[1:], number, side="right"))
             within = number - int(self.offsets[shard])
             key = reader.key(shard, within)
             try:
-                record = decode_sample(reader.read(shard, within), key, self.layout, self.processor.domains, media_token)
+                record = decode_sample(reader.read(shard, within), key, self.layout, domains, media_token)
                 sample = self.processor(record.conversations, record.media, key=record.key)
                 if self.pack_length is not None and len(sample.input_ids) > self.pack_length:
                     raise SampleError(f"{len(sample.input_ids)} tokens do not fit data.pack_length={self.pack_length}; raise it")
