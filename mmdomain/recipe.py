@@ -93,7 +93,9 @@ class Optim(_Strict):
     @model_validator(mode="after")
     def _length(self) -> "Optim":
         if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of optim.max_steps and optim.epochs")
+            given = "both" if self.max_steps is not None else "neither"
+            raise ValueError(f"give exactly one of optim.max_steps and optim.epochs ({given} given); on the command line "
+                             "optim.max_steps=N or optim.epochs=E replaces the other, or set one to null")
         return self
 
 
@@ -177,8 +179,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Fields of which a recipe gives exactly one: an override that sets one clears the others the recipe set, so
+# `optim.max_steps=200` works on a recipe written with `optim.epochs` (unless the same command sets both).
+EXCLUSIVE_FIELDS = (("optim", ("max_steps", "epochs")),)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides; the value is parsed as a YAML scalar/flow value (``1e-3``, ``[a, b]``, ``null``)."""
+    overridden = {item.partition("=")[0] for item in overrides}
+    given = {key for key, _, raw in (item.partition("=") for item in overrides) if raw.strip() not in ("", "null", "~", "Null", "NULL")}
+    for parent, names in EXCLUSIVE_FIELDS:
+        for name in names:
+            key = f"{parent}.{name}"
+            if key in given and isinstance(data.get(parent), dict):
+                for other in names:
+                    if other != name and f"{parent}.{other}" not in overridden:
+                        data[parent].pop(other, None)
     for item in overrides:
         dotted, sep, raw = item.partition("=")
         if not sep or not dotted:

@@ -56,8 +56,10 @@ def test_duplicate_key_names_both_lines(tmp_path):
 def test_types_and_rules_are_checked(tmp_path):
     with pytest.raises(RecipeError, match="optim.batch_size: .*got 'many'"):
         load_recipe(_write(tmp_path, MINIMAL), ["optim.batch_size=many"])
-    with pytest.raises(RecipeError, match="exactly one of optim.max_steps and optim.epochs"):
-        load_recipe(_write(tmp_path, MINIMAL), ["optim.epochs=2"])
+    with pytest.raises(RecipeError, match=r"exactly one of optim.max_steps and optim.epochs \(both given\).*set one to null"):
+        load_recipe(_write(tmp_path, MINIMAL), ["optim.epochs=2", "optim.max_steps=3"])
+    with pytest.raises(RecipeError, match=r"exactly one of optim.max_steps and optim.epochs \(neither given\)"):
+        load_recipe(_write(tmp_path, MINIMAL), ["optim.max_steps=null"])
     with pytest.raises(RecipeError, match="model.llm.lora is not set"):
         load_recipe(_write(tmp_path, MINIMAL), ["trainable.llm=lora"])
     with pytest.raises(RecipeError, match="data: required field is missing"):
@@ -70,6 +72,18 @@ def test_overrides_parse_yaml_values(tmp_path):
     assert recipe.optim.lr == 2e-4 and recipe.trainable.params == ["llm.*lm_head*"] and recipe.model.llm.lora.r == 8
     with pytest.raises(RecipeError, match="not key=value"):
         load_recipe(_write(tmp_path, MINIMAL), ["optim.lr"])
+
+
+def test_an_override_of_the_run_length_replaces_the_other_length_field(tmp_path):
+    # Every shipped real recipe sets optim.epochs; the README's `optim.max_steps=200` must work on them as written.
+    epochs = load_recipe(_write(tmp_path, MINIMAL), ["optim.epochs=2"])
+    assert epochs.optim.epochs == 2 and epochs.optim.max_steps is None
+    shipped = next(p for p in RECIPES if "medical/align" in str(p))
+    assert load_recipe(shipped).optim.epochs is not None
+    steps = load_recipe(shipped, ["optim.max_steps=200", "model.llm.path=/data/qwen"])
+    assert steps.optim.max_steps == 200 and steps.optim.epochs is None and steps.model.llm.path == "/data/qwen"
+    both = load_recipe(shipped, ["optim.max_steps=200", "optim.epochs=null"])
+    assert both.optim.max_steps == 200 and both.optim.epochs is None
 
 
 def test_components_are_registry_names_not_python_paths(tmp_path):
