@@ -14,7 +14,7 @@ from .base import Encoder, EncoderInfo
 from .errors import EncoderError
 from .transforms import AudioTransform, ImageTransform, audio_transform, image_transform
 
-__all__ = ["AudioTransform", "Encoder", "EncoderError", "EncoderInfo", "ImageTransform", "audio_transform", "check_options",
+__all__ = ["AudioTransform", "Encoder", "EncoderError", "EncoderInfo", "ImageTransform", "audio_transform", "check_encoder", "check_options",
            "create_encoder", "describe_encoders", "diagnose_weights", "image_transform", "list_encoders", "register_encoder"]
 
 
@@ -32,6 +32,13 @@ def check_options(name: str, options: dict[str, Any]) -> None:
     REGISTRY.check_options(name, options)
 
 
+def check_encoder(name: str, options: dict[str, Any]) -> None:
+    """Raise the ``EncoderError`` that ``create_encoder(name, **options)`` would raise for a wrong name, an unknown
+    option, a local directory or weights file that does not exist, or a family tower that would start from random
+    weights without ``random_init=True``; loads no weights, so a recipe can be checked before it runs."""
+    REGISTRY.check(name, options)
+
+
 def list_encoders() -> list[str]:
     return REGISTRY.names()
 
@@ -41,18 +48,21 @@ def describe_encoders() -> dict[str, str]:
     return REGISTRY.describe()
 
 
-def register_encoder(name: str, builder: Callable[..., Any], *, family: bool = False, description: str = "") -> None:
-    """Add an encoder builder. ``family=True`` makes ``name:<spec>`` call ``builder(spec, **options)``."""
-    REGISTRY.register(name, builder, family=family, description=description)
+def register_encoder(name: str, builder: Callable[..., Any], *, family: bool = False, description: str = "",
+                     locate: Callable[..., Any] | None = None) -> None:
+    """Add an encoder builder. ``family=True`` makes ``name:<spec>`` call ``builder(spec, **options)``. ``locate``
+    (optional, same arguments) raises what the builder would for a missing file or spec, without building."""
+    REGISTRY.register(name, builder, family=family, description=description, locate=locate)
 
 
-register_encoder("timm", lazy("encoders.timm_encoder", "build_timm_encoder"), family=True,
+register_encoder("timm", lazy("encoders.timm_encoder", "build_timm_encoder"), family=True, locate=lazy("encoders.timm_encoder", "locate_timm_weights"),
                  description="any timm architecture; weights= a local file (or random_init=True)")
 register_encoder("open_clip", lazy("encoders.open_clip_encoder", "build_open_clip_encoder"), family=True,
+                 locate=lazy("encoders.open_clip_encoder", "locate_open_clip"),
                  description="an open_clip visual tower from a local open_clip_config.json directory (or a model name with weights= or random_init=True)")
-register_encoder("hf", lazy("encoders.hf_vision", "build_hf_vision_encoder"), family=True,
+register_encoder("hf", lazy("encoders.hf_vision", "build_hf_vision_encoder"), family=True, locate=lazy("encoders.hf_vision", "locate_hf_vision"),
                  description="a transformers vision tower (CLIP, SigLIP, DINOv2, AutoModel) from a local dir (or a model type with random_init=True)")
-register_encoder("hf_audio", lazy("encoders.hf_audio", "build_hf_audio_encoder"), family=True,
+register_encoder("hf_audio", lazy("encoders.hf_audio", "build_hf_audio_encoder"), family=True, locate=lazy("encoders.hf_audio", "locate_hf_audio"),
                  description="a transformers audio encoder (Whisper encoder, wav2vec2 / HuBERT, CLAP) from a local dir (or a model type with random_init=True)")
 register_encoder("tiny-vit", lazy("encoders.testing", "build_tiny_vit"),
                  description="tiny random-init ViT with fixed sin-cos positions, for tests and the CPU demo")

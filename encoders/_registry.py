@@ -14,6 +14,7 @@ from .errors import EncoderOptionError, UnknownEncoderError, UnknownOptionError
 class _Entry:
     builder: Callable[..., Any]
     description: str
+    locate: Callable[..., Any] | None = None
 
 
 class EncoderRegistry:
@@ -30,13 +31,14 @@ class EncoderRegistry:
         self._exact: dict[str, _Entry] = {}
         self._families: dict[str, _Entry] = {}
 
-    def register(self, name: str, builder: Callable[..., Any], *, family: bool = False, description: str = "") -> None:
+    def register(self, name: str, builder: Callable[..., Any], *, family: bool = False, description: str = "",
+                 locate: Callable[..., Any] | None = None) -> None:
         if not name or ":" in name:
             raise ValueError(f"encoder name {name!r} must be non-empty and must not contain ':' (':' separates a family from its spec)")
         table = self._families if family else self._exact
         if name in self._exact or name in self._families:
             raise ValueError(f"encoder {name!r} is already registered; pick another name (registered: {', '.join(self.names())})")
-        table[name] = _Entry(builder, description)
+        table[name] = _Entry(builder, description, locate)
 
     def names(self) -> list[str]:
         return sorted(self._exact) + sorted(f"{f}:<spec>" for f in self._families)
@@ -73,6 +75,16 @@ class EncoderRegistry:
                 hint = f" Did you mean {near[0]!r}?" if near else ""
                 raise UnknownOptionError(f"encoder {name!r} has no option {option!r}.{hint} "
                                          f"Its options: {', '.join(accepted) or '(none)'}")
+
+    def check(self, name: str, options: dict[str, Any]) -> None:
+        """Everything ``create`` would refuse before building: an unknown name, unknown options and, for a family with
+        a ``locate`` function, a spec or weights file that does not exist, or a random tower not asked for. Reads
+        configs and file headers only."""
+        builder, family_spec = self._find(name)
+        self.check_options(name, options)
+        entry = self._exact.get(name) if family_spec is None else self._families[name.partition(":")[0]]
+        if entry is not None and entry.locate is not None:
+            entry.locate(name if family_spec is None else family_spec, **options)
 
     def _find(self, name: str) -> tuple[Callable[..., Any], str | None]:
         """(builder, spec): spec is None for an exact name, the part after ':' for a family name."""

@@ -102,6 +102,17 @@ def random_init_refused(source: str, reason: str, how_to_give_weights: str) -> R
     )
 
 
+UNKNOWN_LICENSE = "unknown"
+
+
+def declared_license(license: str | None, has_weights: bool) -> str:
+    """The licence an EncoderInfo records: the user's word (the ``license`` option) or ``unknown``. Weights come from
+    a user's file, and a library's default metadata describes its own release, not the file actually loaded."""
+    if license:
+        return license
+    return UNKNOWN_LICENSE if has_weights else "n/a (random init)"
+
+
 def check_random_init(source: str, random_init: bool, weights_given: bool) -> None:
     if random_init and weights_given:
         raise EncoderOptionError(f"{source}: random_init=True and weights were both given; drop one "

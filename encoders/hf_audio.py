@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._hf_loading import known_model_type, load_pruned
-from .base import EncoderInfo, check_random_init, random_init_refused, resolve_layer
+from .base import EncoderInfo, check_random_init, declared_license, random_init_refused, resolve_layer
 from .errors import EncoderNotFoundError, EncoderOptionError, UnknownEncoderError
 
 _WHISPER = ("whisper",)
@@ -73,17 +73,12 @@ class HFAudioEncoder(nn.Module):
         return self.model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
-def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, random_init: bool = False, layer: int = -1,
-                           clip_seconds: float | None = None, license: str | None = None) -> HFAudioEncoder:
-    """``hf_audio:/models/whisper-small`` (the encoder half is kept) or ``hf_audio:wav2vec2`` / ``hubert`` /
-    ``whisper`` with ``random_init=True`` and ``config={...}`` for a random-init model. ``clip_seconds`` sets the
-    wav2vec2-family clip length (Whisper's is fixed by its positions: 30 s for released models)."""
-    import transformers
-
+def locate_hf_audio(spec: str, *, random_init: bool = False, **_: Any) -> tuple[Path | None, str]:
+    """(local directory or None, model type) for ``hf_audio:<spec>``, or the EncoderError building it would raise;
+    reads only config.json, so a recipe's encoder can be checked before anything loads."""
     path = Path(spec).expanduser()
-    local = path.is_dir()
     source = f"hf_audio:{spec}"
-    if local:
+    if path.is_dir():
         if not (path / "config.json").is_file():
             raise EncoderNotFoundError(f"{str(path)!r} has no config.json; it is not a transformers model directory")
         model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
@@ -96,11 +91,25 @@ def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, r
         model_type = known_model_type(spec, source, "hf_audio:DIR")
     if model_type not in _WHISPER + _WAV2VEC + _CLAP:
         raise UnknownEncoderError(f"hf_audio supports {', '.join(_WHISPER + _WAV2VEC + _CLAP)}; got model type {model_type!r}")
-    check_random_init(source, random_init, local)
-    if not local and not random_init:
+    check_random_init(source, random_init, path.is_dir())
+    if not path.is_dir() and not random_init:
         raise random_init_refused(source, f"{spec!r} is not a local directory, so it names a model type whose encoder "
                                   "would be built from config alone",
                                   "the local model directory, hf_audio:DIR (e.g. from `huggingface-cli download <repo> --local-dir DIR`)")
+    return (path if path.is_dir() else None), model_type
+
+
+def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, random_init: bool = False, layer: int = -1,
+                           clip_seconds: float | None = None, license: str | None = None) -> HFAudioEncoder:
+    """``hf_audio:/models/whisper-small`` (the encoder half is kept) or ``hf_audio:wav2vec2`` / ``hubert`` /
+    ``whisper`` with ``random_init=True`` and ``config={...}`` for a random-init model. ``clip_seconds`` sets the
+    wav2vec2-family clip length (Whisper's is fixed by its positions: 30 s for released models)."""
+    import transformers
+
+    found, model_type = locate_hf_audio(spec, random_init=random_init)
+    local = found is not None
+    path = found or Path(spec)
+    source = f"hf_audio:{spec}"
     if local:
         cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     else:
@@ -140,7 +149,7 @@ def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, r
     info = EncoderInfo(
         modality="audio", embed_dim=dim, input_size=(samples,), patch_size=(max(1, samples // tokens),), channels=1,
         mean=(0.0,), std=(1.0,), source=source,
-        license=license or ("see the model directory's README" if local else "n/a (random init)"),
+        license=declared_license(license, local),
         layer=layer, sample_rate=sample_rate, exact_tokens=tokens, weights=str(path) if local else None,
     )
     return HFAudioEncoder(model, info, is_last, kind, normalize, features)
@@ -174,7 +183,7 @@ def _build_clap(path: Path | None, cfg: Any, layer: int, license: str | None) ->
         grid = model(**probe).last_hidden_state.shape  # [1, D, F, T]
     info = EncoderInfo(
         modality="audio", embed_dim=int(grid[1]), input_size=(samples,), patch_size=(samples // (grid[2] * grid[3]),), channels=1,
-        mean=(0.0,), std=(1.0,), source=f"hf_audio:{path or 'clap'}", license=license or ("see the model directory's README" if path else "n/a (random init)"),
+        mean=(0.0,), std=(1.0,), source=f"hf_audio:{path or 'clap'}", license=declared_license(license, path is not None),
         layer=layer, sample_rate=int(features.sampling_rate), exact_tokens=int(grid[2] * grid[3]),
         weights=str(path) if path is not None else None,
     )

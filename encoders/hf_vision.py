@@ -10,7 +10,7 @@ from torch import nn
 
 from ._hf_loading import known_model_type, load_pruned
 from .base import (HALF, IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderInfo, as_pair, check_random_init,
-                   fit_channels, random_init_refused, resolve_layer)
+                   declared_license, fit_channels, random_init_refused, resolve_layer)
 from .errors import EncoderNotFoundError
 
 # model_type -> (transformers class name, default mean, default std, prefix tokens before the patches)
@@ -51,6 +51,30 @@ def _vision_config(config: Any) -> Any:
     return getattr(config, "vision_config", None) or config
 
 
+def locate_hf_vision(spec: str, *, random_init: bool = False, **_: Any) -> tuple[Path | None, str]:
+    """(local directory or None, model type) for ``hf:<spec>``, or the EncoderError building it would raise; reads
+    only config.json, so a recipe's encoder can be checked before anything loads."""
+    path = Path(spec).expanduser()
+    source = f"hf:{spec}"
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise EncoderNotFoundError(f"{str(path)!r} has no config.json; it is not a transformers model directory")
+        check_random_init(source, random_init, True)
+        return path, json.loads(cfg_file.read_text()).get("model_type", "")
+    if "/" in spec or spec.startswith((".", "~")):
+        raise EncoderNotFoundError(
+            f"transformers model directory {spec!r} does not exist. mmdomain never downloads (hub ids included): "
+            "download it yourself, e.g. `huggingface-cli download <repo> --local-dir DIR`, and pass hf:DIR"
+        )
+    model_type = known_model_type(_ALIASES.get(spec, spec), source, "hf:DIR")
+    if not random_init:
+        raise random_init_refused(source, f"{spec!r} is not a local directory, so it names a model type (here "
+                                  f"{model_type!r}) whose tower would be built from config alone",
+                                  "the local model directory, hf:DIR (e.g. from `huggingface-cli download <repo> --local-dir DIR`)")
+    return None, model_type
+
+
 def build_hf_vision_encoder(
     spec: str,
     *,
@@ -66,26 +90,9 @@ def build_hf_vision_encoder(
     """
     import transformers
 
-    path = Path(spec).expanduser()
-    local = path.is_dir()
-    source = f"hf:{spec}"
-    if local:
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise EncoderNotFoundError(f"{str(path)!r} has no config.json; it is not a transformers model directory")
-        model_type = json.loads(cfg_file.read_text()).get("model_type", "")
-    elif "/" in spec or spec.startswith((".", "~")):
-        raise EncoderNotFoundError(
-            f"transformers model directory {spec!r} does not exist. mmdomain never downloads (hub ids included): "
-            "download it yourself, e.g. `huggingface-cli download <repo> --local-dir DIR`, and pass hf:DIR"
-        )
-    else:
-        model_type = known_model_type(_ALIASES.get(spec, spec), source, "hf:DIR")
-    check_random_init(source, random_init, local)
-    if not local and not random_init:
-        raise random_init_refused(source, f"{spec!r} is not a local directory, so it names a model type (here "
-                                  f"{model_type!r}) whose tower would be built from config alone",
-                                  "the local model directory, hf:DIR (e.g. from `huggingface-cli download <repo> --local-dir DIR`)")
+    found, model_type = locate_hf_vision(spec, random_init=random_init)
+    local = found is not None
+    path = found or Path(spec)
     class_name, mean, std, num_prefix = _KNOWN.get(model_type, ("AutoModel", IMAGENET_MEAN, IMAGENET_STD, 1))
     model_class = getattr(transformers, class_name)
 
@@ -121,7 +128,7 @@ def build_hf_vision_encoder(
         mean=fit_channels(tuple(mean), channels),
         std=fit_channels(tuple(std), channels),
         source=f"hf:{spec}",
-        license=license or ("see the model directory's README" if local else "n/a (random init)"),
+        license=declared_license(license, local),
         layer=layer,
         num_prefix_tokens=num_prefix if keep_cls else 0,
         weights=str(path) if local else None,

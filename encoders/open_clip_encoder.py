@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checkpoint import describe_key_mismatch, read_state_dict
-from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderInfo, as_pair, check_random_init, fit_channels, random_init_refused, resolve_layer
+from ._checkpoint import describe_key_mismatch, existing_weights_file, read_state_dict
+from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderInfo, as_pair, check_random_init, declared_license, fit_channels,
+                   random_init_refused, resolve_layer)
 from .errors import EncoderNotFoundError, UnknownEncoderError, WeightsMismatchError
 
 _WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
@@ -67,6 +68,20 @@ def _model_config(spec: str) -> tuple[dict[str, Any], dict[str, Any], Path | Non
     return copy.deepcopy(cfg), dict(cfg.get("preprocess_cfg", {})), None
 
 
+def locate_open_clip(spec: str, *, weights: str | None = None, random_init: bool = False,
+                     **_: Any) -> tuple[dict[str, Any], dict[str, Any], Path | None]:
+    """(model config, preprocess config, weights file or None for a random tower) of ``open_clip:<spec>``, or the
+    EncoderError building it would raise; reads configs only, so a recipe's encoder can be checked before it loads."""
+    model_cfg, preprocess_cfg, found = _model_config(spec)
+    source = f"open_clip:{spec}"
+    check_random_init(source, random_init, weights is not None or found is not None)
+    if weights is None and found is None and not random_init:
+        raise random_init_refused(source, f"{spec!r} is an architecture name and no weights= was given",
+                                  "a local directory holding open_clip_config.json and the weights (open_clip:DIR), "
+                                  f"or weights=<local checkpoint of {spec}>")
+    return model_cfg, preprocess_cfg, (existing_weights_file(weights, "open_clip weights") if weights else found)
+
+
 def build_open_clip_encoder(
     spec: str,
     *,
@@ -84,18 +99,12 @@ def build_open_clip_encoder(
     """
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
-    model_cfg, preprocess_cfg, found = _model_config(spec)
+    model_cfg, preprocess_cfg, weights_path = locate_open_clip(spec, weights=weights, random_init=random_init)
     source = f"open_clip:{spec}"
-    check_random_init(source, random_init, weights is not None or found is not None)
-    if weights is None and found is None and not random_init:
-        raise random_init_refused(source, f"{spec!r} is an architecture name and no weights= was given",
-                                  "a local directory holding open_clip_config.json and the weights (open_clip:DIR), "
-                                  f"or weights=<local checkpoint of {spec}>")
     vcfg = dict(model_cfg["vision_cfg"], **(vision_cfg or {}))
     vcfg["timm_model_pretrained"] = False  # a timm trunk must never fetch its own weights
     visual = _build_vision_tower(model_cfg["embed_dim"], CLIPVisionCfg(**{k: v for k, v in vcfg.items() if k in CLIPVisionCfg.__dataclass_fields__}), quick_gelu=model_cfg.get("quick_gelu", False))
 
-    weights_path = Path(weights).expanduser() if weights else found
     if weights_path is not None:
         state = read_state_dict(weights_path)
         if any(k.startswith("visual.") for k in state):
@@ -109,7 +118,7 @@ def build_open_clip_encoder(
         if mismatch:
             raise WeightsMismatchError(
                 f"{source}: weights file {str(weights_path)!r} does not fit its visual tower: {mismatch}. Check that it "
-                f"is a checkpoint of {'the model its open_clip_config.json describes' if found else spec} (a config and "
+                f"is a checkpoint of {'the model its open_clip_config.json describes' if weights is None else spec} (a config and "
                 "weights from the same download, or the open_clip model name it was trained as)"
             )
 
@@ -141,7 +150,7 @@ def build_open_clip_encoder(
         mean=fit_channels(tuple(mean), 3),
         std=fit_channels(tuple(std), 3),
         source=f"open_clip:{spec}",
-        license=license or ("see the weights' model card" if weights_path else "n/a (random init)"),
+        license=declared_license(license, weights_path is not None),
         layer=layer,
         num_prefix_tokens=num_prefix if keep_cls else 0,
         weights=str(weights_path) if weights_path is not None else None,

@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ._checkpoint import describe_key_mismatch, diagnose_weights, existing_weights_file
-from .base import EncoderInfo, as_pair, check_random_init, fit_channels, random_init_refused, resolve_layer
+from .base import EncoderInfo, as_pair, check_random_init, declared_license, fit_channels, random_init_refused, resolve_layer
 from .errors import UnknownEncoderError, UnknownOptionError, WeightsFileError, WeightsMismatchError
 
 # Options of build_timm_encoder that reach timm.create_model under another name.
@@ -41,6 +42,29 @@ class TimmEncoder(nn.Module):
         return torch.cat([prefix, tokens], dim=1) if prefix is not None else tokens
 
 
+def locate_timm_weights(arch: str, *, weights: str | None = None, random_init: bool = False, **_: Any) -> Path | None:
+    """The checked local weights file of ``timm:<arch>`` (None for a deliberately random tower), or the EncoderError
+    building it would raise; builds nothing, so a recipe's encoder can be checked before anything loads."""
+    import timm
+
+    source = f"timm:{arch}"
+    if not timm.is_model(arch):
+        near = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        raise UnknownEncoderError(f"timm has no architecture {arch!r}" + (f"; similar: {', '.join(near)}" if near else ""))
+    check_random_init(source, random_init, weights is not None)
+    if weights is None:
+        if not random_init:
+            raise random_init_refused(source, "no weights= was given", "weights=<local file>, e.g. model.safetensors from "
+                                      f"`huggingface-cli download timm/{arch}.<tag> --local-dir DIR`")
+        return None
+    path = existing_weights_file(weights, "timm weights")
+    # timm reads the file itself; check it first, so a refused pickle or a truncated file is named as such.
+    problem = diagnose_weights(path)
+    if problem:
+        raise WeightsFileError(f"{source}: {problem}")
+    return path
+
+
 def build_timm_encoder(
     arch: str,
     *,
@@ -63,24 +87,12 @@ def build_timm_encoder(
     import timm
 
     source = f"timm:{arch}"
-    if not timm.is_model(arch):
-        near = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
-        raise UnknownEncoderError(f"timm has no architecture {arch!r}" + (f"; similar: {', '.join(near)}" if near else ""))
-    check_random_init(source, random_init, weights is not None)
+    path = locate_timm_weights(arch, weights=weights, random_init=random_init)
     kwargs: dict[str, Any] = dict(num_classes=0, in_chans=in_chans, **model_kwargs)
     if image_size is not None:
         kwargs["img_size"] = as_pair(image_size)
-    path = None
-    if weights is not None:
-        path = existing_weights_file(weights, "timm weights")
-        # timm reads the file itself; check it first, so a refused pickle or a truncated file is named as such.
-        problem = diagnose_weights(path)
-        if problem:
-            raise WeightsFileError(f"{source}: {problem}")
+    if path is not None:
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    elif not random_init:
-        raise random_init_refused(source, "no weights= was given", "weights=<local file>, e.g. model.safetensors from "
-                                  f"`huggingface-cli download timm/{arch}.<tag> --local-dir DIR`")
     try:
         with _missing_keys_reported_by_timm() as missing:
             model = timm.create_model(arch, **kwargs)
@@ -124,7 +136,6 @@ def build_timm_encoder(
     cfg = timm.data.resolve_model_data_config(model)
     # The pretrained config states the size the weights were trained at; an explicit image_size overrides it.
     input_size = as_pair(image_size) if image_size is not None else tuple(int(s) for s in cfg["input_size"][-2:])
-    pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
     info = EncoderInfo(
         modality="image",
         embed_dim=embed_dim,
@@ -134,7 +145,8 @@ def build_timm_encoder(
         mean=fit_channels(tuple(cfg["mean"]), in_chans),
         std=fit_channels(tuple(cfg["std"]), in_chans),
         source=f"timm:{arch}",
-        license=license or (pretrained_cfg.get("license") if weights else None) or ("see the weights' model card" if weights else "n/a (random init)"),
+        # Not timm's pretrained_cfg licence: that describes timm's release of the weights, not the user's file.
+        license=declared_license(license, path is not None),
         layer=layer,
         num_prefix_tokens=num_prefix if keep_cls else 0,
         weights=str(path) if path is not None else None,

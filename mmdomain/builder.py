@@ -20,7 +20,7 @@ from .checkpoint import CheckpointWriter, read_json, read_tensors, resolve_check
 from .domains import build_domain
 from .errors import CheckpointError, ModelLoadError
 from .identity import describe_llm, encoder_difference, encoder_identity, llm_difference, llm_identity
-from .llm import add_media_token, apply_lora, load_llm
+from .llm import add_media_token, apply_lora, load_llm, load_tokenizer
 from .media import MediaKind
 from .model import MediaKindModule, MultimodalLM, head_transform
 from .processor import MultimodalProcessor
@@ -43,9 +43,7 @@ def build_model(spec: ModelSpec, *, tokenizer_dir: str | Path | None = None) -> 
     domains = [build_domain(kind.domain.name, kind.domain.options, enc.info) for kind, enc in zip(spec.kinds(), encoders)]
     llm, tokenizer = load_llm(spec.llm)
     if tokenizer_dir is not None:  # a checkpoint's own tokenizer (it already holds the media tokens)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        tokenizer = load_tokenizer(tokenizer_dir, "checkpoint")
     check_head(llm, spec.llm.path)
     hidden = llm.get_input_embeddings().embedding_dim
     modules, kinds = [], []

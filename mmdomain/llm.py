@@ -30,12 +30,62 @@ def check_local_dir(path: str, what: str) -> Path:
     return p
 
 
+def load_tokenizer(path: str | Path, what: str = "LLM") -> Any:
+    """The tokenizer in ``path``, refused (ModelLoadError) if it does not reproduce text (see ``check_tokenizer``)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    check_tokenizer(tokenizer, f"{what} tokenizer in {str(path)!r}")
+    return tokenizer
+
+
+def _probe_words(tokenizer: Any, count: int = 8) -> str:
+    """Text made of ordinary tokens spread over the vocabulary (not special, alphabetic, 2+ letters), so a word-level
+    vocabulary never sees an unknown word and a subword one sees several pieces."""
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    vocab = sorted(tokenizer.get_vocab().values())
+    picked: list[int] = []
+    step = max(1, len(vocab) // (count * 8))
+    for token_id in vocab[::step]:
+        if token_id in special:
+            continue
+        text = tokenizer.decode([token_id]).strip()
+        if len(text) >= 2 and text.isalpha():
+            picked.append(token_id)
+            if len(picked) == count:
+                break
+    return " ".join(tokenizer.decode([i]).strip() for i in picked)
+
+
+def check_tokenizer(tokenizer: Any, where: str) -> None:
+    """Refuse a tokenizer whose encode -> decode round trip of a chat-formatted conversation loses text.
+
+    A tokenizer saved by one class and reloaded by another (a word-level vocabulary beside a ``qwen2`` config.json
+    loads as a BPE tokenizer without merges) encodes every prompt to a few wrong ids without an error; training on
+    that would learn nothing. Whitespace is ignored: a word-level decoder joins pieces with spaces.
+    """
+    words = _probe_words(tokenizer)
+    if not words:
+        return  # a vocabulary of bytes or single characters only: nothing ordinary to probe with
+    messages = [{"role": "user", "content": words}, {"role": "assistant", "content": words}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False) if getattr(tokenizer, "chat_template", None) else words
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.decode(ids, skip_special_tokens=False)
+    if "".join(decoded.split()) != "".join(text.split()):
+        raise ModelLoadError(
+            f"{where} does not reproduce text: {text[:80]!r} encodes to {len(ids)} ids that decode to {decoded[:80]!r}. transformers "
+            f"loaded it as {type(tokenizer).__name__} (from config.json's model_type); a tokenizer of another kind saved beside that config "
+            "(e.g. a word-level one beside a qwen2 config) loses its vocabulary or merges this way. Use the LLM's own tokenizer files; "
+            "for a tiny stand-in LLM, `mmdomain tiny-llm --jsonl DATA --out DIR` writes a model and tokenizer that fit"
+        )
+
+
 def load_llm(spec: LLMSpec) -> tuple[Any, Any]:
     """(model, tokenizer) from ``spec.path`` with ``local_files_only``; the tokenizer gets a pad token if it has none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = check_local_dir(spec.path, "LLM path")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), local_files_only=True, dtype=_DTYPES[spec.dtype], attn_implementation=spec.attn_implementation

@@ -26,6 +26,7 @@ from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_s
 from .errors import CheckpointError, MmdomainError, RunInterrupted
 from .evaluate import evaluate_shards, to_device
 from .feature_cache import check_cacheable, open_cache
+from .preflight import check_models, input_problems
 from .processor import IGNORE
 from .recipe import Recipe, RecipeError
 from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
@@ -75,6 +76,11 @@ def run_eval(model: Any, processor: Any, recipe: Recipe, patterns: Any, layout: 
 def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
     """Run (or resume) one stage. Returns the summary also written to ``{output_dir}/result.json``."""
     started = time.perf_counter()
+    # Wrong paths fail here, in a second and before the run directory exists, not after the encoder has loaded.
+    check_models(recipe.model)
+    problems = input_problems(recipe)
+    if problems:
+        raise RecipeError("the run cannot start:\n  " + "\n  ".join(problems))
     run = open_run(recipe)
     try:
         return _train(recipe, run.run_dir, run.resume_from, accept_changes, started)

@@ -14,10 +14,18 @@ MINIMAL = {"model": {"encoder": {"name": "tiny-vit"}, "llm": {"path": "/models/x
 
 
 @pytest.fixture
-def recipe(tmp_path):
+def recipe(tmp_path, tiny_llm_dir):
     path = tmp_path / "r.yaml"
-    path.write_text(json.dumps(MINIMAL))
+    path.write_text(json.dumps({**MINIMAL, "model": {**MINIMAL["model"], "llm": {"path": tiny_llm_dir}}}))
     return str(path)
+
+
+def _shard(tmp_path) -> str:
+    """One training shard of one sample, so a run gets past its pre-flight checks."""
+    from .conftest import write_tar
+
+    write_tar(tmp_path / "s-0.tar", [("a.json", json.dumps({"conversations": [{"role": "user", "content": "hi"}]}).encode())])
+    return str(tmp_path / "s-*.tar")
 
 
 @pytest.mark.parametrize("override,message", [
@@ -37,7 +45,7 @@ def test_half_precision_weights_that_train_are_refused(tmp_path, tiny_llm_dir, c
     """`trainable.params: [llm.*]` on a bf16 LLM used to train bf16 weights with AdamW (losing small updates)."""
     data = {**MINIMAL, "model": {"encoder": {"name": "tiny-vit", "options": {"image_size": 32, "channels": 1}},
                                  "llm": {"path": tiny_llm_dir, "dtype": "bfloat16"}},
-            "trainable": {"params": ["llm.*"]}, "output_dir": str(tmp_path / "run")}
+            "trainable": {"params": ["llm.*"]}, "output_dir": str(tmp_path / "run"), "data": {"train": _shard(tmp_path)}}
     (tmp_path / "r.yaml").write_text(json.dumps(data))
     assert main(["-q", "run", str(tmp_path / "r.yaml")]) == 2
     err = capsys.readouterr().err
@@ -56,9 +64,9 @@ def test_a_defect_is_named_as_one_and_debug_shows_the_traceback(recipe, monkeypa
         main(["--debug", "run", recipe])
 
 
-def test_a_run_directory_can_be_named_instead_of_its_recipe(tmp_path, capsys):
+def test_a_run_directory_can_be_named_instead_of_its_recipe(tmp_path, tiny_llm_dir, capsys):
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "recipe.yaml").write_text(json.dumps(MINIMAL))
+    (tmp_path / "run" / "recipe.yaml").write_text(json.dumps({**MINIMAL, "model": {**MINIMAL["model"], "llm": {"path": tiny_llm_dir}}}))
     assert main(["validate", str(tmp_path / "run")]) == 0
     assert f"output_dir: {tmp_path / 'run'}\n" in capsys.readouterr().out  # the run is where it now is
 
@@ -78,7 +86,7 @@ def test_machine_problems_are_user_errors_with_the_fix(tmp_path, tiny_llm_dir, c
     import torch
 
     data = {**MINIMAL, "model": {"encoder": {"name": "tiny-vit"}, "llm": {"path": tiny_llm_dir}}, "device": "cuda",
-            "output_dir": str(tmp_path / "run")}
+            "output_dir": str(tmp_path / "run"), "data": {"train": _shard(tmp_path)}}
     (tmp_path / "r.yaml").write_text(json.dumps(data))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["-q", "run", str(tmp_path / "r.yaml")]) == 2
@@ -90,3 +98,52 @@ def test_machine_problems_are_user_errors_with_the_fix(tmp_path, tiny_llm_dir, c
     monkeypatch.setattr(train_module, "train", missing)
     assert main(["run", str(tmp_path / "r.yaml")]) == 2
     assert "this needs pydicom, which comes with an optional extra: pip install 'mmdomain[medical]'" in capsys.readouterr().err
+
+
+def test_validate_and_run_check_model_files_before_anything_loads_or_is_written(tmp_path, tiny_llm_dir, capsys):
+    """validate used to say valid for paths that did not exist; run failed after the encoder loaded, leaving a run
+    directory with recipe.yaml behind."""
+    run_dir = tmp_path / "run"
+    base = {**MINIMAL, "output_dir": str(run_dir), "data": {"train": _shard(tmp_path)}}
+    cases = [
+        ({"encoder": {"name": f"hf:{tmp_path / 'no-siglip'}"}, "llm": {"path": tiny_llm_dir}}, "does not exist. mmdomain never downloads"),
+        ({"encoder": {"name": "tiny-vit"}, "llm": {"path": str(tmp_path / "no-qwen")}}, "model.llm.path"),
+        ({"encoder": {"name": "hf:siglip"}, "llm": {"path": tiny_llm_dir}}, "random_init"),
+        ({"encoder": {"name": "timm:vit_tiny_patch16_224", "options": {"weights": str(tmp_path / "vit.safetensors")}},
+          "llm": {"path": tiny_llm_dir}}, "vit.safetensors"),
+    ]
+    for model, message in cases:
+        (tmp_path / "r.yaml").write_text(json.dumps({**base, "model": model}))
+        for command in ("validate", "run"):
+            assert main(["-q", command, str(tmp_path / "r.yaml")]) == 2, (command, model)
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, (command, err)
+            assert not run_dir.exists(), "a refused run must leave no run directory behind"
+
+
+def test_validate_notes_what_is_not_there_yet_and_run_refuses_it(tmp_path, tiny_llm_dir, capsys):
+    data = {**MINIMAL, "model": {**MINIMAL["model"], "llm": {"path": tiny_llm_dir}}, "init_from": str(tmp_path / "align"),
+            "data": {"train": str(tmp_path / "none-*.tar")}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "r.yaml").write_text(json.dumps(data))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0  # the previous stage may simply not have run yet
+    err = capsys.readouterr().err
+    assert "# not there yet: init_from:" in err and "# not there yet: data.train:" in err and "valid" in err
+    assert main(["-q", "run", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "the run cannot start" in err and "run the previous stage first" in err and not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_that_garbles_text_is_refused_when_the_llm_loads(tmp_path):
+    """A word-level tokenizer saved beside a qwen2 config.json reloads as a Qwen2 BPE tokenizer without merges and
+    encodes 'is there a lesion' to one wrong id, silently."""
+    from transformers import Qwen2Config
+
+    from mmdomain.errors import ModelLoadError
+    from mmdomain.llm import load_tokenizer
+    from mmdomain.tiny_models import word_tokenizer
+
+    word_tokenizer(["is", "there", "a", "lesion", "yes", "no"]).save_pretrained(str(tmp_path))
+    Qwen2Config(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=64).save_pretrained(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="does not reproduce text"):
+        load_tokenizer(tmp_path)

@@ -54,6 +54,14 @@ def test_a_second_run_into_the_same_folder_is_refused_with_the_ways_out(tiny_llm
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
+def _empty_shard(tmp_path) -> str:
+    """A shard that exists but holds no sample: the run starts, then fails on its data before the first checkpoint."""
+    from .conftest import write_tar
+
+    write_tar(tmp_path / "empty-0.tar", [])
+    return str(tmp_path / "empty-*.tar")
+
+
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tiny_llm_dir, shards, tmp_path):
     run = tmp_path / "run"
     train(_recipe(tiny_llm_dir, shards, run))
@@ -61,7 +69,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tiny_llm
     (run / "notes.txt").write_text("mine")  # not a run file: overwrite must never touch it
     # A new run that dies before its first checkpoint (a data error) loses nothing: the old run is set aside whole.
     with pytest.raises(DataError):
-        train(_recipe(tiny_llm_dir, str(tmp_path / "nothing-*.tar"), run, overwrite=True))
+        train(_recipe(tiny_llm_dir, _empty_shard(tmp_path), run, overwrite=True))
     assert (run / REPLACED / "checkpoints").is_dir() and not (run / "checkpoints").exists()
     kept = load_file(str(latest_checkpoint(run / REPLACED) / "model.safetensors"))
     assert all(torch.equal(kept[k], v) for k, v in old_weights.items())
@@ -191,7 +199,7 @@ def test_an_interrupted_overwrite_puts_the_old_run_back(tiny_llm_dir, shards, tm
     train(_recipe(tiny_llm_dir, shards, run, optim__max_steps=2))
     kept = load_file(str(latest_checkpoint(run) / "model.safetensors"))
     with pytest.raises(DataError):  # the new run dies before its first checkpoint, the old one waits in .replaced/
-        train(_recipe(tiny_llm_dir, str(tmp_path / "nothing-*.tar"), run, overwrite=True))
+        train(_recipe(tiny_llm_dir, _empty_shard(tmp_path), run, overwrite=True))
     with pytest.raises(RunDirectoryError, match="already holds a run"):  # a plain run must not take (and delete) it
         train(_recipe(tiny_llm_dir, shards, run))
     assert not (run / REPLACED).exists()

@@ -103,7 +103,7 @@ def test_missing_local_model_is_a_clear_cli_error(tiny_llm_dir, shard_dir, tmp_p
     recipe_path.write_text(json.dumps(_recipe(tiny_llm_dir, str(tmp_path / "s" / "*.tar"), tmp_path / "o").model_dump(mode="json")))
     assert main(["-q", "run", str(recipe_path), "model.llm.path=Qwen/Qwen2.5-0.5B-Instruct"]) == 2
     err = capsys.readouterr().err
-    assert "LLM path 'Qwen/Qwen2.5-0.5B-Instruct' is not a local directory" in err and "never downloads" in err
+    assert "model.llm.path 'Qwen/Qwen2.5-0.5B-Instruct' is not a local directory" in err and "never downloads" in err
 
 
 @pytest.mark.slow
