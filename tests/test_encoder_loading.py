@@ -102,6 +102,35 @@ def test_encoder_info_records_where_weights_came_from(tmp_path, vit_tiny_state):
     enc = create_encoder("timm:vit_tiny_patch16_224", weights=str(tmp_path / "vit.safetensors"), layer=-2)
     assert enc.info.weights == str(tmp_path / "vit.safetensors")
     assert json.loads(json.dumps(enc.info.to_dict()))["weights"] == str(tmp_path / "vit.safetensors")
+    # timm's pretrained config says apache-2.0 for its own release of these weights; the file is the user's, whose
+    # licence only the user can state.
+    assert enc.info.license == "unknown"
+    declared = create_encoder("timm:vit_tiny_patch16_224", weights=str(tmp_path / "vit.safetensors"), license="cc-by-nc-4.0")
+    assert declared.info.license == "cc-by-nc-4.0"
+    assert create_encoder("timm:vit_tiny_patch16_224", random_init=True).info.license == "n/a (random init)"
+
+
+def test_check_encoder_refuses_what_create_would_without_building(tmp_path, vit_tiny_state):
+    from encoders import EncoderError, check_encoder
+
+    save_file(vit_tiny_state, str(tmp_path / "vit.safetensors"))
+    check_encoder("timm:vit_tiny_patch16_224", {"weights": str(tmp_path / "vit.safetensors")})
+    check_encoder("hf:siglip", {"random_init": True})
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    for name, options, message in [
+        ("timm:vit_tiny_patch16_224", {"weights": str(tmp_path / "none.safetensors")}, "does not exist"),
+        ("timm:vit_tiny_patch16_224", {"weights": str(tmp_path / "broken.safetensors")}, "broken.safetensors"),
+        ("timm:vit_tiny_patch16_224", {}, "random weights"),
+        ("hf:siglip", {}, "random weights"),
+        (f"hf:{tmp_path / 'missing'}", {}, "does not exist"),
+        (f"hf_audio:{tmp_path / 'missing'}", {}, "does not exist"),
+        (f"open_clip:{tmp_path / 'missing'}", {}, "does not exist"),
+        ("open_clip:ViT-B-32", {}, "random weights"),
+        ("tiny-vit", {"imagesize": 3}, "Did you mean 'image_size'"),
+        ("nope", {}, "unknown encoder"),
+    ]:
+        with pytest.raises(EncoderError, match=message):
+            check_encoder(name, options)
 
 
 # -- timm weights files ---------------------------------------------------------------------------------------------
