@@ -69,14 +69,20 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
     from .shards import make_shards
 
     if args.recipe:
-        from .recipe import load_recipe
+        from .recipe import RecipeError, load_recipe
+
+        if args.media_token:
+            raise RecipeError("--media-token and --recipe both name the media marker; the recipe's model.media_token decides, drop --media-token")
 
         model = load_recipe(args.recipe).model
         domains = {model.media_token: build_domain(model.domain.name, model.domain.options)}
         domains.update({k.token: build_domain(k.domain.name, k.domain.options) for k in model.extra_kinds})
         media_token = model.media_token
     else:
-        domains, media_token = _domain_from_flags(args.domain, args.domain_options), "<image>"
+        from .spec import default_media_token
+
+        media_token = args.media_token or default_media_token(args.domain)
+        domains = {media_token: _domain_from_flags(args.domain, args.domain_options)}
     manifest = make_shards(args.jsonl, args.media, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
                            caption_prompt=args.caption_prompt, overwrite=args.overwrite, domain=domains, media_token=media_token)
     print(json.dumps(manifest, indent=2))
@@ -205,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--domain", default="generic", help="media decoding domain: generic, medical, remote_sensing, audio")
     p.add_argument("--domain-options", default="{}", help='JSON options of the domain, e.g. \'{"phi_allow": ["Modality"]}\'')
-    p.add_argument("--recipe", help="take the domain and its options from this recipe's model.domain instead")
+    p.add_argument("--media-token", help="the media marker in the JSONL's text (default <audio> with --domain audio, else <image>; "
+                                          "with --recipe, the recipe's model.media_token)")
+    p.add_argument("--recipe", help="take the domain and its options, and the media markers, from this recipe's model instead")
     p.set_defaults(func=_cmd_make_shards)
 
     p = sub.add_parser("cache-features", help="run the recipe's frozen encoder once over its shards and store the features")

@@ -23,7 +23,7 @@ import tarfile
 from pathlib import Path, PurePath
 from typing import Any, Iterable
 
-from .domains import DecodeError, Domain, build_domain, media_type
+from .domains import MARKER_LIKE, DecodeError, Domain, build_domain, media_type
 from .errors import MmdomainError
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,15 @@ def normalise_record(record: dict[str, Any], where: str, media_token: str = "<im
         raise ShardError(f"{where}: a sample needs 'conversations', or 'question' + 'answer', or 'caption' (keys: {sorted(record)})")
     if not any(t["role"] == "assistant" for t in turns):
         raise ShardError(f"{where}: no assistant turn to learn from")
-    markers = sum(t["content"].count(token) for t in turns for token in (media_token, *other_tokens))
+    known = (media_token, *other_tokens)
+    markers = sum(t["content"].count(token) for t in turns for token in known)
+    foreign = sorted({m for t in turns for m in MARKER_LIKE.findall(t["content"]) if m not in known})
+    if foreign:
+        # A marker of another kind (``<audio>`` while sharding for ``<image>``) would otherwise stay in the text while
+        # the media get fresh markers prepended: "<image> <audio> ...", trained on without a word.
+        raise ShardError(f"{where}: the text holds the marker {foreign[0]!r}, but the media markers here are "
+                         f"{' / '.join(repr(t) for t in known)}; pass --media-token {foreign[0]!r} (or --recipe RECIPE whose "
+                         "model.media_token or model.extra_kinds name it), or rewrite the marker in the JSONL")
     if markers == 0 and media:
         first_user = next((t for t in turns if t["role"] == "user"), None)
         if first_user is None:

@@ -187,3 +187,19 @@ def test_plain_image_text_shards_with_named_members(tmp_path):
     assert record.conversations == [{"role": "user", "content": "<image> describe ."}, {"role": "assistant", "content": "a chest x-ray"}]
     assert record.media[0].shape == (8, 8, 3)
     assert failures.total == 1 and "no member 'jpg'" in failures.failures["laion-000000.tar:000002"][0]
+
+
+def test_a_marker_of_another_kind_is_refused_not_left_in_the_text(tmp_path, capsys):
+    """make-shards for <image> used to turn "<audio> is there a murmur?" into "<image> <audio> is there a murmur?"."""
+    from mmdomain.cli import main
+
+    (tmp_path / "media").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "media" / "a.png")
+    (tmp_path / "s.jsonl").write_text(json.dumps({"image": "a.png", "question": "<audio> murmur?", "answer": "yes"}) + "\n")
+    args = ["make-shards", "--jsonl", str(tmp_path / "s.jsonl"), "--media", str(tmp_path / "media"), "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "s.jsonl:1: the text holds the marker '<audio>'" in err and "--media-token '<audio>'" in err
+    assert main([*args, "--media-token", "<audio>"]) == 0  # the marker named: the PNG is that kind's media
+    assert main([*args, "--overwrite", "--recipe", str(tmp_path / "r.yaml"), "--media-token", "<audio>"]) == 2
+    assert "--media-token and --recipe both name the media marker" in capsys.readouterr().err

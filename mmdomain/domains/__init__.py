@@ -6,6 +6,7 @@ Chosen per recipe as ``model.domain: {name, options}``: ``generic`` (PNG/JPEG/Nu
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
 
 from .base import DecodeError, Domain, media_type
@@ -17,6 +18,10 @@ _DOMAINS = {
     "remote_sensing": ("remote_sensing", "RemoteSensingOptions", "RemoteSensingDomain"),
     "audio": ("audio", "AudioOptions", "AudioDomain"),
 }
+
+# Words tools and datasets use as media placeholders. One in a sample's text that is not a marker of the model (or of
+# make-shards) is named in errors, rather than trained on as text.
+MARKER_LIKE = re.compile(r"<(?:image|img|audio|video|speech|sound|wav|scan|dicom|tile|frame|media)(?:_?\d+)?>", re.IGNORECASE)
 
 
 def domain_names() -> list[str]:
@@ -53,7 +58,10 @@ def decode_media(domains: Domain | dict[str, Domain], conversation: list[dict[st
     pattern = re.compile("|".join(re.escape(t) for t in sorted(table, key=len, reverse=True)))
     markers = [m for turn in conversation for m in pattern.findall(turn["content"])]
     if len(markers) != len(named):
-        raise DecodeError(f"{len(markers)} media markers ({', '.join(table)}) but {len(named)} media files")
+        foreign = sorted({m for turn in conversation for m in MARKER_LIKE.findall(turn["content"]) if m not in table})
+        hint = (f"; the text holds {foreign[0]!r}, a marker of another kind: shards and recipe must use the same one "
+                "(model.media_token, or make-shards --media-token)") if foreign else ""
+        raise DecodeError(f"{len(markers)} media markers ({', '.join(table)}) but {len(named)} media files{hint}")
     counts, media = [], []
     for marker, (name, data) in zip(markers, named):
         items = table[marker].decode(name, data)
