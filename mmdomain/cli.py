@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -122,10 +123,32 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
     from .feature_cache import cache_features
     from .recipe import load_recipe
 
-    meta = cache_features(load_recipe(args.recipe, args.overrides), args.out, batch_size=args.batch_size, device=args.device)
+    meta = cache_features(load_recipe(*_recipe_and_overrides(args.recipe, args.overrides)), args.out, batch_size=args.batch_size,
+                          device=args.device)
     print(json.dumps(meta, indent=2))
-    print(f"# train from it: mmdomain run {args.recipe} data.feature_cache={args.out}", file=sys.stderr)
+    # The same overrides again: the cache is refused for a recipe whose encoder, weights or preprocessing differ.
+    command = ["mmdomain", "run", args.recipe, *args.overrides, f"data.feature_cache={args.out}"]
+    print(f"# train from it: {shlex.join(command)}", file=sys.stderr)
     return 0
+
+
+def _eval_settings(checkpoint: Path, args: argparse.Namespace) -> dict:
+    """The eval settings a command uses: each flag given on the command line, else the training recipe's ``eval``
+    (which the checkpoint carries), else the recipe defaults; so `eval` scores as the run's own evaluation did.
+    Not ``max_samples``: the recipe's cap keeps evaluation during training short, a test set is scored whole."""
+    from .checkpoint import read_json
+    from .recipe import Eval
+    from .train_state import STATE
+
+    recipe_eval = {}
+    if (checkpoint / STATE).is_file():
+        recipe_eval = (read_json(checkpoint / STATE).get("recipe") or {}).get("eval") or {}
+    settings = {**Eval.model_validate(recipe_eval).model_dump(), "max_samples": None}
+    for name in settings:
+        given = getattr(args, name, None)
+        if given is not None:
+            settings[name] = given
+    return settings
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -134,13 +157,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_shards
 
     checkpoint = resolve_checkpoint(args.checkpoint)
+    settings = _eval_settings(checkpoint, args)
     model, processor = load_pretrained(checkpoint)
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
     out = Path(args.out) if args.out else run_dir / "eval_report.json"
-    report = evaluate_shards(model, processor, args.data, max_samples=args.max_samples, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, predictions_path=out.with_suffix(".predictions.jsonl"), progress=True,
-                             choice_score=args.choice_score)
-    report.update(checkpoint=str(checkpoint), data=args.data)
+    report = evaluate_shards(model, processor, args.data, max_samples=settings["max_samples"], batch_size=settings["batch_size"],
+                             max_new_tokens=settings["max_new_tokens"], predictions_path=out.with_suffix(".predictions.jsonl"),
+                             progress=True, choice_score=settings["choice_score"])
+    report.update(checkpoint=str(checkpoint), data=args.data, settings=settings)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0
@@ -150,20 +174,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .builder import load_pretrained
+    from .checkpoint import resolve_checkpoint
 
-    model, processor = load_pretrained(args.checkpoint)
     media = Path(args.image)
     if not media.is_file():
-        raise FileNotFoundError(f"image {str(media)!r} does not exist")
+        raise FileNotFoundError(f"media file {str(media)!r} does not exist")
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    max_new_tokens = _eval_settings(checkpoint, args)["max_new_tokens"]
+    model, processor = load_pretrained(checkpoint)
     conversation, items = processor.decode_media([{"role": "user", "content": f"{processor.media_token} {args.question}"}],
                                                  [(media.name, media.read_bytes())])
     sample = processor(conversation, items, key=media.name, add_generation_prompt=True)
     batch = processor.collate([sample], padding_side="left")
     model.eval()
     with torch.no_grad():
-        new = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=args.max_new_tokens,
-                             pad_token_id=processor.tokenizer.pad_token_id)
-    print(processor.tokenizer.decode(new[0], skip_special_tokens=True).strip())
+        new = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=max_new_tokens,
+                             pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id)
+    tokenizer = processor.tokenizer
+    answer = tokenizer.decode(new[0], skip_special_tokens=True).strip()
+    print(answer)
+    if not answer:
+        # An empty line alone looks like a crash; say what the model did.
+        first = tokenizer.convert_ids_to_tokens(int(new[0, 0])) if new.shape[1] else None
+        said = f"its first new token was {first!r}, which ends the answer" if first is not None else "it produced no token"
+        print(f"# the model answered nothing: {said} (common early in training; check the run's eval in result.json, or train "
+              f"longer). Decoding is greedy, up to {max_new_tokens} tokens (--max-new-tokens).", file=sys.stderr)
     return 0
 
 
@@ -236,19 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run or checkpoint on shards")
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
     p.add_argument("--data", required=True, help="shard pattern, e.g. 'shards/test-*.tar'")
-    p.add_argument("--max-samples", type=int)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--choice-score", choices=["mean", "sum"], default="mean",
-                   help="closed questions: mean (per token, default) or summed log-likelihood of each choice")
+    p.add_argument("--max-samples", type=int, help="score only the first N samples (default: all)")
+    p.add_argument("--batch-size", type=int, help="default: the training recipe's eval.batch_size")
+    p.add_argument("--max-new-tokens", type=int, help="default: the training recipe's eval.max_new_tokens")
+    p.add_argument("--choice-score", choices=["mean", "sum"],
+                   help="closed questions: mean (per token) or summed log-likelihood of each choice; default: the recipe's eval.choice_score")
     p.add_argument("--out", help="JSON report path (default: eval_report.json in the run directory)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="answer one question about one image with a trained run")
     p.add_argument("checkpoint")
-    p.add_argument("--image", required=True)
+    p.add_argument("--image", "--media", dest="image", required=True, help="the media file (an image, a DICOM, a WAV, ...)")
     p.add_argument("--question", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, help="default: the training recipe's eval.max_new_tokens")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("demo", help="the CPU demo: synthetic scans, tiny models, align + instruct, held-out accuracy")

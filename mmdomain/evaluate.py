@@ -78,7 +78,7 @@ def _generate(model: MultimodalLM, processor: MultimodalProcessor, records: list
     samples = [processor(_split(r)[0], r.media, key=r.key, add_generation_prompt=True) for r in records]
     batch = to_device(processor.collate(samples, padding_side="left"), device)
     new = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=max_new_tokens,
-                         pad_token_id=processor.tokenizer.pad_token_id)
+                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id)
     return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 

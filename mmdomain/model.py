@@ -171,11 +171,27 @@ class MultimodalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  media: Sequence[MediaBatch | None] | None = None, **generate_kwargs: Any) -> torch.Tensor:
-        """New token ids ``[B, new]`` (batch with left padding). Media placeholder tokens are never generated."""
+        """New token ids ``[B, new]`` (batch with left padding). Media placeholder tokens are never generated.
+
+        Decoding is greedy unless ``generate_kwargs`` ask otherwise. Of the LLM's own ``generation_config`` only the
+        token ids are kept (where to stop, what pads): its sampling settings (Qwen ships ``do_sample``, temperature,
+        top-p and a repetition penalty) would otherwise half-apply on top of greedy decoding, changing the answers
+        evaluation scores and warning on every call. ``eos_token_id`` given here stops generation in addition to the
+        LLM's own end tokens (a chat template's end of turn, say)."""
+        from transformers import GenerationConfig
+
         embeds = self.embed(input_ids, media)
+        own = self.llm.generation_config
+        stops = [own.eos_token_id, generate_kwargs.pop("eos_token_id", None)]
+        eos = sorted({int(t) for s in stops if s is not None for t in (s if isinstance(s, (list, tuple)) else [s])})
+        # transformers fills every setting left None from the LLM's own config, so each one is given its neutral
+        # value explicitly (transformers 5 lists them; older versions set them in the constructor already).
+        neutral = getattr(GenerationConfig(), "_get_default_generation_params", dict)()
+        neutral = {k: v for k, v in neutral.items() if v is not None and k not in ("max_length", "min_length")}
+        config = GenerationConfig(**{**neutral, "do_sample": False}, bos_token_id=own.bos_token_id, pad_token_id=own.pad_token_id,
+                                  eos_token_id=eos or None)
         generate_kwargs.setdefault("suppress_tokens", [token_id for _, _, token_id in self.kind_parts()])
-        generate_kwargs.setdefault("do_sample", False)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config, **generate_kwargs)
 
 
 def head_transform(config: Any) -> Any:

@@ -147,3 +147,48 @@ def test_a_tokenizer_that_garbles_text_is_refused_when_the_llm_loads(tmp_path):
                 intermediate_size=64).save_pretrained(str(tmp_path))
     with pytest.raises(ModelLoadError, match="does not reproduce text"):
         load_tokenizer(tmp_path)
+
+
+def test_eval_and_generate_score_with_the_runs_eval_settings_and_say_when_the_answer_is_empty(tmp_path, tiny_llm_dir, capsys,
+                                                                                               monkeypatch):
+    """eval used its own defaults (32 new tokens) whatever the recipe said (64); generate printed a bare empty line when
+    the model's first token ended its answer."""
+    import torch
+
+    from mmdomain.model import MultimodalLM
+
+    from .conftest import write_side_task
+
+    write_side_task(tmp_path, n=8)
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    (tmp_path / "open.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "choices"}) + "\n" for r in rows))
+    assert main(["-q", "make-shards", "--jsonl", str(tmp_path / "open.jsonl"), "--media", str(tmp_path / "media"), "--out", str(tmp_path / "s")]) == 0
+    data = {**MINIMAL, "model": {"encoder": {"name": "tiny-vit", "options": {"image_size": 32, "channels": 1}}, "llm": {"path": tiny_llm_dir}},
+            "data": {"train": str(tmp_path / "s" / "*.tar")}, "optim": {"max_steps": 1, "batch_size": 4},
+            "eval": {"max_new_tokens": 3, "choice_score": "sum"}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "r.yaml").write_text(json.dumps(data))
+    assert main(["-q", "run", str(tmp_path / "r.yaml")]) == 0
+    asked = []
+    real = MultimodalLM.generate
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs["max_new_tokens"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MultimodalLM, "generate", spy)
+    capsys.readouterr()
+    assert main(["-q", "eval", str(tmp_path / "run"), "--data", str(tmp_path / "s" / "*.tar")]) == 0
+    report = json.loads((tmp_path / "run" / "eval_report.json").read_text())
+    assert report["settings"]["max_new_tokens"] == 3 and report["settings"]["choice_score"] == "sum" and set(asked) == {3}
+    asked.clear()
+    assert main(["-q", "eval", str(tmp_path / "run"), "--data", str(tmp_path / "s" / "*.tar"), "--max-new-tokens", "5"]) == 0
+    assert set(asked) == {5}
+
+    def ends_at_once(self, input_ids, *args, **kwargs):
+        return torch.full((input_ids.shape[0], 1), kwargs["eos_token_id"])
+
+    monkeypatch.setattr(MultimodalLM, "generate", ends_at_once)
+    capsys.readouterr()
+    assert main(["-q", "generate", str(tmp_path / "run"), "--image", str(tmp_path / "media" / "0.png"), "--question", "where ?"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "\n" and "the model answered nothing: its first new token was '</s>', which ends the answer" in err

@@ -85,3 +85,17 @@ def test_the_cache_must_come_from_the_recipes_data(setup, capsys):
     assert "has no eval split" in capsys.readouterr().err
     assert main(["-q", "run", str(setup / "r.yaml"), f"data.feature_cache={setup / 'cache2'}", f"output_dir={setup / 'c'}", "data.eval=null"]) == 0
     assert json.loads((setup / "c" / "result.json").read_text())["eval"] is None
+
+
+def test_the_printed_follow_up_command_keeps_the_overrides_and_works(setup, capsys):
+    """The hint used to drop the overrides the cache was made with, so the copied command was refused."""
+    import shlex
+
+    out = setup / "cache-wide"
+    overrides = ["model.encoder.options.dim=48", f"output_dir={setup / 'run wide'}"]
+    assert main(["-q", "cache-features", str(setup / "r.yaml"), *overrides, "--out", str(out)]) == 0
+    hint = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("# train from it: "))
+    command = shlex.split(hint.removeprefix("# train from it: "))
+    assert command[:2] == ["mmdomain", "run"] and command[3:] == [*overrides, f"data.feature_cache={out}"]
+    assert main(["-q", *command[1:]]) == 0
+    assert json.loads((setup / "run wide" / "result.json").read_text())["steps"] == 3

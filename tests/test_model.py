@@ -118,6 +118,24 @@ def test_generate_greedy_matches_argmax(tiny_spec):
     assert new[0, 0] == logits.argmax()
 
 
+def test_generate_ignores_the_llms_sampling_settings_but_keeps_its_stop_tokens(tiny_spec, recwarn):
+    """Qwen ships generation_config with do_sample, temperature, top-p and repetition_penalty 1.1; they used to
+    half-apply on top of greedy decoding (the penalty changed answers) with a transformers warning on every call."""
+    model, proc = build_model(tiny_spec)
+    model.eval()
+    prompt = [{"role": "user", "content": [{"type": "image", "image": torch.rand(3, 32, 32)}, {"type": "text", "text": "where ?"}]}]
+    batch = proc.collate([proc(prompt, key="g", add_generation_prompt=True)], padding_side="left")
+    args = (batch["input_ids"], batch["attention_mask"], batch["media"])
+    plain = model.generate(*args, max_new_tokens=6, min_new_tokens=6)
+    own = model.llm.generation_config
+    own.do_sample, own.temperature, own.top_p, own.top_k, own.repetition_penalty = True, 0.7, 0.8, 20, 50.0
+    assert torch.equal(model.generate(*args, max_new_tokens=6, min_new_tokens=6), plain)
+    assert not [w for w in recwarn.list if "generation" in str(w.message).lower()], [str(w.message) for w in recwarn.list]
+    # Stops at the LLM's end tokens and at one given by the caller (a chat template's end of turn).
+    first = int(plain[0, 0])
+    assert model.generate(*args, max_new_tokens=6, eos_token_id=first).shape[1] == 1
+
+
 def _assert_not_pickle(path: Path):
     data = path.read_bytes()
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
