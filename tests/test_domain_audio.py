@@ -163,10 +163,22 @@ def test_tiny_audio_output_carries_the_sound_at_random_init():
         tone, noise = enc(_tone_and_noise())
         later = enc(torch.cat([torch.zeros(8000), _tone_and_noise()[0, :8000]])[None])[0]  # the same tone, half a second later
     assert tone.shape == (enc.info.num_tokens(), 64)
-    # Different sounds give substantially different tokens (a default-init random Whisper: ~0.03).
+    # Different sounds give substantially different tokens (a default-init random Whisper: ~0.03, see the next test).
     assert _relative_difference(tone, noise) > 0.5 and _relative_difference(tone, later) > 0.3
     short = create_encoder("tiny-audio", sample_rate=8000, clip_seconds=0.33, layer=1)
     assert short(torch.randn(2, 100)).shape == (2, short.info.num_tokens(), 64) and short.info.num_tokens() == 17
+
+
+def test_random_whisper_warns_that_positions_drown_the_sound_and_init_std_fixes_it(caplog):
+    with caplog.at_level("WARNING", logger="encoders.hf_audio"):
+        default = create_encoder("hf_audio:whisper", random_init=True, config=WHISPER)
+    assert "dominated by the positional embeddings" in caplog.text and "init_std: 0.2" in caplog.text and "tiny-audio" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="encoders.hf_audio"):
+        scaled = create_encoder("hf_audio:whisper", random_init=True, config={**WHISPER, "init_std": 0.2})
+    assert caplog.text == ""
+    with torch.no_grad():
+        assert _relative_difference(*default(_tone_and_noise())) < 0.1 < 0.5 < _relative_difference(*scaled(_tone_and_noise()))
 
 
 def test_tiny_audio_trains_through_frame_stack(tiny_llm_dir):
