@@ -8,6 +8,7 @@ import os
 import re
 import math
 import shutil
+import string
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -37,14 +38,16 @@ class TinyModelError(MmdomainError, ValueError):
 
 
 def word_tokenizer(words: Iterable[str], *, chat_template: str | None = None, special: Sequence[str] = (),
-                   eos_token: str = "</s>"):
+                   eos_token: str = "</s>", char_fallback: bool = False):
     """A fast tokenizer whose vocabulary is exactly ``words`` (split on whitespace, punctuation kept on words).
 
     Words written like ``<|im_end|>``, and those in ``special`` (media markers such as ``<image>``), become special
     tokens, matched even without surrounding spaces, as in a real chat tokenizer. ``eos_token`` must be one of them
-    or of ``SPECIAL``.
+    or of ``SPECIAL``. With ``char_fallback`` a word outside ``words`` is spelled in characters (WordPiece pieces
+    ``h ##e ##l ##l ##o``; printable ASCII and every character of ``words``) instead of becoming ``<unk>``, so any
+    such text decodes back to itself, modulo whitespace.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
@@ -52,7 +55,15 @@ def word_tokenizer(words: Iterable[str], *, chat_template: str | None = None, sp
         vocab.setdefault(w, len(vocab))
     if eos_token not in vocab:
         raise ValueError(f"eos_token {eos_token!r} is not in the vocabulary; add it to words or special")
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    if char_fallback:
+        chars = sorted({c for w in vocab for c in w} | set(string.printable) - set(string.whitespace))
+        for piece in [*chars, *(f"##{c}" for c in chars)]:
+            vocab.setdefault(piece, len(vocab))
+        # WordPiece takes the longest vocabulary entry first, so a known word stays one token.
+        core = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", continuing_subword_prefix="##", max_input_chars_per_word=100))
+        core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # cleanup would drop the space in "lesion ?"
+    else:
+        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token=eos_token, unk_token="<unk>")
     markers = [w for w in vocab if (w.startswith("<|") and w.endswith("|>")) or w in special]
@@ -65,7 +76,7 @@ def word_tokenizer(words: Iterable[str], *, chat_template: str | None = None, sp
 
 def write_tiny_llm(directory: str | Path, words: Iterable[str], *, hidden: int = 128, layers: int = 2, heads: int = 4,
                    ffn: int = 256, seed: int = 0, tie_word_embeddings: bool = False, chat_template: str | None = None,
-                   special: Sequence[str] = (), eos_token: str = "</s>") -> Path:
+                   special: Sequence[str] = (), eos_token: str = "</s>", char_fallback: bool = False) -> Path:
     """Save a random-init Llama (0.3 M parameters at the defaults) and its tokenizer to ``directory``.
 
     To make one from a JSONL of samples, use ``write_tiny_llm_for`` (`mmdomain tiny-llm`): a word missing from
@@ -74,7 +85,7 @@ def write_tiny_llm(directory: str | Path, words: Iterable[str], *, hidden: int =
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
-    tok = word_tokenizer(words, chat_template=chat_template, special=special, eos_token=eos_token)
+    tok = word_tokenizer(words, chat_template=chat_template, special=special, eos_token=eos_token, char_fallback=char_fallback)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
@@ -155,6 +166,7 @@ def write_tiny_llm_for(jsonl_paths: str | Path | Sequence[str | Path], out: str 
 
     A stand-in for trying a recipe on a laptop (``model.llm.path=OUT``): it knows no language, so train it
     (``trainable.llm=full``) or expect chance. ``caption_prompt`` is the user turn make-shards writes for captions.
+    Words the files do not hold (a held-out set not given) are spelled in characters rather than mapped to ``<unk>``.
     The model has ``TINY_CHAT_TEMPLATE``, ChatML with ``<|im_end|>`` as EOS, so the processor renders prompts with it.
     """
     paths = [Path(p) for p in ([jsonl_paths] if isinstance(jsonl_paths, (str, Path)) else jsonl_paths)]
@@ -185,7 +197,7 @@ def write_tiny_llm_for(jsonl_paths: str | Path | Sequence[str | Path], out: str 
     staging.mkdir()
     try:
         write_tiny_llm(staging, words, hidden=hidden, layers=layers, heads=4, ffn=2 * hidden, seed=seed,
-                       chat_template=TINY_CHAT_TEMPLATE, special=markers, eos_token="<|im_end|>")
+                       chat_template=TINY_CHAT_TEMPLATE, special=markers, eos_token="<|im_end|>", char_fallback=True)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

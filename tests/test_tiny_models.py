@@ -44,6 +44,10 @@ def test_every_choice_and_chat_text_tokenizes_without_unk_and_round_trips(tmp_pa
     ids = tok(text).input_ids
     assert unk not in ids and tok.eos_token == "<|im_end|>" and ids.count(tok.eos_token_id) == 3
     assert tok.decode(ids) == " ".join(text.split())  # the word-level pre-tokenizer only normalises whitespace
+    probe = "hello there , how are you ? fine-ish"  # words the JSONL never held are spelled, not <unk>
+    spelled = tok(probe, add_special_tokens=False).input_ids
+    assert unk not in spelled and len(spelled) > len(probe.split()) and tok.decode(spelled) == probe
+    assert len(tok("Systolic murmur.", add_special_tokens=False).input_ids) == 2  # known words stay whole
     for marker in ("<image>", "<audio>"):  # one special id each, matched inside words too (as in "<image>Is")
         assert tok("a" + marker + "b", add_special_tokens=False).input_ids.count(tok.convert_tokens_to_ids(marker)) == 1
 
