@@ -184,7 +184,7 @@ def build_tiny_audio(
     if sample_rate < 1000 or sample_rate % 100:
         raise EncoderOptionError(f"tiny-audio: sample_rate={sample_rate} must be a multiple of 100 Hz (10 ms hops), at least 1000")
     hop = sample_rate // 100
-    samples = int(round(clip_seconds * sample_rate))
+    samples = round(clip_seconds * sample_rate)
     if samples < 2 * hop:
         raise EncoderOptionError(f"tiny-audio: clip_seconds={clip_seconds} is shorter than one token (20 ms)")
     block_index, is_last = resolve_layer(layer, depth, "tiny-audio")

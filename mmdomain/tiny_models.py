@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-import math
 import shutil
 import string
 from pathlib import Path
