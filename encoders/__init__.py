@@ -66,3 +66,5 @@ register_encoder("hf_audio", lazy("encoders.hf_audio", "build_hf_audio_encoder")
                  description="a transformers audio encoder (Whisper encoder, wav2vec2 / HuBERT, CLAP) from a local dir (or a model type with random_init=True)")
 register_encoder("tiny-vit", lazy("encoders.testing", "build_tiny_vit"),
                  description="tiny random-init ViT with fixed sin-cos positions, for tests and the CPU demo")
+register_encoder("tiny-audio", lazy("encoders.testing", "build_tiny_audio"),
+                 description="tiny random-init audio encoder (log-mel, conv, transformer; unit-scale init), for tests and CPU tries")

@@ -6,6 +6,7 @@ computed inside, in torch, on the model's device; CLAP's fused mel features come
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from torch import nn
 from ._hf_loading import known_model_type, load_pruned
 from .base import EncoderInfo, check_random_init, declared_license, random_init_refused, resolve_layer
 from .errors import EncoderNotFoundError, EncoderOptionError, UnknownEncoderError
+
+log = logging.getLogger(__name__)
 
 _WHISPER = ("whisper",)
 _WAV2VEC = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
@@ -126,6 +129,15 @@ def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, r
         pre = json.loads((path / "preprocessor_config.json").read_text())
         sample_rate, normalize = int(pre.get("sampling_rate", 16000)), bool(pre.get("do_normalize", True))
 
+    if kind == "whisper" and random_init and float(getattr(cfg, "init_std", 0.02)) < 0.1:
+        # Whisper's positions are fixed sinusoids at unit scale while its convs and layers start at std 0.02, so a
+        # random tower's output is nearly the positions alone (a tone and white noise measured ~3 % apart). The
+        # wav2vec2 family is spared: its conv front end gets Kaiming init and random towers keep the sound.
+        log.warning("%s with random_init: transformers' default init (config init_std %.3g) leaves the output dominated by the "
+                    "positional embeddings, so different clips give nearly the same tokens and a frozen tower passes little of "
+                    "the sound on. For a random tower that carries the sound set config: {init_std: 0.2} "
+                    "(in a recipe: model.encoder.options.config.init_std=0.2), or use the tiny-audio encoder",
+                    source, float(getattr(cfg, "init_std", 0.02)))
     if kind == "whisper":
         cfg.encoder_layers = block_index + 1
         cfg.decoder_layers = 1  # only the encoder is kept; do not build (or hold) the decoder stack

@@ -1,4 +1,6 @@
-"""Tiny random-init encoders for tests and the CPU demo, registered like any other encoder."""
+"""Tiny random-init encoders for tests and the CPU demo (``tiny-vit`` for images, ``tiny-audio`` for sound), registered
+like any other encoder. Both are initialised at unit scale so that, frozen and random, their output still carries
+the input: transformers' default init (std 0.02) would leave little but the position signal."""
 from __future__ import annotations
 
 import math
@@ -9,6 +11,15 @@ from torch import nn
 
 from .base import EncoderInfo, as_pair, resolve_layer
 from .errors import EncoderOptionError
+
+
+def sincos_1d(length: int, dim: int) -> torch.Tensor:
+    """Fixed 1-D sin-cos position embedding ``[length, dim]`` at unit scale (see ``sincos_2d`` for why unit scale)."""
+    if dim % 2:
+        raise ValueError(f"sin-cos position embedding needs an even dim, got {dim}")
+    freqs = 1.0 / (10000 ** (torch.arange(dim // 2, dtype=torch.float32) / (dim // 2)))
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * freqs
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
@@ -102,3 +113,95 @@ def build_tiny_vit(
         extra={"final_norm": is_last},
     )
     return TinyViT(info, depth=block_index + 1, heads=heads, keep_cls=keep_cls)
+
+
+def mel_filters(n_mels: int, n_fft: int, sample_rate: int) -> torch.Tensor:
+    """Triangular filters ``[n_mels, n_fft // 2 + 1]`` evenly spaced on the HTK mel scale from 0 Hz to Nyquist."""
+    to_mel = lambda f: 2595.0 * torch.log10(1.0 + f / 700.0)  # noqa: E731
+    to_hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)  # noqa: E731
+    freqs = torch.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
+    edges = to_hz(torch.linspace(0.0, float(to_mel(torch.tensor(sample_rate / 2))), n_mels + 2))
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising, falling = (freqs - lower) / (centre - lower), (upper - freqs) / (upper - centre)
+    return torch.minimum(rising, falling).clamp(min=0.0)
+
+
+class TinyAudio(nn.Module):
+    """Log-mel (25 ms window every 10 ms), standardised per clip, then a stride-2 conv (two frames per token, 50
+    tokens/s at the defaults, as Whisper), fixed sin-cos positions and pre-norm transformer blocks.
+
+    Takes mono waveforms ``[B, samples]`` at ``info.sample_rate``, padded or cropped to ``info.input_size``: what the
+    audio domain decodes and ``audio_transform`` fits. The conv is initialised so its output has about unit std,
+    like the positions, so frozen at random init the tokens still differ with the sound (Whisper's std 0.02 convs
+    under unit-scale positions make every clip look nearly alike)."""
+
+    def __init__(self, info: EncoderInfo, n_mels: int, hop: int, depth: int, heads: int) -> None:
+        super().__init__()
+        self.info, self.hop, self.n_fft = info, hop, int(2.5 * hop)
+        self.register_buffer("filters", mel_filters(n_mels, self.n_fft, int(info.sample_rate)), persistent=False)
+        self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
+        dim = info.embed_dim
+        self.conv = nn.Conv1d(n_mels, dim, kernel_size=3, stride=2, padding=1)
+        nn.init.normal_(self.conv.weight, std=1.0 / math.sqrt(n_mels * 3))  # standardised mels in -> unit-std tokens out
+        nn.init.zeros_(self.conv.bias)
+        self.register_buffer("pos_embed", sincos_1d(int(info.exact_tokens), dim)[None], persistent=False)
+        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim) if info.extra.get("final_norm") else nn.Identity()
+
+    def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
+        """``[B, samples]`` -> ``[B, n_mels, frames]`` log-mel, zero mean and unit std per clip (loudness removed,
+        the shape of the spectrum over time kept). Silence gives zeros."""
+        spec = torch.stft(waveform.float(), self.n_fft, self.hop, window=self.window, return_complex=True)
+        mel = (self.filters @ spec[..., :-1].abs().pow(2)).clamp(min=1e-10).log10()
+        mel = torch.maximum(mel, mel.amax(dim=(-2, -1), keepdim=True) - 8.0)  # an 80 dB floor, as Whisper
+        mean, std = mel.mean(dim=(-2, -1), keepdim=True), mel.std(dim=(-2, -1), keepdim=True)
+        return (mel - mean) / (std + 1e-5)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        n = self.info.input_size[0]
+        if waveform.shape[-1] != n:  # the processor already fits clips; direct callers get the same rule
+            waveform = F.pad(waveform, (0, n - waveform.shape[-1])) if waveform.shape[-1] < n else waveform[..., :n]
+        x = self.conv(self.log_mel(waveform).to(self.conv.weight.dtype)).transpose(1, 2) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def build_tiny_audio(
+    *,
+    sample_rate: int = 16000,
+    clip_seconds: float = 1.0,
+    n_mels: int = 40,
+    dim: int = 64,
+    depth: int = 2,
+    heads: int = 4,
+    layer: int = -1,
+) -> TinyAudio:
+    """``tiny-audio``: a ~0.1 M-parameter random audio encoder (log-mel + conv + transformer), 50 tokens per second
+    at 16 kHz; use it with the ``audio`` domain and, to cut tokens, the ``frame_stack`` connector."""
+    if dim % 2 or dim % heads:
+        raise EncoderOptionError(f"tiny-audio: dim={dim} must be even (sin-cos positions) and divisible by heads={heads}")
+    if sample_rate < 1000 or sample_rate % 100:
+        raise EncoderOptionError(f"tiny-audio: sample_rate={sample_rate} must be a multiple of 100 Hz (10 ms hops), at least 1000")
+    hop = sample_rate // 100
+    samples = round(clip_seconds * sample_rate)
+    if samples < 2 * hop:
+        raise EncoderOptionError(f"tiny-audio: clip_seconds={clip_seconds} is shorter than one token (20 ms)")
+    block_index, is_last = resolve_layer(layer, depth, "tiny-audio")
+    tokens = (samples // hop + 1) // 2  # frames (one per hop, the centred STFT's last dropped), halved by the stride-2 conv
+    info = EncoderInfo(
+        modality="audio",
+        embed_dim=dim,
+        input_size=(samples,),
+        patch_size=(2 * hop,),
+        channels=1,
+        mean=(0.0,),
+        std=(1.0,),
+        source="tiny-audio",
+        license="n/a (random init)",
+        layer=layer,
+        sample_rate=sample_rate,
+        exact_tokens=tokens,
+        extra={"final_norm": is_last},
+    )
+    return TinyAudio(info, n_mels=n_mels, hop=hop, depth=block_index + 1, heads=heads)

@@ -71,7 +71,7 @@ def media_transform(info: Any, domain: Any, where: str = "model.domain") -> Any:
             raise ModelLoadError(f"{info.source} is an audio encoder but {where} is {domain.name!r}; use domain: audio")
         return audio_transform(info)
     if domain.output == "waveform":
-        raise ModelLoadError(f"{where} is audio but {info.source} is a {info.modality} encoder; use an hf_audio:... encoder")
+        raise ModelLoadError(f"{where} is audio but {info.source} is a {info.modality} encoder; use an audio encoder (hf_audio:DIR, or tiny-audio for a CPU try)")
     return image_transform(info, normalize=domain.output != "standardized")
 
 

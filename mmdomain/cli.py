@@ -202,6 +202,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tiny_llm(args: argparse.Namespace) -> int:
+    from .tiny_models import write_tiny_llm_for
+
+    summary = write_tiny_llm_for(args.jsonl, args.out, hidden=args.hidden, layers=args.layers, seed=args.seed,
+                                 caption_prompt=args.caption_prompt, overwrite=args.overwrite)
+    print(summary["path"])
+    print(f"# a random Llama ({summary['parameters']:,} parameters, {summary['vocab_size']} tokens covering every word of "
+          f"{', '.join(summary['sources'])}); it knows no language until trained.\n"
+          f"# use it: mmdomain run RECIPE model.llm.path={summary['path']} trainable.llm=full", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -285,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", required=True)
     p.add_argument("--max-new-tokens", type=int, help="default: the training recipe's eval.max_new_tokens")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("tiny-llm", help="write a tiny random LLM whose vocabulary covers every word of your JSONL (a stand-in for trying recipes)")
+    p.add_argument("--jsonl", required=True, action="append", help="a samples JSONL, as for make-shards (repeat for several)")
+    p.add_argument("--out", required=True, help="folder to write the model to; then give it as model.llm.path")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size (a multiple of 4)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--caption-prompt", default="Describe the image.", help="the user turn make-shards writes for captions")
+    p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
+    p.set_defaults(func=_cmd_tiny_llm)
 
     p = sub.add_parser("demo", help="the CPU demo: synthetic scans, tiny models, align + instruct, held-out accuracy")
     p.add_argument("--out", default="runs/demo")

@@ -73,6 +73,20 @@ def _choose(model: MultimodalLM, processor: MultimodalProcessor, records: list[R
     return out
 
 
+def unknown_token_choices(tokenizer: Any, choices: list[str], cache: dict[str, bool] | None = None) -> list[str]:
+    """The choices with a token the tokenizer does not know (its ``unk_token_id``): the model cannot tell such
+    choices apart by those words, and choices made only of them score the same. Empty for a tokenizer without an
+    unknown token (byte-level BPE never needs one)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    cache = {} if cache is None else cache
+    for choice in choices:
+        if choice not in cache:
+            cache[choice] = unk in tokenizer(choice, add_special_tokens=False)["input_ids"]
+    return [c for c in choices if cache[c]]
+
+
 @torch.no_grad()
 def _generate(model: MultimodalLM, processor: MultimodalProcessor, records: list[Record], device: torch.device, max_new_tokens: int) -> list[str]:
     samples = [processor(_split(r)[0], r.media, key=r.key, add_generation_prompt=True) for r in records]
@@ -102,6 +116,7 @@ def evaluate_records(model: MultimodalLM, processor: MultimodalProcessor, record
     model.eval()
     rows: list[dict[str, Any]] = []
     chunk: list[Record] = []
+    unknown_cache: dict[str, bool] = {}
 
     def flush() -> None:
         # Predictions by position in the chunk, not by key: keys from two folders of shards may repeat.
@@ -118,6 +133,7 @@ def evaluate_records(model: MultimodalLM, processor: MultimodalProcessor, record
             prediction, tied = preds[i]
             recall, f1 = token_recall_f1(prediction, target)
             rows.append({"key": r.key, "type": kind, "prediction": prediction, "target": target, "tied": tied,
+                         "unknown_choices": unknown_token_choices(processor.tokenizer, list(r.choices or []), unknown_cache),
                          "correct": normalise_answer(prediction) == normalise_answer(target), "recall": recall, "f1": f1})
         chunk.clear()
 
@@ -131,7 +147,9 @@ def evaluate_records(model: MultimodalLM, processor: MultimodalProcessor, record
     if predictions_path is not None:
         with open(predictions_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    return summarise(rows)
+    report = summarise(rows)
+    warn_about_choices(report, rows)
+    return report
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -142,7 +160,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "samples": len(rows),
         "exact_match": mean([float(r["correct"]) for r in rows]),
         "closed": {"samples": len(closed), "accuracy": mean([float(r["correct"]) for r in closed]),
-                   "ties": sum(1 for r in closed if r.get("tied"))},
+                   "ties": sum(1 for r in closed if r.get("tied")),
+                   "unknown_token_choices": sum(len(r.get("unknown_choices", ())) for r in closed),
+                   "questions_with_unknown_token_choices": sum(1 for r in closed if r.get("unknown_choices"))},
         "open": {"samples": len(open_), "token_recall": mean([r["recall"] for r in open_]), "token_f1": mean([r["f1"] for r in open_])},
     }
 
@@ -164,7 +184,22 @@ def evaluate_shards(model: MultimodalLM, processor: MultimodalProcessor, pattern
     report = evaluate_records(model, processor, limited(), batch_size=batch_size, max_new_tokens=max_new_tokens,
                               predictions_path=predictions_path, progress=progress, choice_score=choice_score)
     report["skipped_samples"] = failures.total
-    if report["closed"]["ties"]:
-        log.warning("%d closed questions had two or more choices scored the same (the first listed won); often the tokenizer maps "
-                    "the answer words to one unknown id", report["closed"]["ties"])
     return report
+
+
+def warn_about_choices(report: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Log what makes closed-set accuracy mean less than it seems: ties (the first listed choice wins by position,
+    so a model that scores every choice the same gets exactly chance on balanced data and looks merely untrained)
+    and choices the tokenizer cannot spell (the usual cause of such ties)."""
+    closed = report["closed"]
+    if closed["ties"]:
+        log.warning("%d of %d closed questions had two or more choices scored the same: the first listed choice won by position, "
+                    "not by the model (on balanced data that is exactly chance); often the tokenizer maps the answer words to one "
+                    "unknown id", closed["ties"], closed["samples"])
+    if closed["unknown_token_choices"]:
+        examples = list(dict.fromkeys(c for r in rows for c in r.get("unknown_choices", ())))
+        log.warning("%d answer choices in %d closed questions contain the tokenizer's unknown token (e.g. %s), so the model cannot "
+                    "tell them apart by those words. Use an LLM whose tokenizer covers the answers; for a tiny stand-in, "
+                    "`mmdomain tiny-llm --jsonl YOUR_SAMPLES.jsonl --out DIR` writes one that does",
+                    closed["unknown_token_choices"], closed["questions_with_unknown_token_choices"],
+                    ", ".join(repr(c) for c in examples[:5]))

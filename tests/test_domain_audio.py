@@ -150,3 +150,58 @@ def test_clap_audio_tower_from_a_full_clap_directory(tmp_path):
         assert torch.allclose(enc(wave), ref, atol=1e-5)
     with pytest.raises(ValueError, match="layer=-1 only"):
         create_encoder("hf_audio:clap_audio_model", random_init=True, config=CLAP_AUDIO, layer=-2)
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / ((a.norm() + b.norm()) / 2))
+
+
+def _tone_and_noise(samples: int = 16000) -> torch.Tensor:
+    t = torch.arange(samples) / 16000
+    noise = 0.3 * torch.randn(samples, generator=torch.Generator().manual_seed(1))
+    return torch.stack([0.5 * torch.sin(2 * math.pi * 440 * t), noise])
+
+
+def test_tiny_audio_output_carries_the_sound_at_random_init():
+    enc = create_encoder("tiny-audio")
+    assert (enc.info.modality, enc.info.sample_rate, enc.info.input_size, enc.info.tokens_per_second) == ("audio", 16000, (16000,), 50.0)
+    with torch.no_grad():
+        tone, noise = enc(_tone_and_noise())
+        later = enc(torch.cat([torch.zeros(8000), _tone_and_noise()[0, :8000]])[None])[0]  # the same tone, half a second later
+    assert tone.shape == (enc.info.num_tokens(), 64)
+    # Different sounds give substantially different tokens (a default-init random Whisper: ~0.03, see the next test).
+    assert _relative_difference(tone, noise) > 0.5 and _relative_difference(tone, later) > 0.3
+    short = create_encoder("tiny-audio", sample_rate=8000, clip_seconds=0.33, layer=1)
+    assert short(torch.randn(2, 100)).shape == (2, short.info.num_tokens(), 64) and short.info.num_tokens() == 17
+
+
+def test_random_whisper_warns_that_positions_drown_the_sound_and_init_std_fixes_it(caplog):
+    with caplog.at_level("WARNING", logger="encoders.hf_audio"):
+        default = create_encoder("hf_audio:whisper", random_init=True, config=WHISPER)
+    assert "dominated by the positional embeddings" in caplog.text and "init_std: 0.2" in caplog.text and "tiny-audio" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="encoders.hf_audio"):
+        scaled = create_encoder("hf_audio:whisper", random_init=True, config={**WHISPER, "init_std": 0.2})
+    assert caplog.text == ""
+    with torch.no_grad():
+        assert _relative_difference(*default(_tone_and_noise())) < 0.1 < 0.5 < _relative_difference(*scaled(_tone_and_noise()))
+
+
+def test_tiny_audio_trains_through_frame_stack(tiny_llm_dir):
+    from mmdomain.builder import build_model
+    from mmdomain.spec import ModelSpec
+
+    spec = ModelSpec.model_validate({"encoder": {"name": "tiny-audio", "options": {"clip_seconds": 0.5}},
+                                     "connector": {"name": "frame_stack", "options": {"k": 4}},
+                                     "llm": {"path": tiny_llm_dir}, "domain": {"name": "audio"}})
+    model, proc = build_model(spec)
+    assert model.tokens_per_item == math.ceil(25 / 4) == 7
+    conv, media = proc.decode_media([{"role": "user", "content": "<image> where ?"}, {"role": "assistant", "content": "left"}],
+                                    [("heart.wav", _wav(_signal(44100), 44100))])
+    sample = proc(conv, media, key="heart")
+    assert sample.media[0].shape == (1, 8000)
+    out = model(**proc.collate([sample, sample]))
+    out.loss.backward()
+    connector_grads = [p.grad for p in model.connector.parameters()]
+    assert torch.isfinite(out.loss) and all(g is not None and g.abs().sum() > 0 for g in connector_grads)
+    assert all(p.grad is None for p in model.encoder.parameters())  # frozen, as a recipe leaves it

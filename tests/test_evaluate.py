@@ -71,3 +71,35 @@ def test_tied_choices_are_counted(parts, caplog):
     model.sequence_logprobs = lambda input_ids, *a, **k: torch.zeros(len(input_ids))  # every choice the same
     report = evaluate_shards(model, proc, str(root / "a" / "*.tar"))
     assert report["closed"]["ties"] == 1 and "scored the same" in caplog.text
+
+
+def test_choices_the_tokenizer_cannot_spell_are_counted_and_tie(tmp_path, tiny_llm_dir, caplog):
+    """The tiny LLM's vocabulary misses 'systolic' and 'diastolic': both choices become <unk> + EOS, score the same,
+    and the first listed wins on every question; a stand-in from `tiny-llm` on the same JSONL tells them apart."""
+    from mmdomain.tiny_models import write_tiny_llm_for
+
+    (tmp_path / "media").mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "media" / "0.png")
+    rows = [{"id": f"q{i}", "image": "0.png", "question": "where is the lesion ?", "answer": answer,
+             "choices": ["systolic", "diastolic"]} for i, answer in enumerate(["systolic", "diastolic"] * 2)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_shards(tmp_path / "d.jsonl", tmp_path / "media", tmp_path / "shards", prefix="heldout")
+    shards = str(tmp_path / "shards" / "*.tar")
+    encoder = {"name": "tiny-vit", "options": {"image_size": 32, "channels": 1}}
+
+    model, proc = build_model(ModelSpec.model_validate({"encoder": encoder, "llm": {"path": tiny_llm_dir}}))
+    with caplog.at_level("WARNING", logger="mmdomain.evaluate"):
+        report = evaluate_shards(model, proc, shards, predictions_path=tmp_path / "p.jsonl")
+    closed = report["closed"]
+    assert closed["unknown_token_choices"] == 8 and closed["questions_with_unknown_token_choices"] == 4
+    predictions = [json.loads(line)["prediction"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert closed["ties"] == 4 and predictions == ["systolic"] * 4 and closed["accuracy"] == 0.5  # exactly chance
+    assert "4 of 4 closed questions" in caplog.text and "first listed choice won by position" in caplog.text
+    assert "'systolic', 'diastolic'" in caplog.text and "mmdomain tiny-llm --jsonl" in caplog.text
+
+    caplog.clear()
+    write_tiny_llm_for(tmp_path / "d.jsonl", tmp_path / "stand-in", hidden=32, layers=1)
+    model, proc = build_model(ModelSpec.model_validate({"encoder": encoder, "llm": {"path": str(tmp_path / "stand-in")}}))
+    with caplog.at_level("WARNING", logger="mmdomain.evaluate"):
+        report = evaluate_shards(model, proc, shards)
+    assert report["closed"]["unknown_token_choices"] == 0 and report["closed"]["ties"] == 0 and caplog.text == ""
