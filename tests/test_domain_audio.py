@@ -196,7 +196,7 @@ def test_tiny_audio_trains_through_frame_stack(tiny_llm_dir):
                                      "llm": {"path": tiny_llm_dir}, "domain": {"name": "audio"}})
     model, proc = build_model(spec)
     assert model.tokens_per_item == math.ceil(25 / 4) == 7
-    conv, media = proc.decode_media([{"role": "user", "content": "<image> where ?"}, {"role": "assistant", "content": "left"}],
+    conv, media = proc.decode_media([{"role": "user", "content": "<audio> where ?"}, {"role": "assistant", "content": "left"}],
                                     [("heart.wav", _wav(_signal(44100), 44100))])
     sample = proc(conv, media, key="heart")
     assert sample.media[0].shape == (1, 8000)
