@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -123,13 +124,26 @@ class TrainBatches(IterableDataset):
         return {"index": local, "batch": self.collate(samples) if samples else None, "failures": failures}
 
 
+def usable_workers(requested: int) -> int:
+    """``requested`` data workers, capped at the CPUs this process may use. More workers than cores only contend (torch
+    warns), and the batches do not depend on the worker count, so capping changes nothing but speed."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cpus = os.cpu_count() or 1
+    if requested > cpus:
+        log.info("data.num_workers=%d, but this process may use %d CPUs: using %d workers", requested, cpus, cpus)
+        return cpus
+    return requested
+
+
 class BatchStream:
     """The main process's side: epochs of batches from a position, failures counted in one global budget.
 
     ``next_batch()`` returns the next usable batch; ``position`` is what a checkpoint stores (batches consumed)."""
 
     def __init__(self, dataset: TrainBatches, *, num_workers: int, failures: FailureBudget, position: Position | None = None) -> None:
-        self.dataset, self.num_workers, self.failures = dataset, num_workers, failures
+        self.dataset, self.num_workers, self.failures = dataset, usable_workers(num_workers), failures
         self.position = position or Position()
         self._iterator: Iterator[dict[str, Any]] | None = None
         self._usable_in_epoch = 0

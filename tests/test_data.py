@@ -203,3 +203,14 @@ def test_a_marker_of_another_kind_is_refused_not_left_in_the_text(tmp_path, caps
     assert main([*args, "--media-token", "<audio>"]) == 0  # the marker named: the PNG is that kind's media
     assert main([*args, "--overwrite", "--recipe", str(tmp_path / "r.yaml"), "--media-token", "<audio>"]) == 2
     assert "--media-token and --recipe both name the media marker" in capsys.readouterr().err
+
+
+def test_data_workers_are_capped_at_the_usable_cpus(monkeypatch):
+    """Shipped recipes asked for 4 workers where torch warns that 2 is the most the machine runs; the batches do not
+    depend on the worker count, so the cap only saves contention."""
+    import os
+
+    from mmdomain.train_stream import usable_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert usable_workers(4) == 2 and usable_workers(2) == 2 and usable_workers(0) == 0
