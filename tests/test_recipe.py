@@ -23,6 +23,14 @@ def test_every_shipped_recipe_validates_and_says_how_to_run(path):
     assert header[0].startswith("# "), f"{path} must open with a comment saying what it does"
     assert any(f"mmdomain run recipes/{path.relative_to(path.parents[1])}" in line for line in header if line.startswith("#")), \
         f"{path}: the header must give the exact command that runs it"
+    # A header's evaluation command scores the shards the recipe itself evaluates on (one once said test-*, the
+    # README and data.eval heldout-*).
+    import shlex
+
+    for line in header:
+        if line.startswith("#") and "mmdomain eval " in line:
+            words = shlex.split(line.split("mmdomain eval ", 1)[1])
+            assert words[words.index("--data") + 1] == recipe.data.eval, f"{path}: {line.strip()} vs data.eval {recipe.data.eval}"
 
 
 MINIMAL = """\
