@@ -210,7 +210,7 @@ def _cmd_tiny_llm(args: argparse.Namespace) -> int:
     print(summary["path"])
     print(f"# a random Llama ({summary['parameters']:,} parameters, {summary['vocab_size']} tokens covering every word of "
           f"{', '.join(summary['sources'])}); it knows no language until trained.\n"
-          f"# use it: mmdomain run RECIPE model.llm.path={summary['path']} trainable.llm=full", file=sys.stderr)
+          f"# use it: mmdomain run RECIPE model.llm.path={summary['path']}", file=sys.stderr)
     return 0
 
 
