@@ -136,7 +136,7 @@ def build_qwen2(directory: str | Path, corpus: Iterable[str], *, hidden: int = 6
     attention, an embedding table with spare rows past the tokenizer as the real one has) with the tokenizer of
     `qwen_tokenizer` and a `generation_config.json` that samples by default, like Qwen's. Checks the round trip.
 
-    Weights are drawn with std 0.1 (``initializer_range``; Qwen's config says 0.02): at 0.02 a random model with tied
+    Weights are drawn with std 0.2 (``initializer_range``; Qwen's config says 0.02): at 0.02 a random model with tied
     embeddings only echoes its last input token, so its greedy answer to any ChatML prompt is "\\n" repeated, which
     prints as an empty line and would hide whether `generate` and open-question evaluation pass text through."""
     import torch
@@ -151,13 +151,15 @@ def build_qwen2(directory: str | Path, corpus: Iterable[str], *, hidden: int = 6
     config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
                          bos_token_id=end, eos_token_id=eos, rope_theta=1000000.0, rms_norm_eps=1e-6, dtype="bfloat16",
-                         initializer_range=0.1)
+                         initializer_range=0.2)
     with _seeded(2):
         model = Qwen2ForCausalLM(config).eval()
-    prompt = tok.apply_chat_template([{"role": "user", "content": corpus[0]}], tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    answer = tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=end)[0, ids.shape[1]:], skip_special_tokens=True)
-    assert answer.strip(), f"the stand-in answers {answer!r} to a ChatML prompt; it must say something"
+    for question in corpus[:8]:
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        new = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=end)[0, ids.shape[1]:]
+        answer = tok.decode(new, skip_special_tokens=True)
+        assert answer.strip(), f"the stand-in answers {answer!r} to {question!r}; it must say something"
     model.to(torch.bfloat16)  # as the download's safetensors are stored
     model.generation_config = GenerationConfig(bos_token_id=end, eos_token_id=[eos, end], pad_token_id=end, **QWEN_GENERATION)
     model.save_pretrained(str(directory))
@@ -268,7 +270,7 @@ def write_cxr_data(root: Path, *, n_captions: int = 16, n_vqa: int = 16, n_test:
 
 def write_ct_data(root: Path, n: int = 6, seed: int = 0) -> None:
     """``dicom/ctNN.dcm`` (synthetic CT slices in HU, some MONOCHROME1, with patient attributes) and ``ct.jsonl``."""
-    from tests.domain_tasks import QUADRANTS, ct_slice, write_dicom
+    from .domain_tasks import QUADRANTS, ct_slice, write_dicom
 
     rng = np.random.default_rng(seed)
     (root / "dicom").mkdir(parents=True, exist_ok=True)
