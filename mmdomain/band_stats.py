@@ -32,8 +32,7 @@ def write_band_stats(recipe_path: str, out: str, *, overrides: list[str] = (), m
     recipe = load_recipe(recipe_path, list(overrides))
     if recipe.model.domain.name != "remote_sensing":
         raise RecipeError(f"{recipe_path}: data stats is for model.domain remote_sensing, not {recipe.model.domain.name!r}")
-    options = {k: v for k, v in recipe.model.domain.options.items() if k != "stats"}  # raw bands, not standardised
-    domain = build_domain("remote_sensing", options)
+    domain = build_domain("remote_sensing", recipe.model.domain.options, raw=True)  # raw bands, not standardised
     stats = band_statistics(domain, _members(expand_shards(recipe.data.train), max_samples))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -76,8 +76,7 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
             raise RecipeError("--media-token and --recipe both name the media marker; the recipe's model.media_token decides, drop --media-token")
 
         model = load_recipe(args.recipe).model
-        domains = {model.media_token: build_domain(model.domain.name, model.domain.options)}
-        domains.update({k.token: build_domain(k.domain.name, k.domain.options) for k in model.extra_kinds})
+        domains = {kind.token: build_domain(kind.domain.name, kind.domain.options, raw=True) for kind in model.kinds()}
         media_token = model.media_token
     else:
         from .spec import default_media_token

@@ -83,12 +83,14 @@ def test_band_statistics_and_the_cli(tmp_path, tiny_llm_dir):
     assert np.allclose(stats["mean"], valid.reshape(-1, 6).mean(0), rtol=1e-4)
     assert np.allclose(stats["std"], valid.reshape(-1, 6).std(0, ddof=1), rtol=1e-3)
 
-    assert main(["-q", "make-shards", "--jsonl", str(tmp_path / "tif" / "train.jsonl"), "--media", str(tmp_path / "media"),
-                 "--out", str(tmp_path / "shards"), "--domain", "remote_sensing"]) == 0
     recipe = {"model": {"encoder": {"name": "tiny-vit", "options": {"channels": 6}}, "llm": {"path": tiny_llm_dir},
                         "domain": {"name": "remote_sensing", "options": {"stats": str(tmp_path / "stats.json")}}},
               "data": {"train": str(tmp_path / "shards" / "*.tar")}, "optim": {"max_steps": 1}, "output_dir": str(tmp_path / "run")}
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    # Shards from the recipe before its statistics exist: they are computed from these very shards (make-shards used
+    # to demand the stats file, and `data stats` the shards).
+    assert main(["-q", "make-shards", "--jsonl", str(tmp_path / "tif" / "train.jsonl"), "--media", str(tmp_path / "media"),
+                 "--out", str(tmp_path / "shards"), "--recipe", str(tmp_path / "r.yaml")]) == 0
     assert main(["-q", "data", "stats", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "stats.json")]) == 0
     written = json.loads((tmp_path / "stats.json").read_text())
     assert np.allclose(written["mean"], stats["mean"]) and written["files"] == 12

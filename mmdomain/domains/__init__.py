@@ -41,9 +41,15 @@ def validate_options(name: str, options: dict[str, Any]) -> Any:
     return _parts(name)[0].model_validate(options)
 
 
-def build_domain(name: str = "generic", options: dict[str, Any] | None = None, encoder_info: Any = None) -> Domain:
+def build_domain(name: str = "generic", options: dict[str, Any] | None = None, encoder_info: Any = None, *, raw: bool = False) -> Domain:
+    """The domain ``name`` with ``options``. ``raw=True`` leaves out the options that only normalise decoded values
+    (an options class lists them in ``NORMALISING``), for writing shards and for computing those statistics."""
     opts_cls, cls = _parts(name)
-    return cls(opts_cls.model_validate(options or {}), encoder_info)
+    options = dict(options or {})
+    if raw:
+        for option in getattr(opts_cls, "NORMALISING", ()):
+            options.pop(option, None)
+    return cls(opts_cls.model_validate(options), encoder_info)
 
 
 def decode_media(domains: Domain | dict[str, Domain], conversation: list[dict[str, Any]], named: list[tuple[str, bytes]],

@@ -13,7 +13,7 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import ClassVar, Iterable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -45,6 +45,9 @@ class Tiling(BaseModel):
 
 class RemoteSensingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Options that only normalise decoded values: shards store files as they are, and `data stats` computes the
+    # statistics from raw bands, so both build this domain without them (stats made from shards cannot gate the shards).
+    NORMALISING: ClassVar[tuple[str, ...]] = ("stats",)
     bands: list[int | str] | None = Field(None, description="bands to keep, by 0-based index or name; default all")
     band_names: list[str] | None = Field(None, description="names of the file's bands in order; default the GeoTIFF's band descriptions")
     mode: Literal["bands", "composite"] = "bands"
