@@ -103,13 +103,14 @@ def test_components_are_registry_names_not_python_paths(tmp_path):
 
 
 def _qwen_stand_in(tmp_path):
+    # A byte-level BPE as Qwen's own: a word-level tokenizer beside a qwen2 config reloads as a Qwen2 BPE without
+    # merges, which load_llm refuses (its chat-template round trip fails).
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mmdomain.tiny_models import word_tokenizer
+    from .conftest import WORDS
+    from .readme_standins import qwen_tokenizer
 
-    from .conftest import CHATML, WORDS
-
-    tok = word_tokenizer(WORDS + ["<|im_start|>", "<|im_end|>", "user", "assistant", "system"], chat_template=CHATML)
+    tok = qwen_tokenizer([" ".join(WORDS), "Describe the image. where is the lesion ? left right"], vocab_size=400)
     Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(str(tmp_path / "qwen"))
     tok.save_pretrained(str(tmp_path / "qwen"))
@@ -201,7 +202,8 @@ def test_real_model_recipes_build_with_tiny_stand_ins(path, tmp_path):
     recipe = load_recipe(path, [*_encoder_stand_in(original, tmp_path), f"model.llm.path={_qwen_stand_in(tmp_path)}", *extra])
     model, proc = build_model(recipe.model)
     apply_trainable(model, recipe.trainable)
-    conv, media = proc.decode_media([{"role": "user", "content": "<image> where is the lesion ?"}, {"role": "assistant", "content": "upper left"}],
+    conv, media = proc.decode_media([{"role": "user", "content": f"{recipe.model.media_token} where is the lesion ?"},
+                                     {"role": "assistant", "content": "upper left"}],
                                     [(name, data)])
     out = model(**proc.collate([proc(conv, media, key="k")]))
     out.loss.backward()
