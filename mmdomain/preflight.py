@@ -24,7 +24,10 @@ def check_models(spec: ModelSpec) -> None:
 
 def input_problems(recipe: Recipe) -> list[str]:
     """What a run of ``recipe`` would stop on before its first step, besides the models: an ``init_from`` without a
-    complete checkpoint (when the run starts afresh), or training shards that do not exist. One line each."""
+    complete checkpoint (when the run starts afresh), or training shards that do not exist. One line each. An
+    ``init_from`` that exists but was made with other parts or base models raises (CheckpointError): that is no
+    step yet to come but a wrong recipe."""
+    from .builder import check_handoff
     from .checkpoint import latest_checkpoint, resolve_checkpoint
     from .data import expand_shards
 
@@ -36,6 +39,8 @@ def input_problems(recipe: Recipe) -> list[str]:
             resolve_checkpoint(recipe.init_from)
         except Exception as exc:  # noqa: BLE001 - reported as a line, the run itself raises it
             problems.append(f"init_from: {exc} (run the previous stage first)")
+        else:
+            check_handoff(recipe.model, recipe.init_from)
     if not recipe.data.feature_cache:
         try:
             expand_shards(recipe.data.train)
