@@ -79,9 +79,7 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
         domains = {kind.token: build_domain(kind.domain.name, kind.domain.options, raw=True) for kind in model.kinds()}
         media_token = model.media_token
     else:
-        from .spec import default_media_token
-
-        media_token = args.media_token or default_media_token(args.domain)
+        media_token = args.media_token or "<image>"
         domains = {media_token: _domain_from_flags(args.domain, args.domain_options)}
     manifest = make_shards(args.jsonl, args.media, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
                            caption_prompt=args.caption_prompt, overwrite=args.overwrite, domain=domains, media_token=media_token)
@@ -257,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--domain", default="generic", help="media decoding domain: generic, medical, remote_sensing, audio")
     p.add_argument("--domain-options", default="{}", help='JSON options of the domain, e.g. \'{"phi_allow": ["Modality"]}\'')
-    p.add_argument("--media-token", help="the media marker in the JSONL's text (default <audio> with --domain audio, else <image>; "
-                                          "with --recipe, the recipe's model.media_token)")
+    p.add_argument("--media-token", help="the media marker in the JSONL's text (default <image>; with --recipe, the recipe's "
+                                          "model.media_token)")
     p.add_argument("--recipe", help="take the domain and its options, and the media markers, from this recipe's model instead")
     p.set_defaults(func=_cmd_make_shards)
 

@@ -178,20 +178,34 @@ class MultimodalLM(nn.Module):
         top-p and a repetition penalty) would otherwise half-apply on top of greedy decoding, changing the answers
         evaluation scores and warning on every call. ``eos_token_id`` given here stops generation in addition to the
         LLM's own end tokens (a chat template's end of turn, say)."""
-        from transformers import GenerationConfig
-
         embeds = self.embed(input_ids, media)
         own = self.llm.generation_config
         stops = [own.eos_token_id, generate_kwargs.pop("eos_token_id", None)]
         eos = sorted({int(t) for s in stops if s is not None for t in (s if isinstance(s, (list, tuple)) else [s])})
-        # transformers fills every setting left None from the LLM's own config, so each one is given its neutral
-        # value explicitly (transformers 5 lists them; older versions set them in the constructor already).
-        neutral = getattr(GenerationConfig(), "_get_default_generation_params", dict)()
-        neutral = {k: v for k, v in neutral.items() if v is not None and k not in ("max_length", "min_length")}
-        config = GenerationConfig(**{**neutral, "do_sample": False}, bos_token_id=own.bos_token_id, pad_token_id=own.pad_token_id,
-                                  eos_token_id=eos or None)
-        generate_kwargs.setdefault("suppress_tokens", [token_id for _, _, token_id in self.kind_parts()])
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config, **generate_kwargs)
+        # Every setting goes in as a keyword: transformers (4.50+ and 5) fills the fields of a passed GenerationConfig
+        # that are left at their defaults from the LLM's own config, while keywords override it, on every version.
+        settings = {**neutral_generation_settings(), "eos_token_id": eos or None,
+                    "suppress_tokens": [token_id for _, _, token_id in self.kind_parts()], **generate_kwargs}
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **settings)
+
+
+# Greedy decoding with nothing that changes the argmax: the values transformers uses when a model's config says
+# nothing. Sampling knobs are listed too, so the LLM's temperature or top-p does not reach its config's validation
+# (which warns when they are set without sampling).
+_NEUTRAL_GENERATION = {
+    "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0,
+    "min_p": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "length_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "sequence_bias": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "begin_suppress_tokens": None,
+}
+
+
+def neutral_generation_settings() -> dict[str, Any]:
+    """The neutral generation settings this transformers version knows (unknown keywords would reach the model)."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig()
+    return {k: v for k, v in _NEUTRAL_GENERATION.items() if hasattr(known, k)}
 
 
 def head_transform(config: Any) -> Any:

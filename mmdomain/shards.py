@@ -62,13 +62,14 @@ def normalise_record(record: dict[str, Any], where: str, media_token: str = "<im
         raise ShardError(f"{where}: no assistant turn to learn from")
     known = (media_token, *other_tokens)
     markers = sum(t["content"].count(token) for t in turns for token in known)
-    foreign = sorted({m for t in turns for m in MARKER_LIKE.findall(t["content"]) if m not in known})
-    if foreign:
-        # A marker of another kind (``<audio>`` while sharding for ``<image>``) would otherwise stay in the text while
-        # the media get fresh markers prepended: "<image> <audio> ...", trained on without a word.
-        raise ShardError(f"{where}: the text holds the marker {foreign[0]!r}, but the media markers here are "
+    # Media without a marker of ours, while a user turn holds one of another kind (``<audio>`` while sharding for
+    # ``<image>``): prepending ours would give "<image> <audio> ...", trained on without a word. Elsewhere such words
+    # are plain text (an answer about the HTML <video> element, a caption), and a sample whose markers fit is fine.
+    foreign = sorted({m for t in turns if t["role"] == "user" for m in MARKER_LIKE.findall(t["content"]) if m not in known})
+    if media and markers == 0 and foreign:
+        raise ShardError(f"{where}: the question holds the marker {foreign[0]!r}, but the media markers here are "
                          f"{' / '.join(repr(t) for t in known)}; pass --media-token {foreign[0]!r} (or --recipe RECIPE whose "
-                         "model.media_token or model.extra_kinds name it), or rewrite the marker in the JSONL")
+                         "model.media_token or model.extra_kinds name it), or write our marker where the media go")
     if markers == 0 and media:
         first_user = next((t for t in turns if t["role"] == "user"), None)
         if first_user is None:

@@ -74,12 +74,6 @@ class LLMSpec(_Strict):
     lora: LoraSpec | None = None
 
 
-def default_media_token(domain_name: str) -> str:
-    """The primary kind's marker when nothing names it: ``<audio>`` for sound (as make-shards --domain audio writes), else
-    LLaVA's ``<image>``."""
-    return "<audio>" if domain_name == "audio" else "<image>"
-
-
 class MediaKindSpec(_Strict):
     """A kind of media the model takes (chest images, heart sounds, ...): its encoder, connector, decoding domain and
     placeholder token. The first kind is written at the top of ``model`` (``encoder``, ``connector``, ``domain``,
@@ -97,7 +91,9 @@ class ModelSpec(_Strict):
     connector: ConnectorSpec = Field(default_factory=ConnectorSpec)
     llm: LLMSpec
     domain: DomainSpec = Field(default_factory=DomainSpec)
-    media_token: str = Field("", description="the primary kind's marker in text; default <audio> for the audio domain, else <image>")
+    # <image> for every domain, as before: shards and runs made without naming a marker keep working. An audio recipe
+    # may name its own (the shipped one says <audio>).
+    media_token: str = Field("<image>", description="the primary kind's marker in text")
     extra_kinds: list[MediaKindSpec] = Field(default_factory=list)
     max_length: int = 2048
 
@@ -109,8 +105,6 @@ class ModelSpec(_Strict):
         return data
 
     def model_post_init(self, __context: Any) -> None:
-        if not self.media_token:
-            self.media_token = default_media_token(self.domain.name)
         tokens = [k.token for k in self.kinds()]
         names = [k.name for k in self.extra_kinds]
         if len(set(tokens)) != len(tokens) or len(set(names)) != len(names) or {"text", PRIMARY} & set(names):

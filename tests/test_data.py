@@ -199,8 +199,14 @@ def test_a_marker_of_another_kind_is_refused_not_left_in_the_text(tmp_path, caps
     args = ["make-shards", "--jsonl", str(tmp_path / "s.jsonl"), "--media", str(tmp_path / "media"), "--out", str(tmp_path / "out")]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "s.jsonl:1: the text holds the marker '<audio>'" in err and "--media-token '<audio>'" in err
+    assert "s.jsonl:1: the question holds the marker '<audio>'" in err and "--media-token '<audio>'" in err
     assert main([*args, "--media-token", "<audio>"]) == 0  # the marker named: the PNG is that kind's media
+    # Such words elsewhere are text: an answer about the HTML element, a question whose own marker is there.
+    rows = [{"image": "a.png", "question": "<image> which tag plays sound?", "answer": "the <audio> element"},
+            {"question": "what does <video> do?", "answer": "it shows a film"},
+            {"image": "a.png", "caption": "a screenshot of a <video> player"}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([*args, "--overwrite"]) == 0
     assert main([*args, "--overwrite", "--recipe", str(tmp_path / "r.yaml"), "--media-token", "<audio>"]) == 2
     assert "--media-token and --recipe both name the media marker" in capsys.readouterr().err
 

@@ -82,7 +82,7 @@ def test_frame_stack_sets_tokens_per_clip(tmp_path, tiny_llm_dir):
                                      "llm": {"path": tiny_llm_dir}, "domain": {"name": "audio"}})
     model, proc = build_model(spec)
     assert model.tokens_per_item == math.ceil(50 / 4) == 13
-    conv, media = proc.decode_media([{"role": "user", "content": "<audio> where ?"}, {"role": "assistant", "content": "left"}],
+    conv, media = proc.decode_media([{"role": "user", "content": "<image> where ?"}, {"role": "assistant", "content": "left"}],
                                     [("heart.wav", _wav(_signal(22050), 22050))])
     sample = proc(conv, media, key="heart")
     assert int((sample.input_ids == proc.media_token_id).sum()) == 13 and sample.media[0].shape == (1, 16000)
@@ -108,7 +108,7 @@ def test_whisper_directory_trains_from_wav_shards(tmp_path, tiny_llm_dir):
         rows.append({"id": f"a{i}", "image": f"{i}.wav", "question": "<audio> where ?" if i < 2 else "where ?", "answer": ["left", "right"][i % 2]})
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["-q", "make-shards", "--jsonl", str(tmp_path / "s.jsonl"), "--media", str(tmp_path / "media"), "--out",
-                 str(tmp_path / "shards"), "--domain", "audio"]) == 0
+                 str(tmp_path / "shards"), "--domain", "audio", "--media-token", "<audio>"]) == 0
     import tarfile
 
     with tarfile.open(next((tmp_path / "shards").glob("*.tar"))) as tar:
@@ -116,7 +116,7 @@ def test_whisper_directory_trains_from_wav_shards(tmp_path, tiny_llm_dir):
     assert questions == ["<audio> where ?"] * 4  # never "<image> <audio> where ?"
     recipe = {"model": {"encoder": {"name": f"hf_audio:{tmp_path / 'whisper'}", "options": {"layer": -1}},
                         "connector": {"name": "frame_stack", "options": {"k": 5}}, "llm": {"path": tiny_llm_dir},
-                        "domain": {"name": "audio", "options": {"max_seconds": 1.0}}},
+                        "media_token": "<audio>", "domain": {"name": "audio", "options": {"max_seconds": 1.0}}},
               "data": {"train": str(tmp_path / "shards" / "*.tar"), "eval": str(tmp_path / "shards" / "*.tar")},
               "optim": {"max_steps": 2, "batch_size": 2}, "output_dir": str(tmp_path / "run")}
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
@@ -196,7 +196,7 @@ def test_tiny_audio_trains_through_frame_stack(tiny_llm_dir):
                                      "llm": {"path": tiny_llm_dir}, "domain": {"name": "audio"}})
     model, proc = build_model(spec)
     assert model.tokens_per_item == math.ceil(25 / 4) == 7
-    conv, media = proc.decode_media([{"role": "user", "content": "<audio> where ?"}, {"role": "assistant", "content": "left"}],
+    conv, media = proc.decode_media([{"role": "user", "content": "<image> where ?"}, {"role": "assistant", "content": "left"}],
                                     [("heart.wav", _wav(_signal(44100), 44100))])
     sample = proc(conv, media, key="heart")
     assert sample.media[0].shape == (1, 8000)

@@ -118,7 +118,7 @@ def test_generate_greedy_matches_argmax(tiny_spec):
     assert new[0, 0] == logits.argmax()
 
 
-def test_generate_ignores_the_llms_sampling_settings_but_keeps_its_stop_tokens(tiny_spec, recwarn):
+def test_generate_ignores_the_llms_sampling_settings_but_keeps_its_stop_tokens(tiny_spec, recwarn, capfd):
     """Qwen ships generation_config with do_sample, temperature, top-p and repetition_penalty 1.1; they used to
     half-apply on top of greedy decoding (the penalty changed answers) with a transformers warning on every call."""
     model, proc = build_model(tiny_spec)
@@ -129,8 +129,14 @@ def test_generate_ignores_the_llms_sampling_settings_but_keeps_its_stop_tokens(t
     plain = model.generate(*args, max_new_tokens=6, min_new_tokens=6)
     own = model.llm.generation_config
     own.do_sample, own.temperature, own.top_p, own.top_k, own.repetition_penalty = True, 0.7, 0.8, 20, 50.0
+    capfd.readouterr()
     assert torch.equal(model.generate(*args, max_new_tokens=6, min_new_tokens=6), plain)
     assert not [w for w in recwarn.list if "generation" in str(w.message).lower()], [str(w.message) for w in recwarn.list]
+    logged = capfd.readouterr().err  # transformers warns through its own logger, straight to stderr
+    assert "generation" not in logged.lower() and "deprecated" not in logged, logged
+    # The caller may still ask for sampling.
+    sampled = {tuple(model.generate(*args, max_new_tokens=6, min_new_tokens=6, do_sample=True, temperature=50.0)[0].tolist()) for _ in range(4)}
+    assert len(sampled) > 1
     # Stops at the LLM's end tokens and at one given by the caller (a chat template's end of turn).
     first = int(plain[0, 0])
     assert model.generate(*args, max_new_tokens=6, eos_token_id=first).shape[1] == 1

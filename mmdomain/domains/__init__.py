@@ -65,8 +65,8 @@ def decode_media(domains: Domain | dict[str, Domain], conversation: list[dict[st
     markers = [m for turn in conversation for m in pattern.findall(turn["content"])]
     if len(markers) != len(named):
         foreign = sorted({m for turn in conversation for m in MARKER_LIKE.findall(turn["content"]) if m not in table})
-        hint = (f"; the text holds {foreign[0]!r}, a marker of another kind: shards and recipe must use the same one "
-                "(model.media_token, or make-shards --media-token)") if foreign else ""
+        hint = (f"; the text holds {foreign[0]!r}: if that is the marker these shards use, set the recipe's model.media_token "
+                f"to {foreign[0]!r} (shards and recipe must use the same one)") if foreign and not markers else ""
         raise DecodeError(f"{len(markers)} media markers ({', '.join(table)}) but {len(named)} media files{hint}")
     counts, media = [], []
     for marker, (name, data) in zip(markers, named):
