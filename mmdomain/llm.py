@@ -68,10 +68,20 @@ def check_tokenizer(tokenizer: Any, where: str) -> None:
     if not words:
         return  # a vocabulary of bytes or single characters only: nothing ordinary to probe with
     messages = [{"role": "user", "content": words}, {"role": "assistant", "content": words}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False) if getattr(tokenizer, "chat_template", None) else words
+    text = words
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - a template's own error (Jinja, a raise_exception) names no file
+            raise ModelLoadError(f"{where}: its chat template fails on a plain user/assistant exchange ({type(exc).__name__}: {exc}); "
+                                 "fix chat_template in tokenizer_config.json (or chat_template.jinja)") from exc
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     decoded = tokenizer.decode(ids, skip_special_tokens=False)
-    if "".join(decoded.split()) != "".join(text.split()):
+    # A normaliser (NFKC, lowercasing) may legitimately change the text before it is split; its output is what a
+    # faithful tokenizer gives back.
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    expected = {text, normalizer.normalize_str(text)} if normalizer is not None else {text}
+    if "".join(decoded.split()) not in {"".join(t.split()) for t in expected}:
         raise ModelLoadError(
             f"{where} does not reproduce text: {text[:80]!r} encodes to {len(ids)} ids that decode to {decoded[:80]!r}. transformers "
             f"loaded it as {type(tokenizer).__name__} (from config.json's model_type); a tokenizer of another kind saved beside that config "

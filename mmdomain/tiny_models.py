@@ -12,6 +12,7 @@ import string
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .domains import MARKER_LIKE
 from .errors import MmdomainError
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,10 @@ TINY_CHAT_TEMPLATE = (
 TINY_CHAT_MARKERS = ["<|im_start|>", "<|im_end|>"]
 TINY_CHAT_ROLES = ["system", "user", "assistant"]
 MEDIA_MARKERS = ["<image>", "<audio>"]
-"""Media markers always in a stand-in's vocabulary (any other ``<word>`` marker is found in the JSONL)."""
-_MARKER = re.compile(r"<\|?[A-Za-z][\w-]*\|?>")
+"""Media markers always in a stand-in's vocabulary (any other marker is found in the JSONL)."""
+# Chat markers (<|...|>) and media-marker names become special tokens; any other <word> (HTML in an answer, say) stays a
+# plain word, so decoding an answer with skip_special_tokens keeps it.
+_MARKER = re.compile(r"<\|[A-Za-z][\w-]*\|>|" + MARKER_LIKE.pattern, re.IGNORECASE)
 
 
 class TinyModelError(MmdomainError, ValueError):
@@ -60,7 +63,10 @@ def word_tokenizer(words: Iterable[str], *, chat_template: str | None = None, sp
         for piece in [*chars, *(f"##{c}" for c in chars)]:
             vocab.setdefault(piece, len(vocab))
         # WordPiece takes the longest vocabulary entry first, so a known word stays one token.
-        core = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", continuing_subword_prefix="##", max_input_chars_per_word=100))
+        # A longer word (a URL) would otherwise become <unk> although it is in the vocabulary.
+        longest = max(len(w) for w in vocab)
+        core = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", continuing_subword_prefix="##",
+                                          max_input_chars_per_word=max(100, longest + 1)))
         core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # cleanup would drop the space in "lesion ?"
     else:
         core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

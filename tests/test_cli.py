@@ -192,3 +192,19 @@ def test_eval_and_generate_score_with_the_runs_eval_settings_and_say_when_the_an
     assert main(["-q", "generate", str(tmp_path / "run"), "--image", str(tmp_path / "media" / "0.png"), "--question", "where ?"]) == 0
     out, err = capsys.readouterr()
     assert out == "\n" and "the model answered nothing: its first new token was '</s>', which ends the answer" in err
+
+
+def test_a_lowercasing_tokenizer_is_accepted_and_a_failing_chat_template_is_named(tmp_path):
+    from tokenizers import normalizers
+
+    from mmdomain.errors import ModelLoadError
+    from mmdomain.llm import check_tokenizer
+    from mmdomain.tiny_models import word_tokenizer
+
+    tok = word_tokenizer(["is", "there", "a", "lesion", "user:", "assistant:"],
+                         chat_template="{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }} {% endfor %}")
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()  # gives "user:" back for "USER:", as it should
+    check_tokenizer(tok, "lowercasing tokenizer")
+    tok.chat_template = "{{ raise_exception('only one turn') }}"
+    with pytest.raises(ModelLoadError, match="its chat template fails on a plain user/assistant exchange.*only one turn"):
+        check_tokenizer(tok, "tokenizer")

@@ -104,3 +104,18 @@ def test_cli_writes_refuses_overwrites_and_names_bad_lines(tmp_path, capsys):
 def test_a_line_without_text_is_named(tmp_path):
     with pytest.raises(TinyModelError, match=r"d.jsonl:2: no text found"):
         write_tiny_llm_for(_jsonl(tmp_path / "d.jsonl", [ROWS[1], {"image": "x.png"}]), tmp_path / "llm")
+
+
+def test_long_words_and_html_in_answers_stay_text(tmp_path):
+    """A word over WordPiece's 100-character default became <unk> although it was in the vocabulary, and any <word>
+    (HTML in an answer) became a special token that skip_special_tokens then dropped from generated answers."""
+    from transformers import AutoTokenizer
+
+    url = "https://example.org/" + "a" * 140
+    answer = f"see <b>bold</b> at {url}"
+    (tmp_path / "s.jsonl").write_text(json.dumps({"image": "a.png", "question": "<image> where ?", "answer": answer}) + "\n")
+    tok = AutoTokenizer.from_pretrained(write_tiny_llm_for([tmp_path / "s.jsonl"], tmp_path / "llm")["path"])
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == answer
+    assert tok("<image>", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("<image>")]
