@@ -123,8 +123,12 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
     meta = cache_features(load_recipe(*_recipe_and_overrides(args.recipe, args.overrides)), args.out, batch_size=args.batch_size,
                           device=args.device)
     print(json.dumps(meta, indent=2))
-    # The same overrides again: the cache is refused for a recipe whose encoder, weights or preprocessing differ.
-    command = ["mmdomain", "run", args.recipe, *args.overrides, f"data.feature_cache={args.out}"]
+    # The same overrides again: the cache is refused for a recipe whose encoder, weights or preprocessing differ. A run
+    # directory names a run that exists already, so the new run gets its recipe and a folder of its own.
+    recipe, overrides = args.recipe, list(args.overrides)
+    if Path(recipe).is_dir():
+        recipe, overrides = str(Path(recipe) / "recipe.yaml"), [*overrides, f"output_dir={Path(args.recipe)}-cached"]
+    command = ["mmdomain", "run", recipe, *overrides, f"data.feature_cache={args.out}"]
     print(f"# train from it: {shlex.join(command)}", file=sys.stderr)
     return 0
 

@@ -105,9 +105,14 @@ def qwen_tokenizer(corpus: Iterable[str], vocab_size: int = 600):
     core.train_from_iterator(list(corpus), trainer=trainer)
     model = json.loads(core.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                         pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-                         errors="replace", model_max_length=32768, clean_up_tokenization_spaces=False)
+    common = dict(unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                  additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=32768, clean_up_tokenization_spaces=False)
+    try:  # transformers 5: the tokenizers-backed Qwen2Tokenizer takes the vocabulary and merges themselves
+        tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, errors="replace", **common)
+    except TypeError:  # transformers 4.x (pyproject allows >= 4.57): the fast class wraps the trained tokenizer
+        from transformers import Qwen2TokenizerFast
+
+        tok = Qwen2TokenizerFast(tokenizer_object=core, **common)
     for token in QWEN_SPECIAL:
         if token not in tok.get_vocab():
             tok.add_special_tokens({"additional_special_tokens": [token]}, replace_additional_special_tokens=False)

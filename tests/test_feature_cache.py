@@ -99,3 +99,9 @@ def test_the_printed_follow_up_command_keeps_the_overrides_and_works(setup, caps
     assert command[:2] == ["mmdomain", "run"] and command[3:] == [*overrides, f"data.feature_cache={out}"]
     assert main(["-q", *command[1:]]) == 0
     assert json.loads((setup / "run wide" / "result.json").read_text())["steps"] == 3
+    # From a run directory: the hint starts a new run beside it (the run directory itself holds a finished run).
+    assert main(["-q", "cache-features", str(setup / "run wide"), "--out", str(setup / "cache-again")]) == 0
+    hint = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("# train from it: "))
+    command = shlex.split(hint.removeprefix("# train from it: "))
+    assert command[2] == str(setup / "run wide" / "recipe.yaml") and f"output_dir={setup / 'run wide'}-cached" in command
+    assert main(["-q", *command[1:]]) == 0
