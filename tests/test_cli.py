@@ -142,11 +142,25 @@ def test_a_tokenizer_that_garbles_text_is_refused_when_the_llm_loads(tmp_path):
     from mmdomain.llm import load_tokenizer
     from mmdomain.tiny_models import word_tokenizer
 
+    import transformers
+    from tokenizers import Regex, pre_tokenizers
+
+    from mmdomain.llm import check_tokenizer
+
     word_tokenizer(["is", "there", "a", "lesion", "yes", "no"]).save_pretrained(str(tmp_path))
     Qwen2Config(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                 intermediate_size=64).save_pretrained(str(tmp_path))
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 5.x picks the tokenizer class from config.json's model_type
+        with pytest.raises(ModelLoadError, match="does not reproduce text"):
+            load_tokenizer(tmp_path)
+    else:  # 4.x keeps the class the tokenizer was saved as, which is faithful
+        tok = load_tokenizer(tmp_path)
+        assert tok.decode(tok("is there a lesion", add_special_tokens=False)["input_ids"]) == "is there a lesion"
+    # The same loss on any version: a tokenizer that splits words into characters its vocabulary does not hold.
+    lossy = word_tokenizer(["is", "there", "a", "lesion", "yes", "no"])
+    lossy.backend_tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     with pytest.raises(ModelLoadError, match="does not reproduce text"):
-        load_tokenizer(tmp_path)
+        check_tokenizer(lossy, "a lossy tokenizer")
 
 
 def test_eval_and_generate_score_with_the_runs_eval_settings_and_say_when_the_answer_is_empty(tmp_path, tiny_llm_dir, capsys,
