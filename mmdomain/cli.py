@@ -144,7 +144,7 @@ def _eval_settings(checkpoint: Path, args: argparse.Namespace) -> dict:
     recipe_eval = {}
     if (checkpoint / STATE).is_file():
         recipe_eval = (read_json(checkpoint / STATE).get("recipe") or {}).get("eval") or {}
-    settings = {**Eval.model_validate(recipe_eval).model_dump(), "max_samples": None}
+    settings = {**Eval.model_validate(recipe_eval).model_dump(exclude={"every_steps"}), "max_samples": None}
     for name in settings:
         given = getattr(args, name, None)
         if given is not None:
