@@ -151,6 +151,13 @@ def _check_source(directory: Path, meta: dict[str, Any], split: str, patterns: s
         )
 
 
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted name, old, new) for every leaf that differs between two JSON-like values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)]
+    return [] if old == new else [(prefix, old, new)]
+
+
 def open_cache(directory: str | Path, model: Any, processor: Any, recipe: Any) -> tuple[str, str | None]:
     """Check a cache against the built model and the recipe's data, switch the processor to cached features, and
     return the cache's (train, eval) shard patterns (eval None when the recipe evaluates on nothing)."""
@@ -161,10 +168,13 @@ def open_cache(directory: str | Path, model: Any, processor: Any, recipe: Any) -
     meta = json.loads(meta_file.read_text())
     key = feature_key(model.spec, model.encoder, processor.transform)
     if meta["key"] != key:
+        mine = {"model.encoder": model.spec.encoder.model_dump(mode="json"), "model.domain": model.spec.domain.model_dump(mode="json")}
+        theirs = {"model.encoder": meta["encoder"], "model.domain": meta["domain"]}
+        changed = [f"{name}: {old!r} in the cache, {new!r} here" for name, old, new in _differences(theirs, mine)]
+        what = "; ".join(changed[:3]) if changed else "the same settings, but other encoder weights or preprocessing"
         raise FeatureCacheError(
-            f"feature cache {directory} was made with key {meta['key']} (encoder {meta['encoder']['name']}, domain "
-            f"{meta['domain']['name']}), but this recipe's encoder, weights, domain and preprocessing give {key}; rebuild it with "
-            f"`mmdomain cache-features RECIPE --out {directory}`"
+            f"feature cache {directory} was made for another encoder input ({what}); make it with the same recipe and overrides as "
+            f"the run (`mmdomain cache-features RECIPE [overrides] --out {directory}` prints the matching run command)"
         )
     _check_source(directory, meta, "train", recipe.data.train)
     eval_patterns = None

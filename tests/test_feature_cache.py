@@ -53,9 +53,10 @@ def test_training_runs_from_the_cache_and_mismatches_are_refused(setup, capsys):
     assert main(["-q", "run", str(setup / "r.yaml"), f"data.feature_cache={setup / 'cache'}"]) == 0
     result = json.loads((setup / "run" / "result.json").read_text())
     assert result["eval"]["samples"] == 24
-    for change in ("seed=4", "model.encoder.options.layer=1", "model.encoder.options.image_size=64"):
+    for change, named in (("seed=4", "other encoder weights"), ("model.encoder.options.layer=1", "model.encoder.options.layer: None in the cache, 1 here"),
+                          ("model.encoder.options.image_size=64", "model.encoder.options.image_size: 32 in the cache, 64 here")):
         assert main(["-q", "run", str(setup / "r.yaml"), f"data.feature_cache={setup / 'cache'}", change, f"output_dir={setup / 'x'}", "overwrite=true"]) == 2
-        assert "feature cache" in capsys.readouterr().err
+        assert named in capsys.readouterr().err  # the difference is named, not two hashes
     assert main(["-q", "run", str(setup / "r.yaml"), f"data.feature_cache={setup / 'cache'}", "trainable.encoder=true",
                  f"output_dir={setup / 'y'}"]) == 2
     assert "trains the encoder" in capsys.readouterr().err
