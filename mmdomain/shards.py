@@ -69,7 +69,7 @@ def normalise_record(record: dict[str, Any], where: str, media_token: str = "<im
     if media and markers == 0 and foreign:
         raise ShardError(f"{where}: the question holds the marker {foreign[0]!r}, but the media markers here are "
                          f"{' / '.join(repr(t) for t in known)}; pass --media-token {foreign[0]!r} (or --recipe RECIPE whose "
-                         "model.media_token or model.extra_kinds name it), or write our marker where the media go")
+                         f"model.media_token or model.extra_kinds name it), or write {media_token!r} where the media go")
     if markers == 0 and media:
         first_user = next((t for t in turns if t["role"] == "user"), None)
         if first_user is None:
