@@ -85,8 +85,8 @@ def check_tokenizer(tokenizer: Any, where: str) -> None:
     if "".join(decoded.split()) not in {"".join(t.split()) for t in expected}:
         raise ModelLoadError(
             f"{where} does not reproduce text: {text[:80]!r} encodes to {len(ids)} ids that decode to {decoded[:80]!r}. transformers "
-            f"loaded it as {type(tokenizer).__name__} (from config.json's model_type); a tokenizer of another kind saved beside that config "
-            "(e.g. a word-level one beside a qwen2 config) loses its vocabulary or merges this way. Use the LLM's own tokenizer files; "
+            f"loaded it as {type(tokenizer).__name__}; a tokenizer of one kind reloaded as another (transformers 5 picks the class from "
+            "config.json's model_type: a word-level one beside a qwen2 config) loses its vocabulary or merges this way. Use the LLM's own tokenizer files; "
             "for a tiny stand-in LLM, `mmdomain tiny-llm --jsonl DATA --out DIR` writes a model and tokenizer that fit"
         )
 
