@@ -159,14 +159,16 @@ def split_groups(groups: Iterable[str], fractions: tuple[float, float, float], s
 
 
 def answer_balance(items: Iterable[Instruction]) -> dict[str, dict[str, dict[str, int]]]:
-    """Per kind of closed question: how often each choice position holds the answer, and each answer's frequency."""
+    """Per kind of closed question: how often each choice position holds the answer (``"2/4"``: second of four), and
+    each answer's frequency."""
     balance: dict[str, dict[str, Counter]] = {}
     for item in items:
         if item.answer_type != "closed" or not item.choices:
             continue
         entry = balance.setdefault(item.kind, {"positions": Counter(), "answers": Counter()})
         answer = item.final_answer()
-        entry["positions"][str([str(c) for c in item.choices].index(answer))] += 1
+        # "2/4": the answer is the second of four choices (items with three and four choices are counted apart).
+        entry["positions"][f"{[str(c) for c in item.choices].index(answer) + 1}/{len(item.choices)}"] += 1
         entry["answers"][answer] += 1
     return {kind: {k: dict(sorted(v.items())) for k, v in entry.items()} for kind, entry in sorted(balance.items())}
 

@@ -79,20 +79,23 @@ def _read_template_file(path: Path) -> dict[str, Task | None]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise LabelTableError(f"templates {path}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LabelTableError(f"templates {path}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
     try:
         return TemplateFile.model_validate(data).tasks
     except ValidationError as exc:
-        e = exc.errors()[0]
-        loc = list(e["loc"])
-        if len(loc) >= 2 and loc[0] == "tasks":
-            # pydantic puts the union branch ("Task") in the path; the reader wants task and field.
-            field = ".".join(str(p) for p in loc[2:] if p != "Task") or "(task)"
-            where = f"task {loc[1]!r}, field {field}"
-        else:
-            where = f"field {'.'.join(map(str, loc)) or '(top level)'}"
-        raise LabelTableError(f"templates {path}: {where}: {e['msg']} (a file holds `tasks: {{name: {{kind, columns, questions}}}}`; "
+        problems = "; ".join(f"{_where(list(e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise LabelTableError(f"templates {path}: {problems} (a file holds `tasks: {{name: {{kind, columns, questions}}}}`; "
                               f"see {DEFAULT_TEMPLATES})") from None
+
+
+def _where(loc: list) -> str:
+    if len(loc) >= 2 and loc[0] == "tasks":
+        # pydantic puts the union branch ("Task") in the path; the reader wants the task and the field.
+        field = ".".join(str(p) for p in loc[2:] if p != "Task") or "(task)"
+        return f"task {loc[1]!r}, field {field}"
+    return f"field {'.'.join(map(str, loc)) or '(top level)'}"
 
 
 def load_templates(path: str | Path | None = None) -> dict[str, Task]:
