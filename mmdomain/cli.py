@@ -108,6 +108,34 @@ def _domain_from_flags(name: str, options: str):
     return build_domain(name, parsed)
 
 
+def _split_fractions(text: str) -> tuple[float, float, float]:
+    from .instruction_set import InstructionSetError
+
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise InstructionSetError(f"--split {text!r} must be three fractions train,val,heldout, e.g. 0.8,0.1,0.1")
+    return values  # type: ignore[return-value]
+
+
+def _cmd_make_instructions_labels(args: argparse.Namespace) -> int:
+    from .instruction_set import summary_lines, write_instruction_set
+    from .label_templates import instructions_from_labels
+
+    fractions = _split_fractions(args.split)
+    made, skipped, facts = instructions_from_labels(args.table, templates=args.templates, group_key=args.group_key, seed=args.seed)
+    report = write_instruction_set(made, Path(args.out), seed=args.seed, fractions=fractions, rejects=skipped,
+                                   extra_report={"labels": facts}, overwrite=args.overwrite)
+    print("\n".join(summary_lines(report, Path(args.out))))
+    if facts["ignored_columns"]:
+        print(f"# columns no task reads (a typo?): {', '.join(facts['ignored_columns'])}", file=sys.stderr)
+    if args.group_key is None:
+        print("# no --group-key: each media item is its own group, so one patient's images may land on both sides", file=sys.stderr)
+    return 0
+
+
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from .band_stats import write_band_stats
 
@@ -263,6 +291,29 @@ def build_parser() -> argparse.ArgumentParser:
                                           "model.media_token)")
     p.add_argument("--recipe", help="take the domain and its options, and the media markers, from this recipe's model instead")
     p.set_defaults(func=_cmd_make_shards)
+
+    p = sub.add_parser("make-instructions", help="turn labels into instruction JSONL for make-shards: train / val / heldout, split by group")
+    instr_sub = p.add_subparsers(dest="instructions_from", required=True)
+    q = instr_sub.add_parser(
+        "labels", help="closed questions from a table of media and labels (classification, presence, count, location)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Columns of TABLE (CSV with a header, or JSONL):\n"
+                    "  media               path(s) relative to make-shards' --media; several: a;b (a list in JSONL)\n"
+                    "  label               label(s) a;b: classification (one label), presence yes/no (none/normal = no finding)\n"
+                    "  label_<attribute>   another classification, e.g. label_view\n"
+                    "  count_<object>      a whole number: how many <object>s\n"
+                    "  location[_<object>] a place in words (upper left), or a box x0,y0,x1,y1 relative to the image size\n"
+                    "  box[_<object>]      a box x0,y0,x1,y1 relative to the image size, turned into words\n"
+                    "  --group-key column  patient / scene id: a group never lands on two sides of the split\n"
+                    "Templates: mmdomain/templates/labels.yaml; --templates adds or replaces tasks by name.")
+    q.add_argument("table", help="the label table (.csv or .jsonl)")
+    q.add_argument("--out", required=True, help="folder for train.jsonl, val.jsonl, heldout.jsonl and report.json")
+    q.add_argument("--group-key", help="column of the patient or scene id (default: each media item is its own group)")
+    q.add_argument("--templates", help="a YAML of tasks that add to or replace the shipped ones")
+    q.add_argument("--seed", type=int, default=0, help="picks paraphrases, choice order, negatives and the split")
+    q.add_argument("--split", default="0.8,0.1,0.1", help="fractions of groups for train,val,heldout")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    q.set_defaults(func=_cmd_make_instructions_labels)
 
     p = sub.add_parser("cache-features", help="run the recipe's frozen encoder once over its shards and store the features")
     p.add_argument("recipe")

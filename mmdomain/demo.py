@@ -47,6 +47,17 @@ def prepare(out: Path, *, seed: int, train_samples: int, heldout_samples: int, s
         make_shards(jsonl, raw / "media", out / "shards", prefix=name, samples_per_shard=500, overwrite=True)
 
 
+def stage_recipes(out: Path, *, llm: str | Path, align_train: str | Path, instruct_train: str | Path, heldout: str | Path,
+                  seed: int = 0, threads: int | None = None, overrides: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """The demo's align and instruct recipes on these shards and LLM, with runs in ``out/align`` and ``out/instruct``
+    (instruct starts from align); ``overrides`` apply to both. Also what a test of other demo-like data trains with."""
+    common = [f"model.llm.path={llm}", f"data.eval={heldout}", f"seed={seed}", "overwrite=true", *([f"threads={threads}"] if threads else [])]
+    align = load_recipe(recipes_dir() / ALIGN, [*common, f"data.train={align_train}", f"output_dir={out / 'align'}", *overrides])
+    instruct = load_recipe(recipes_dir() / INSTRUCT, [*common, f"data.train={instruct_train}", f"output_dir={out / 'instruct'}",
+                                                     f"init_from={out / 'align'}", *overrides])
+    return align, instruct
+
+
 def run_demo(out: str | Path = "runs/demo", *, seed: int = 0, train_samples: int = 4000, heldout_samples: int = 200,
              shuffle_images: bool = False, threads: int | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the whole demo and return (and write to ``{out}/summary.json``) its summary."""
@@ -55,12 +66,9 @@ def run_demo(out: str | Path = "runs/demo", *, seed: int = 0, train_samples: int
     log.info("demo: writing synthetic scans, shards and a tiny LLM under %s", out)
     prepare(out, seed=seed, train_samples=train_samples, heldout_samples=heldout_samples, shuffle_images=shuffle_images)
 
-    common = [f"model.llm.path={out / 'tiny-llm'}", f"data.eval={out / 'shards' / 'heldout-*.tar'}", f"seed={seed}", "overwrite=true"]
-    if threads:
-        common.append(f"threads={threads}")
-    align = load_recipe(recipes_dir() / ALIGN, [*common, f"data.train={out / 'shards' / 'align-*.tar'}", f"output_dir={out / 'align'}", *overrides])
-    instruct = load_recipe(recipes_dir() / INSTRUCT, [*common, f"data.train={out / 'shards' / 'instruct-*.tar'}", f"output_dir={out / 'instruct'}",
-                                                     f"init_from={out / 'align'}", *overrides])
+    shards = out / "shards"
+    align, instruct = stage_recipes(out, llm=out / "tiny-llm", align_train=shards / "align-*.tar", instruct_train=shards / "instruct-*.tar",
+                                    heldout=shards / "heldout-*.tar", seed=seed, threads=threads, overrides=overrides)
 
     seed_everything(seed)  # the untrained model is the one align starts from
     model, processor = build_model(align.model)

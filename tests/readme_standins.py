@@ -199,6 +199,7 @@ def build_whisper(directory: str | Path, *, mel_bins: int = 16, positions: int =
 FINDINGS = ["no acute finding", "small left pleural effusion", "right lower lobe opacity", "cardiomegaly"]
 CLOSED = [("Is there a pleural effusion?", ["yes", "no"]), ("Is the heart enlarged?", ["yes", "no"])]
 OPEN = ["What is the main finding?", "Where is the opacity?"]
+LABELS = ["normal", "pleural effusion", "opacity", "cardiomegaly"]  # FINDINGS as labels.csv names them
 
 
 def _xray(rng: np.random.Generator, finding: int, size: int = 64) -> np.ndarray:
@@ -236,7 +237,8 @@ def write_cxr_data(root: Path, *, n_captions: int = 16, n_vqa: int = 16, n_test:
     """``images/cxr/NNN.png`` (every fifth one a MONOCHROME1 DICOM ``NNN.dcm`` instead, as the README's JSONL
     example has), ``captions.jsonl`` (align), ``vqa.jsonl`` (instruct) and ``test.jsonl`` (held out): closed
     questions carry ``choices`` and ``answer_type: closed``, open ones ``answer_type: open``, as the instruct
-    recipe's header asks. ``images/cxr/042.png`` (the README's generate command) is always a PNG.
+    recipe's header asks. ``images/cxr/042.png`` (the README's generate command) is always a PNG. ``labels.csv``
+    (media, label, patient) feeds the README's `make-instructions labels`.
     Returns the texts, for training the stand-in tokenizer."""
     rng = np.random.default_rng(seed)
     media = root / "images" / "cxr"
@@ -269,6 +271,9 @@ def write_cxr_data(root: Path, *, n_captions: int = 16, n_vqa: int = 16, n_test:
     test = [vqa(i, j) for j, i in enumerate(range(n_captions + n_vqa, total))]
     for name, rows in (("captions", captions), ("vqa", train), ("test", test)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The labels table of "Instruction data from labels": one finding per image ("normal" means none), two images per patient.
+    labels = [f"{media},{LABELS[f]},P{i // 2:03d}" for i, (media, f) in enumerate(zip(names, findings))]
+    (root / "labels.csv").write_text("media,label,patient\n" + "\n".join(labels) + "\n")
     texts = [r["caption"] for r in captions] + [f"{r['question']} {r['answer']}" for r in train + test]
     return texts + ["Describe the image.", "Is there a pleural effusion?"]
 

@@ -433,6 +433,17 @@ def check_tiny_llm(walk: Walk, out: Outcome) -> None:
     assert (model / "config.json").is_file() and (model / "tokenizer.json").is_file(), sorted(p.name for p in model.iterdir())
 
 
+def check_make_instructions(walk: Walk, out: Outcome) -> None:
+    folder = walk.work / _option(out.argv, "--out")
+    report = json.loads((folder / "report.json").read_text())
+    groups = {}
+    for name in ("train", "val", "heldout"):
+        records = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+        assert len(records) == report["samples"][name], (name, len(records), report["samples"])
+        groups[name] = {r["group"] for r in records}
+    assert records and not (groups["train"] & groups["heldout"]), groups  # the README's make-shards needs a held-out file
+
+
 def check_data_stats(walk: Walk, out: Outcome) -> None:
     stats = json.loads((walk.work / _option(out.argv, "--out")).read_text())
     assert len(stats["mean"]) == len(stats["std"]) == 6, stats
@@ -440,7 +451,7 @@ def check_data_stats(walk: Walk, out: Outcome) -> None:
 
 CHECKS = {"make-shards": check_make_shards, "validate": check_validate, "run": check_run, "eval": check_eval,
           "generate": check_generate, "cache-features": check_cache_features, "ls": check_ls, "data": check_data_stats,
-          "tiny-llm": check_tiny_llm}
+          "tiny-llm": check_tiny_llm, "make-instructions": check_make_instructions}
 
 
 @pytest.mark.slow

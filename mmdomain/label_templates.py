@@ -1,0 +1,320 @@
+"""Labels -> closed questions: a table of media and labels turned into Instructions by YAML templates.
+
+The table is a CSV (header row) or a JSONL (one object per line); the media are never opened. Columns:
+- ``media``: the media path(s), relative to the folder make-shards gets as ``--media``; several separated by ``;``
+  in a CSV, or a list in a JSONL.
+- ``label``: the image's label(s), several separated by ``;`` (a list in a JSONL). With exactly one label a row gets
+  a classification question (choices: the labels of the whole column); every row gets presence questions ("Is there
+  a {label}?", yes/no) for its labels and as many absent ones (one when it has none); ``none``, ``normal``,
+  ``no finding`` and empty mean no finding.
+- ``label_<attribute>``: another classification, e.g. ``label_view`` -> "What is the view of this image?".
+- ``count_<object>``: a whole number -> "How many <object>s are there?" with numeric choices around it.
+- ``location`` / ``location_<object>``: a place in words ("upper left"), or a box ``x0,y0,x1,y1`` relative to the
+  image size (0..1), turned into words ("upper left", "center", "lower right", ...); ``box`` / ``box_<object>``
+  likewise. Choices: the places seen in that column.
+- the ``--group-key`` column (patient, scene): the split keeps each group on one side.
+Underscores in a column's suffix read as spaces (``count_lymph_node`` -> "lymph node"). Which columns feed which
+task is the templates' ``columns`` (``mmdomain/templates/labels.yaml``); ``--templates my.yaml`` adds or replaces
+tasks. A bad row is an error naming ``file:line`` and the problem.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import string
+from collections import Counter
+from pathlib import Path, PurePath
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import MmdomainError
+from .instruction_set import Instruction
+
+DEFAULT_TEMPLATES = Path(__file__).resolve().parent / "templates" / "labels.yaml"
+PLACEHOLDERS = {"label"}
+KIND_DEFAULT_CHOICES = {"classification": 6, "location": 9, "count": 4, "presence": 2}
+
+
+class LabelTableError(MmdomainError, ValueError):
+    """A label table or templates file that cannot be used; the message names the file (line, task, field) and the fix."""
+
+
+class Task(BaseModel):
+    """One kind of question and the columns it reads."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["classification", "presence", "count", "location"]
+    columns: list[str] = Field(min_length=1)
+    questions: list[str] = Field(min_length=1)
+    label: str = "finding"
+    max_choices: int | None = Field(None, ge=2)
+    none_values: list[str] = ["", "none", "normal", "no finding"]
+
+    @field_validator("questions")
+    @classmethod
+    def _placeholders(cls, questions: list[str]) -> list[str]:
+        for i, question in enumerate(questions):
+            try:
+                names = {name for _, name, _, _ in string.Formatter().parse(question) if name is not None}
+            except ValueError as exc:
+                raise ValueError(f"question {i} {question!r}: {exc} (write a literal brace as {{{{ or }}}})") from None
+            unknown = names - PLACEHOLDERS
+            if unknown:
+                raise ValueError(f"question {i} {question!r} has placeholder(s) {sorted(unknown)}; the only one is {{label}}")
+        return questions
+
+    def choices_limit(self) -> int:
+        return self.max_choices or KIND_DEFAULT_CHOICES[self.kind]
+
+
+class TemplateFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tasks: dict[str, Task | None]
+
+
+def _read_template_file(path: Path) -> dict[str, Task | None]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LabelTableError(f"templates {path}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    try:
+        return TemplateFile.model_validate(data).tasks
+    except ValidationError as exc:
+        problems = "; ".join(f"{_where(list(e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise LabelTableError(f"templates {path}: {problems} (a file holds `tasks: {{name: {{kind, columns, questions}}}}`; "
+                              f"see {DEFAULT_TEMPLATES})") from None
+
+
+def _where(loc: list) -> str:
+    if len(loc) >= 2 and loc[0] == "tasks":
+        # pydantic puts the union branch ("Task") in the path; the reader wants the task and the field.
+        field = ".".join(str(p) for p in loc[2:] if p != "Task") or "(task)"
+        return f"task {loc[1]!r}, field {field}"
+    return f"field {'.'.join(map(str, loc)) or '(top level)'}"
+
+
+def load_templates(path: str | Path | None = None) -> dict[str, Task]:
+    """The shipped tasks, with those of ``path`` added or replacing them by name (``name: null`` removes one)."""
+    tasks = {k: v for k, v in _read_template_file(DEFAULT_TEMPLATES).items() if v is not None}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LabelTableError(f"templates file {str(path)!r} does not exist")
+        for name, task in _read_template_file(path).items():
+            if task is None:
+                tasks.pop(name, None)
+            else:
+                tasks[name] = task
+    return tasks
+
+
+# -- reading the table ------------------------------------------------------------------------------------------------
+
+
+def read_label_table(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``[(line number, row)]`` of a CSV (header on line 1) or a JSONL table."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelTableError(f"label table {str(path)!r} does not exist")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if path.suffix.lower() in (".jsonl", ".json"):
+        with path.open() as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise LabelTableError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise LabelTableError(f"{path}:{line_no}: a row must be a JSON object with media and label keys")
+                rows.append((line_no, row))
+    else:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "media" not in reader.fieldnames:
+                raise LabelTableError(f"{path}: the header {reader.fieldnames} has no 'media' column; the first line names the columns, "
+                                      "e.g. media,label,patient")
+            for row in reader:
+                if None in row:
+                    raise LabelTableError(f"{path}:{reader.line_num}: more fields than the header's {len(reader.fieldnames)}; "
+                                          "quote values that hold commas (boxes: \"0.1,0.2,0.5,0.6\")")
+                rows.append((reader.line_num, row))
+    if not rows:
+        raise LabelTableError(f"label table {path} has no rows")
+    return rows
+
+
+def _values(raw: Any) -> list[str]:
+    if raw is None:
+        return []
+    items = raw if isinstance(raw, list) else str(raw).split(";")
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _media(raw: Any, where: str) -> list[str]:
+    media = _values(raw)
+    if not media:
+        raise LabelTableError(f"{where}: no media; write the media path relative to make-shards' --media folder")
+    for rel in media:
+        if PurePath(rel).is_absolute() or ".." in PurePath(rel).parts:
+            raise LabelTableError(f"{where}: media path {rel!r} must be relative to make-shards' --media folder, without '..'")
+    return media
+
+
+_ROWS, _COLS = ("upper", "", "lower"), ("left", "", "right")
+
+
+def box_to_words(box: str, where: str) -> str:
+    """``x0,y0,x1,y1`` relative to the image size -> the third of the image (rows and columns) its center falls in."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box.split(","))
+    except ValueError:
+        raise LabelTableError(f"{where}: box {box!r} is not four numbers x0,y0,x1,y1") from None
+    if not all(0 <= v <= 1 for v in (x0, y0, x1, y1)) or x1 < x0 or y1 < y0:
+        raise LabelTableError(f"{where}: box {box!r} must be x0,y0,x1,y1 relative to the image size (0..1, x0 <= x1, y0 <= y1); "
+                              "divide pixel coordinates by the width and height")
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    words = f"{_ROWS[min(int(cy * 3), 2)]} {_COLS[min(int(cx * 3), 2)]}".strip()
+    return words or "center"
+
+
+def _place(raw: Any, where: str) -> str | None:
+    text = str(raw).strip() if raw is not None else ""
+    if not text:
+        return None
+    if text.count(",") == 3:
+        return box_to_words(text, where)
+    return text
+
+
+def _matching(task: Task, columns: list[str]) -> list[tuple[str, str]]:
+    """``[(column, its {label})]`` of the table's columns this task reads."""
+    found = []
+    for pattern in task.columns:
+        if pattern.endswith("_*"):
+            prefix = pattern[:-1]
+            found += [(c, c[len(prefix):].replace("_", " ")) for c in columns if c.startswith(prefix) and len(c) > len(prefix)]
+        elif pattern in columns:
+            found.append((pattern, task.label))
+    return found
+
+
+# -- making questions -------------------------------------------------------------------------------------------------
+
+
+def _pick_choices(answer: str, pool: list[str], limit: int, rng: random.Random) -> list[str]:
+    others = [c for c in pool if c != answer]
+    choices = [answer, *rng.sample(others, min(limit - 1, len(others)))]
+    rng.shuffle(choices)
+    return choices
+
+
+def instructions_from_labels(table: str | Path, *, templates: str | Path | None = None, group_key: str | None = None,
+                             seed: int = 0) -> tuple[list[Instruction], Counter, dict[str, Any]]:
+    """Closed questions for every row of ``table``: (instructions, skipped by reason, facts for the report)."""
+    table = Path(table)
+    tasks = load_templates(templates)
+    rows = read_label_table(table)
+    columns = list(dict.fromkeys(c for _, row in rows for c in row))
+    if group_key is not None and group_key not in columns:
+        raise LabelTableError(f"{table}: --group-key {group_key!r} is not a column (columns: {', '.join(columns)})")
+    plan = {name: _matching(task, columns) for name, task in tasks.items()}
+    if not any(plan.values()):
+        wanted = sorted({c for t in tasks.values() for c in t.columns})
+        raise LabelTableError(f"{table}: no column feeds a question (columns: {', '.join(columns)}); the tasks read {', '.join(wanted)} "
+                              "(see `mmdomain make-instructions labels --help`)")
+    used = {"media", group_key, *(c for found in plan.values() for c, _ in found)}
+
+    # Choice sets come from the whole column, so every row's question offers the same places or classes.
+    parsed: list[tuple[int, str, dict[str, Any]]] = []
+    for line, row in rows:
+        where = f"{table}:{line}"
+        entry: dict[str, Any] = {"media": _media(row.get("media"), where)}
+        if group_key is not None:
+            group = str(row.get(group_key) or "").strip()
+            if not group:
+                raise LabelTableError(f"{where}: empty {group_key!r}; every row needs its group (patient, scene) for the split")
+            entry["group"] = group
+        for name, task in tasks.items():
+            for column, _ in plan[name]:
+                raw = row.get(column)
+                if task.kind == "location":
+                    entry[column] = _place(raw, where)
+                elif task.kind == "count":
+                    text = str(raw).strip() if raw is not None else ""
+                    if text and (not text.isdigit()):
+                        raise LabelTableError(f"{where}: {column} is {text!r}; write a whole number >= 0 (or leave it empty)")
+                    entry[column] = int(text) if text else None
+                else:
+                    entry[column] = _values(raw)
+        parsed.append((line, where, entry))
+    vocab: dict[tuple[str, str], list[str]] = {}
+    for name, task in tasks.items():
+        for column, _ in plan[name]:
+            if task.kind in ("classification", "location"):
+                values = {e[column] if task.kind == "location" else e[column][0] for _, _, e in parsed
+                          if e[column] and (task.kind == "location" or len(e[column]) == 1)}
+            elif task.kind == "presence":
+                none = {v.lower() for v in task.none_values}
+                values = {v for _, _, e in parsed for v in e[column] if v.lower() not in none}
+            else:
+                continue
+            vocab[(name, column)] = sorted(values)
+
+    made: list[Instruction] = []
+    skipped: Counter = Counter()
+    for line, where, entry in parsed:
+        for name, task in tasks.items():
+            for column, label in plan[name]:
+                rng = random.Random(f"{seed}:{line}:{name}:{column}")
+                value = entry[column]
+
+                def ask(question_label: str, answer: str, choices: list[str]) -> None:
+                    index = rng.randrange(len(task.questions))
+                    question = task.questions[index].format(label=question_label)
+                    made.append(Instruction(media=entry["media"], question=question, answer=answer, choices=choices, answer_type="closed",
+                                            group=entry.get("group", ""), kind=task.kind,
+                                            provenance={"source": str(table), "row": line, "column": column,
+                                                        "template": f"{name}:{index}", "seed": seed}))
+
+                if task.kind == "classification":
+                    pool = vocab[(name, column)]
+                    if len(pool) < 2:
+                        skipped[f"{name}_fewer_than_two_classes"] += 1
+                    elif len(value) != 1:
+                        skipped[f"{name}_needs_one_label"] += 1
+                    else:
+                        ask(label, value[0], _pick_choices(value[0], pool, task.choices_limit(), rng))
+                elif task.kind == "presence":
+                    pool = vocab[(name, column)]
+                    none = {v.lower() for v in task.none_values}
+                    present = sorted({v for v in value if v.lower() not in none})
+                    absent = [v for v in pool if v not in present]
+                    # As many negatives as positives (one for a row without findings): the yes/no answers stay balanced.
+                    negatives = rng.sample(absent, min(len(absent), max(len(present), 1)))
+                    for item, answer in [*((p, "yes") for p in present), *((n, "no") for n in negatives)]:
+                        ask(item, answer, _pick_choices(answer, ["yes", "no"], 2, rng))
+                elif task.kind == "count":
+                    if value is None:
+                        continue
+                    n = task.choices_limit()
+                    start = max(0, value - rng.randrange(n))
+                    choices = [str(v) for v in range(start, start + n)]
+                    rng.shuffle(choices)
+                    ask(label, str(value), choices)
+                elif value is not None:  # location
+                    pool = vocab[(name, column)]
+                    if len(pool) < 2:
+                        skipped[f"{name}_fewer_than_two_places"] += 1
+                    else:
+                        ask(label, value, _pick_choices(value, pool, task.choices_limit(), rng))
+    facts = {"source": str(table), "rows": len(rows), "group_key": group_key, "templates": str(templates or DEFAULT_TEMPLATES),
+             "tasks": {name: [c for c, _ in found] for name, found in plan.items() if found},
+             "ignored_columns": [c for c in columns if c not in used]}
+    return made, skipped, facts
