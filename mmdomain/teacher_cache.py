@@ -36,17 +36,23 @@ class TeacherCache:
             self._load()
 
     def _load(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").split("\n")
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        offset = 0
         for number, line in enumerate(lines, 1):
+            start, offset = offset, offset + len(line) + 1
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
                 self._entries[record["key"]] = record
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 if number == len(lines):
-                    # A run killed mid-write leaves a partial last line: that answer is simply asked again.
-                    log.warning("%s: ignoring the partial last line (a run stopped while writing it)", self.path)
+                    # A run killed mid-write leaves a partial last line (no newline yet): cut it off, so appends
+                    # start on a clean line; that one answer is asked again.
+                    log.warning("%s: dropping a partial last line (a run stopped while writing it)", self.path)
+                    with open(self.path, "r+b") as f:
+                        f.truncate(start)
                     continue
                 raise TeacherCacheError(f"teacher cache {self.path} line {number} is not a cache record ({exc}); "
                                         "delete the file to start afresh (its answers will be asked again)") from exc
@@ -63,14 +69,7 @@ class TeacherCache:
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
-                if f.tell() > 0 and not self._ends_with_newline():
-                    f.write("\n")  # after a partial line left by a kill, start a fresh one
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
             self._entries[key] = record
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
