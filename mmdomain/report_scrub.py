@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from .errors import MmdomainError
 
@@ -111,5 +111,5 @@ class Scrubber:
 
     def _allowed(self, name: str) -> bool:
         words = [w.lower().rstrip(".,'") for w in re.split(r"[ \t,]+", name) if w]
-        words = [w[:-2] if w.endswith("'s") else w for w in words]
+        words = [w.removesuffix("'s") for w in words]
         return bool(words) and all(w in self.allow for w in words)

@@ -19,14 +19,22 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Sequence
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import MmdomainError
 from .report_scrub import Scrubber
@@ -75,7 +83,7 @@ class ClosedQAReply(_Reply):
         return choices
 
     @model_validator(mode="after")
-    def _answer_once(self) -> "ClosedQAReply":
+    def _answer_once(self) -> ClosedQAReply:
         if self.choices.count(self.answer) != 1:
             raise ValueError(f"answer {self.answer!r} must be among the choices exactly once")
         return self

@@ -46,7 +46,9 @@ def add_teacher_commands(subparsers: Any) -> None:
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
-    from .instruction_set import write_instruction_set  # the writer lives in the labels branch; imported when used
+    from .instruction_set import (
+        write_instruction_set,  # the writer lives in the labels branch; imported when used
+    )
     from .report_scrub import Scrubber, load_allow_list
     from .teacher import TeacherInputError, load_templates, read_text_table, run_teacher
     from .teacher_backends import OpenAITeacher, TransformersTeacher
