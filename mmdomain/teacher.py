@@ -8,7 +8,7 @@ schema, retries within a budget, rejects counted by reason, a resumable cache, p
     result.instructions  # dicts with the fields of mmdomain.instruction_set.Instruction
     result.rejects       # Counter of reject reasons; result.report: counts for report.json
 
-This file is long (~400 lines) because the run loop, its counting and the reply schemas belong together.
+This file is long (~460 lines) because the run loop, its counting and the reply schemas belong together.
 """
 from __future__ import annotations
 

@@ -270,3 +270,33 @@ def test_a_local_transformers_teacher_never_downloads_and_its_garbage_is_rejecte
     assert result.instructions == [] and sum(result.rejects.values()) == 1
     assert set(result.rejects) <= {"malformed_json", "refusal"}
     assert result.report["requests_sent"] == 1  # greedy gives the same reply again: not retried
+
+
+def test_every_kind_becomes_an_instruction_from_a_csv_table(serve, tmp_path):
+    from mmdomain.teacher import TeacherInputError, read_text_table
+
+    replies = {"describe": {"description": "A round opacity in the left lower zone."},
+               "open_qa": {"question": "Where is the opacity?", "answer": "Left lower zone."},
+               "closed_qa": GOOD,
+               "multi_turn": {"turns": [{"question": "Any opacity?", "answer": "Yes."}, {"question": "Where?", "answer": "Left."}]}}
+
+    def script(user, n):
+        kind = next(k for k, marker in [("multi_turn", "conversation"), ("closed_qa", "multiple-choice"),
+                                        ("open_qa", "one question"), ("describe", "description")] if marker in user)
+        return json.dumps(replies[kind])
+
+    server = serve(script)
+    table = tmp_path / "captions.csv"
+    table.write_text('media,caption,scene\n"a.png;b.png",Two views of a left opacity,s1\n')
+    items = read_text_table(table, text_key="caption", group_key="scene")
+    assert items[0].media == ["a.png", "b.png"] and items[0].group == "s1" and items[0].row == 2
+    with pytest.raises(TeacherInputError, match="no column 'report'"):
+        read_text_table(table, text_key="report")
+    result = run_teacher(items, OpenAITeacher(server.url, "m"), kinds=["describe", "open_qa", "closed_qa", "multi_turn"],
+                         cache=TeacherCache(tmp_path / "c.jsonl"), backoff_s=0)
+    by_kind = {i["kind"]: i for i in result.instructions}
+    assert by_kind["describe"]["question"] == "Describe the image in detail." and by_kind["describe"]["answer_type"] == "open"
+    assert by_kind["open_qa"]["answer"] == "Left lower zone." and by_kind["open_qa"]["choices"] is None
+    assert by_kind["closed_qa"]["choices"] == ["left", "right"]
+    assert [t["role"] for t in by_kind["multi_turn"]["conversations"]] == ["user", "assistant"] * 2
+    assert all(i["media"] == ["a.png", "b.png"] and i["group"] == "s1" for i in result.instructions)
