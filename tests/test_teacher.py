@@ -1,0 +1,302 @@
+"""The teacher path against a real local HTTP server speaking the OpenAI chat completions API (the official openai
+client talks to it), the answer cache's resume, report scrubbing end to end, and the local transformers teacher."""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import types
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("openai")
+
+from mmdomain.report_scrub import Scrubber, load_allow_list
+from mmdomain.teacher import ReplyRejected, StopRun, TextItem, parse_reply, run_teacher
+from mmdomain.teacher_backends import OpenAITeacher, TransformersTeacher
+from mmdomain.teacher_cache import TeacherCache
+
+GOOD = {"question": "Which side is the opacity on?", "choices": ["left", "right"], "answer": "left"}
+
+
+class ScriptedServer:
+    """An OpenAI-compatible /v1/chat/completions on 127.0.0.1. ``script(user_text, n)`` -> the reply content for the
+    n-th request (0-based) carrying that prompt, or ("sleep", seconds) to stall past the client's timeout."""
+
+    def __init__(self, script):
+        self.script, self.bodies, self.per_prompt, self.agents = script, [], Counter(), []
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = json.loads(body)
+                user = next(m["content"] for m in request["messages"] if m["role"] == "user")
+                with server._lock:
+                    server.bodies.append(body.decode())
+                    server.agents.append(self.headers.get("User-Agent", ""))
+                    n = server.per_prompt[user]
+                    server.per_prompt[user] += 1
+                action = server.script(user, n)
+                if isinstance(action, tuple) and action[0] == "sleep":
+                    time.sleep(action[1])
+                    action = json.dumps(GOOD)
+                payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": request["model"],
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": action}}],
+                                      "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (the timeout case)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(script):
+        servers.append(ScriptedServer(script))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def _items(texts, tmp_path):
+    return [TextItem(media=[f"img{i}.png"], text=t, group=f"p{i}", source_file=str(tmp_path / "table.csv"), row=i + 2)
+            for i, t in enumerate(texts)]
+
+
+def test_good_malformed_refusal_timeout_are_parsed_retried_rejected_and_counted(serve, tmp_path):
+    def script(user, n):
+        if "case good" in user:
+            return json.dumps(GOOD)
+        if "case fenced" in user:
+            return "Here you are:\n```json\n" + json.dumps(GOOD) + "\n```"
+        if "case malformed" in user:
+            return '{"question": "Which side' if n == 0 else json.dumps(GOOD)  # truncated JSON, then fine on retry
+        if "case refusal" in user:
+            return "I can't help with medical images."
+        if "case offschema" in user:
+            return json.dumps({**GOOD, "answer": "both"})  # answer not among the choices
+        if "case timeout" in user:
+            return ("sleep", 2.0)
+        raise AssertionError(user)
+
+    server = serve(script)
+    cases = ["good", "fenced", "malformed", "refusal", "offschema", "timeout"]
+    teacher = OpenAITeacher(server.url, "served-model", timeout=0.5)
+    result = run_teacher(_items([f"Chest film, case {c}, opacity left." for c in cases], tmp_path), teacher, kinds=["closed_qa"],
+                         cache=TeacherCache(tmp_path / "cache.jsonl"), retries=1, backoff_s=0, concurrency=3)
+    r = result.report
+    assert r["accepted"] == 3 and [i["provenance"]["row"] for i in result.instructions] == [2, 3, 4]
+    assert result.rejects == Counter({"refusal": 1, "schema": 1, "timeout": 1})
+    assert r["attempt_failures"] == {"malformed_json": 1, "refusal": 2, "schema": 2, "timeout": 2}
+    # one request for good/fenced, two (retry budget 1) for each of the other four; the report counts what was sent
+    assert r["requests_sent"] == len(server.bodies) == 10 and r["retries"] == 4
+    assert {u.split("case ")[1].split(",")[0]: n for u, n in server.per_prompt.items()} == {
+        "good": 1, "fenced": 1, "malformed": 2, "refusal": 2, "offschema": 2, "timeout": 2}
+    assert all("OpenAI/Python" in a for a in server.agents)  # the official client did the talking
+    row = result.instructions[0]
+    assert set(row) == {"media", "question", "answer", "choices", "answer_type", "conversations", "group", "provenance", "kind"}
+    assert row["answer_type"] == "closed" and row["choices"].count(row["answer"]) == 1
+    expected = {"teacher": "openai", "model": "served-model", "template": "closed_qa.v1", "seed": 0, "row": 2,
+                "source_file": str(tmp_path / "table.csv")}
+    assert {k: row["provenance"][k] for k in expected} == expected
+
+
+def test_a_stopped_run_resumes_from_its_cache_without_repeating_a_request(serve, tmp_path):
+    def script(user, n):
+        return "I cannot do that." if "case 4" in user else json.dumps(GOOD)
+
+    server = serve(script)
+    teacher = OpenAITeacher(server.url, "m", timeout=5)
+    items = _items([f"Film case {i}, opacity left." for i in range(8)], tmp_path)
+
+    def stop_after_three(settled):
+        if settled >= 3:
+            raise StopRun
+
+    with pytest.raises(StopRun):
+        run_teacher(items, teacher, kinds=["closed_qa"], cache=TeacherCache(tmp_path / "c.jsonl"), retries=1, backoff_s=0,
+                    concurrency=2, on_answer=stop_after_three)
+    first = sum(server.per_prompt.values())
+    assert 3 <= first < 8 + 1  # stopped early: not every item was asked
+    # a kill mid-write leaves a partial line; it is ignored and that answer asked again
+    with open(tmp_path / "c.jsonl", "a") as f:
+        f.write('{"key": "abc", "rep')
+    result = run_teacher(items, teacher, kinds=["closed_qa"], cache=TeacherCache(tmp_path / "c.jsonl"), retries=1, backoff_s=0,
+                         concurrency=2)
+    refusal = next(u for u in server.per_prompt if "case 4" in u)
+    assert all(n == 1 for u, n in server.per_prompt.items() if u != refusal)  # no prompt asked twice
+    assert server.per_prompt[refusal] == 2 and len(server.per_prompt) == 8  # the refusal's retry, never repeated after
+    assert result.report["accepted"] == 7 and result.rejects == Counter({"refusal": 1})
+    again = run_teacher(items, teacher, kinds=["closed_qa"], cache=TeacherCache(tmp_path / "c.jsonl"), retries=1, backoff_s=0)
+    assert sum(server.per_prompt.values()) == 9 and again.report["from_cache"] == 8 and again.report["requests_sent"] == 0
+
+
+def test_answers_copying_the_source_are_flagged_and_dropped_or_kept(serve, tmp_path):
+    caption = "a large irregular mass in the upper lobe of the right lung with spiculated margins and no effusion seen"
+
+    def script(user, n):
+        copied = "There is " + caption  # 19 shared words
+        return json.dumps({"question": "What is seen?", "answer": copied if "right lung" in user else "a mass"})
+
+    server = serve(script)
+    teacher = OpenAITeacher(server.url, "m")
+    items = _items([caption, "short caption of a left lung nodule"], tmp_path)
+    dropped = run_teacher(items, teacher, kinds=["open_qa"], cache=TeacherCache(tmp_path / "c.jsonl"), backoff_s=0)
+    assert dropped.report["leaks"] == 1 and dropped.rejects == Counter({"leak": 1}) and len(dropped.instructions) == 1
+    kept = run_teacher(items, teacher, kinds=["open_qa"], cache=TeacherCache(tmp_path / "c.jsonl"), drop_leaks=False)
+    assert [i["provenance"].get("leak") for i in kept.instructions] == [True, None]
+    assert sum(server.per_prompt.values()) == 2  # the second run came from the cache
+
+
+REPORTS = [
+    ("Patient: Doe, Jane. MRN: 12345678. Exam date 2024-03-12. Referring physician: Dr. Gregory House. "
+     "Known Parkinson disease. Mild cardiomegaly."),
+    ("Name: Smith, John. Accession # A98765432. Study on 12 March 2024, callback 555-123-4567, john.smith@example.org. "
+     "ID 3f2b1c9e-1a2b-4c3d-8e9f-0123456789ab. Patient Hodgkin lymphoma follow-up; no new nodes."),
+]
+PHI = ["Doe", "Jane", "12345678", "2024-03-12", "Gregory", "House", "Smith", "John", "A98765432", "12 March 2024",
+       "555-123-4567", "example.org", "3f2b1c9e"]
+
+
+def test_names_dates_and_ids_never_reach_the_teacher_or_any_file(serve, tmp_path, monkeypatch):
+    from mmdomain.teacher_cli import add_teacher_commands
+
+    def script(user, n):
+        # echo the report back, as a careless teacher would: anything unscrubbed would land in the output
+        text = user.split("---\n")[1].split("\n---")[0]
+        return json.dumps({"description": text})
+
+    server = serve(script)
+    table = tmp_path / "reports.jsonl"
+    table.write_text("".join(json.dumps({"media": f"scan{i}.dcm", "report": r, "patient": f"P{i}"}) + "\n"
+                             for i, r in enumerate(REPORTS)))
+    # stand-in for mmdomain.instruction_set (built on another branch): writes what it is given, as the writer would
+    written = {}
+
+    def write_instruction_set(instructions, out, *, seed, fractions=(0.8, 0.1, 0.1), rejects=None, extra_report=None, overwrite=False):
+        out = Path(out)
+        out.mkdir(parents=True)
+        (out / "train.jsonl").write_text("".join(json.dumps(i) + "\n" for i in instructions))
+        report = {"rejects": dict(rejects or {}), **(extra_report or {})}
+        (out / "report.json").write_text(json.dumps(report))
+        written.update(report=report, n=len(instructions))
+        return report
+
+    monkeypatch.setitem(sys.modules, "mmdomain.instruction_set",
+                        types.SimpleNamespace(write_instruction_set=write_instruction_set))
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_teacher_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["reports", str(table), "--out", str(tmp_path / "out"), "--teacher", server.url, "--model", "m",
+                              "--kinds", "describe", "--group-key", "patient", "--keep-leaks", "--phi-allow", "Hodgkin"])
+    assert args.func(args) == 0
+    assert written["n"] == 2
+    scrubbed = written["report"]["teacher"]["scrubbed"]
+    assert scrubbed["name"] >= 3 and scrubbed["date"] == 2 and scrubbed["id"] == 3 and scrubbed["phone"] == 1
+    bodies = "\n".join(server.bodies)
+    files = {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file() and p != table}
+    assert len(files) >= 3  # train.jsonl, report.json, the cache
+    for secret in PHI:
+        assert secret not in bodies, secret
+        for path, text in files.items():
+            assert secret not in text, (secret, path)
+    assert "Parkinson disease" in bodies and "Hodgkin lymphoma" in bodies  # allow-listed eponyms survive
+    assert "[NAME]" in bodies and "[DATE]" in bodies and "[ID]" in bodies
+
+
+def test_scrubber_allow_list_keeps_eponyms_it_is_given():
+    text = "Patient Bankhart lesion noted. Patient Jane Roe seen."
+    assert Scrubber(allow=load_allow_list(defaults=False)).scrub(text)[0] == "Patient [NAME] lesion noted. Patient [NAME] seen."
+    kept, counts = Scrubber(allow=load_allow_list(["Bankhart"])).scrub(text)
+    assert kept == "Patient Bankhart lesion noted. Patient [NAME] seen." and counts == Counter({"name": 1})
+
+
+@pytest.mark.parametrize("reply, reason", [
+    ('{"question": "q", "choices": ["a", "a"], "answer": "a"}', "schema"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": "c"}', "schema"),
+    ('{"question": "q", "choices": ["a", "b"]', "malformed_json"),
+    ("", "refusal"),
+    ('{"question": "q", "choices": ["I cannot tell", "b"], "answer": "I cannot tell"}', "refusal"),
+])
+def test_closed_replies_need_the_answer_among_distinct_choices(reply, reason):
+    with pytest.raises(ReplyRejected) as err:
+        parse_reply("closed_qa", reply)
+    assert err.value.reason == reason
+
+
+def test_a_local_transformers_teacher_never_downloads_and_its_garbage_is_rejected(tmp_path, monkeypatch):
+    from mmdomain.tiny_models import (
+        TINY_CHAT_MARKERS,
+        TINY_CHAT_ROLES,
+        TINY_CHAT_TEMPLATE,
+        write_tiny_llm,
+    )
+
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        TransformersTeacher("Qwen/Qwen2.5-0.5B-Instruct")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_tiny_llm(tmp_path / "tiny", ["lung", "mass", "left", "right", "film", *TINY_CHAT_MARKERS, *TINY_CHAT_ROLES],
+                          chat_template=TINY_CHAT_TEMPLATE, eos_token="<|im_end|>")
+    teacher = TransformersTeacher(str(path), max_new_tokens=8)
+    result = run_teacher(_items(["lung mass left"], tmp_path), teacher, kinds=["closed_qa"],
+                         cache=TeacherCache(tmp_path / "c.jsonl"), retries=2, backoff_s=0)
+    assert result.instructions == [] and sum(result.rejects.values()) == 1
+    assert set(result.rejects) <= {"malformed_json", "refusal"}
+    assert result.report["requests_sent"] == 1  # greedy gives the same reply again: not retried
+
+
+def test_every_kind_becomes_an_instruction_from_a_csv_table(serve, tmp_path):
+    from mmdomain.teacher import TeacherInputError, read_text_table
+
+    replies = {"describe": {"description": "A round opacity in the left lower zone."},
+               "open_qa": {"question": "Where is the opacity?", "answer": "Left lower zone."},
+               "closed_qa": GOOD,
+               "multi_turn": {"turns": [{"question": "Any opacity?", "answer": "Yes."}, {"question": "Where?", "answer": "Left."}]}}
+
+    def script(user, n):
+        kind = next(k for k, marker in [("multi_turn", "conversation"), ("closed_qa", "multiple-choice"),
+                                        ("open_qa", "one question"), ("describe", "description")] if marker in user)
+        return json.dumps(replies[kind])
+
+    server = serve(script)
+    table = tmp_path / "captions.csv"
+    table.write_text('media,caption,scene\n"a.png;b.png",Two views of a left opacity,s1\n')
+    items = read_text_table(table, text_key="caption", group_key="scene")
+    assert items[0].media == ["a.png", "b.png"] and items[0].group == "s1" and items[0].row == 2
+    with pytest.raises(TeacherInputError, match="no column 'report'"):
+        read_text_table(table, text_key="report")
+    result = run_teacher(items, OpenAITeacher(server.url, "m"), kinds=["describe", "open_qa", "closed_qa", "multi_turn"],
+                         cache=TeacherCache(tmp_path / "c.jsonl"), backoff_s=0)
+    by_kind = {i["kind"]: i for i in result.instructions}
+    assert by_kind["describe"]["question"] == "Describe the image in detail." and by_kind["describe"]["answer_type"] == "open"
+    assert by_kind["open_qa"]["answer"] == "Left lower zone." and by_kind["open_qa"]["choices"] is None
+    assert by_kind["closed_qa"]["choices"] == ["left", "right"]
+    assert [t["role"] for t in by_kind["multi_turn"]["conversations"]] == ["user", "assistant"] * 2
+    assert all(i["media"] == ["a.png", "b.png"] and i["group"] == "s1" for i in result.instructions)
