@@ -108,23 +108,11 @@ def _domain_from_flags(name: str, options: str):
     return build_domain(name, parsed)
 
 
-def _split_fractions(text: str) -> tuple[float, float, float]:
-    from .instruction_set import InstructionSetError
-
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise InstructionSetError(f"--split {text!r} must be three fractions train,val,heldout, e.g. 0.8,0.1,0.1")
-    return values  # type: ignore[return-value]
-
-
 def _cmd_make_instructions_labels(args: argparse.Namespace) -> int:
-    from .instruction_set import summary_lines, write_instruction_set
+    from .instruction_set import parse_split, summary_lines, write_instruction_set
     from .label_templates import instructions_from_labels
 
-    fractions = _split_fractions(args.split)
+    fractions = parse_split(args.split)
     made, skipped, facts = instructions_from_labels(args.table, templates=args.templates, group_key=args.group_key, seed=args.seed)
     report = write_instruction_set(made, Path(args.out), seed=args.seed, fractions=fractions, rejects=skipped,
                                    extra_report={"labels": facts}, overwrite=args.overwrite)
@@ -292,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="take the domain and its options, and the media markers, from this recipe's model instead")
     p.set_defaults(func=_cmd_make_shards)
 
-    p = sub.add_parser("make-instructions", help="turn labels into instruction JSONL for make-shards: train / val / heldout, split by group")
+    p = sub.add_parser("make-instructions", help="turn labels, captions or reports into instruction JSONL for make-shards: train / "
+                                                 "val / heldout, split by group")
     instr_sub = p.add_subparsers(dest="instructions_from", required=True)
     q = instr_sub.add_parser(
         "labels", help="closed questions from a table of media and labels (classification, presence, count, location)",
@@ -314,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", default="0.8,0.1,0.1", help="fractions of groups for train,val,heldout")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     q.set_defaults(func=_cmd_make_instructions_labels)
+    from .teacher_cli import add_teacher_commands
+
+    add_teacher_commands(instr_sub)
 
     p = sub.add_parser("cache-features", help="run the recipe's frozen encoder once over its shards and store the features")
     p.add_argument("recipe")

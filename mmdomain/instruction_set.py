@@ -128,6 +128,17 @@ def clean(instructions: Iterable[Instruction], rejects: Counter) -> list[Instruc
     return kept
 
 
+def parse_split(text: str) -> tuple[float, float, float]:
+    """``--split 0.8,0.1,0.1`` as three fractions (checked further when the set is written)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise InstructionSetError(f"--split {text!r} must be three fractions train,val,heldout, e.g. 0.8,0.1,0.1")
+    return values  # type: ignore[return-value]
+
+
 def _check_fractions(fractions: Iterable[float]) -> tuple[float, float, float]:
     values = tuple(float(f) for f in fractions)
     if len(values) != 3 or any(f < 0 for f in values) or abs(sum(values) - 1) > 1e-6:

@@ -40,15 +40,13 @@ def add_teacher_commands(subparsers: Any) -> None:
         p.add_argument("--keep-leaks", action="store_true", help="keep leaking answers (flagged in provenance) instead of dropping them")
         p.add_argument("--phi-allow", action="append", default=[], help="a word never scrubbed as a name (e.g. Parkinson); repeat")
         p.add_argument("--phi-allow-file", action="append", default=[], help="a file of such words, one per line")
-        p.add_argument("--fractions", default="0.8,0.1,0.1", help="train,val,heldout fractions of the groups")
+        p.add_argument("--split", default="0.8,0.1,0.1", help="fractions of groups for train,val,heldout")
         p.add_argument("--overwrite", action="store_true")
         p.set_defaults(func=_cmd_teacher, teacher_source=source)
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
-    from .instruction_set import (
-        write_instruction_set,  # the writer lives in the labels branch; imported when used
-    )
+    from .instruction_set import Instruction, parse_split, write_instruction_set
     from .report_scrub import Scrubber, load_allow_list
     from .teacher import TeacherInputError, load_templates, read_text_table, run_teacher
     from .teacher_backends import OpenAITeacher, TransformersTeacher
@@ -67,8 +65,8 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
                          seed=args.seed, source="report" if reports else "caption", templates=load_templates(args.templates),
                          retries=args.retries, concurrency=args.concurrency, scrubber=scrubber, leak_words=args.leak_words,
                          drop_leaks=not args.keep_leaks)
-    fractions = tuple(float(f) for f in args.fractions.split(","))
-    summary = write_instruction_set(result.instructions, out, seed=args.seed, fractions=fractions, rejects=result.rejects,
+    fractions = parse_split(args.split)
+    summary = write_instruction_set([Instruction(**fields) for fields in result.instructions], out, seed=args.seed, fractions=fractions, rejects=result.rejects,
                                     extra_report={"teacher": result.report}, overwrite=args.overwrite)
     log.info("teacher cache: %s (%d answers)", cache.path, len(cache))
     print(json.dumps(summary, indent=2, default=str))

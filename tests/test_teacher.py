@@ -3,10 +3,8 @@ client talks to it), the answer cache's resume, report scrubbing end to end, and
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
-import types
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -185,8 +183,8 @@ PHI = ["Doe", "Jane", "12345678", "2024-03-12", "Gregory", "House", "Smith", "Jo
        "555-123-4567", "example.org", "3f2b1c9e"]
 
 
-def test_names_dates_and_ids_never_reach_the_teacher_or_any_file(serve, tmp_path, monkeypatch):
-    from mmdomain.teacher_cli import add_teacher_commands
+def test_names_dates_and_ids_never_reach_the_teacher_or_any_file(serve, tmp_path, capsys):
+    from mmdomain.cli import main
 
     def script(user, n):
         # echo the report back, as a careless teacher would: anything unscrubbed would land in the output
@@ -197,28 +195,13 @@ def test_names_dates_and_ids_never_reach_the_teacher_or_any_file(serve, tmp_path
     table = tmp_path / "reports.jsonl"
     table.write_text("".join(json.dumps({"media": f"scan{i}.dcm", "report": r, "patient": f"P{i}"}) + "\n"
                              for i, r in enumerate(REPORTS)))
-    # stand-in for mmdomain.instruction_set (built on another branch): writes what it is given, as the writer would
-    written = {}
-
-    def write_instruction_set(instructions, out, *, seed, fractions=(0.8, 0.1, 0.1), rejects=None, extra_report=None, overwrite=False):
-        out = Path(out)
-        out.mkdir(parents=True)
-        (out / "train.jsonl").write_text("".join(json.dumps(i) + "\n" for i in instructions))
-        report = {"rejects": dict(rejects or {}), **(extra_report or {})}
-        (out / "report.json").write_text(json.dumps(report))
-        written.update(report=report, n=len(instructions))
-        return report
-
-    monkeypatch.setitem(sys.modules, "mmdomain.instruction_set",
-                        types.SimpleNamespace(write_instruction_set=write_instruction_set))
-    import argparse
-    parser = argparse.ArgumentParser()
-    add_teacher_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["reports", str(table), "--out", str(tmp_path / "out"), "--teacher", server.url, "--model", "m",
-                              "--kinds", "describe", "--group-key", "patient", "--keep-leaks", "--phi-allow", "Hodgkin"])
-    assert args.func(args) == 0
-    assert written["n"] == 2
-    scrubbed = written["report"]["teacher"]["scrubbed"]
+    # Through the real command and writer: train/val/heldout.jsonl, report.json and the teacher's cache.
+    assert main(["-q", "make-instructions", "reports", str(table), "--out", str(tmp_path / "out"), "--teacher", server.url,
+                 "--model", "m", "--kinds", "describe", "--group-key", "patient", "--keep-leaks", "--phi-allow", "Hodgkin",
+                 "--split", "0.5,0,0.5"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["written"] == 2 and report["groups"]["train"] + report["groups"]["heldout"] == 2  # one patient per side
+    scrubbed = report["teacher"]["scrubbed"]
     assert scrubbed["name"] >= 3 and scrubbed["date"] == 2 and scrubbed["id"] == 3 and scrubbed["phone"] == 1
     bodies = "\n".join(server.bodies)
     files = {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file() and p != table}
