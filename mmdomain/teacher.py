@@ -221,11 +221,13 @@ def read_text_table(path: str | Path, *, text_key: str, media_key: str = "media"
             rows = [(number, row) for number, row in enumerate(csv.DictReader(f), 2)]  # line 1 is the header
     items = []
     for number, row in rows:
-        for key in (media_key, text_key, group_key):
+        # make-shards reads `image` as well as `media`; so does this, so the same caption JSONL serves both.
+        row_media_key = "image" if media_key == "media" and "media" not in row and "image" in row else media_key
+        for key in (row_media_key, text_key, group_key):
             if key is not None and key not in row:
                 raise TeacherInputError(f"{path}:{number}: no column {key!r} (columns: {sorted(row)}); "
                                         f"name it with --{'text' if key == text_key else 'media' if key == media_key else 'group'}-key")
-        media = row[media_key]
+        media = row[row_media_key]
         if isinstance(media, str):
             media = json.loads(media) if media.startswith("[") else [m for m in media.split(";") if m]
         items.append(TextItem(media=[str(m) for m in media], text=str(row[text_key] or ""), row=number, source_file=str(path),
