@@ -266,7 +266,9 @@ def write_cxr_data(root: Path, *, n_captions: int = 16, n_vqa: int = 16, n_test:
         answer = FINDINGS[finding] if question == OPEN[0] else ["none", "left lower zone", "right lower zone", "none"][finding]
         return {"id": f"q{i:03d}", "image": names[i], "question": question, "answer": answer, "answer_type": "open"}
 
-    captions = [{"id": f"c{i:03d}", "image": names[i], "caption": f"Chest radiograph: {FINDINGS[findings[i]]}."} for i in range(n_captions)]
+    # Two images per patient, as in labels.csv: the caption table's --group-key column.
+    captions = [{"id": f"c{i:03d}", "image": names[i], "caption": f"Chest radiograph: {FINDINGS[findings[i]]}.", "patient": f"P{i // 2:03d}"}
+                for i in range(n_captions)]
     train = [vqa(i, j) for j, i in enumerate(range(n_captions, n_captions + n_vqa))]
     test = [vqa(i, j) for j, i in enumerate(range(n_captions + n_vqa, total))]
     for name, rows in (("captions", captions), ("vqa", train), ("test", test)):

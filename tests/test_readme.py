@@ -47,7 +47,6 @@ import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -245,7 +244,30 @@ class Walk:
         outcomes = []
         if argv[1:3] == ["data", "stats"]:
             outcomes += self.remote_sensing_shards(argv[3])
+        if "--teacher" in argv:
+            return [*outcomes, self.with_teacher(argv, step.text.split("  #")[0].strip())]
         return [*outcomes, self.mmdomain(argv, step.text.split("  #")[0].strip())]
+
+    def with_teacher(self, argv: list[str], label: str) -> Outcome:
+        """The README's teacher endpoint stood in for by a scripted OpenAI-compatible server on a free port: every reply
+        is JSON that fits any task's schema, its question made distinct per prompt (the writer drops near-duplicates)."""
+        from .openai_standin import ScriptedServer
+
+        def reply(user: str, n: int) -> str:
+            tag = sum(map(ord, user)) % 997
+            return json.dumps({"description": f"A frontal chest radiograph, case {tag}.", "question": f"Is the heart enlarged, case {tag}?",
+                               "answer": "no", "choices": ["yes", "no"],
+                               "turns": [{"question": f"What view is case {tag}?", "answer": "frontal"},
+                                         {"question": "Is the heart enlarged?", "answer": "no"}]})
+
+        server = ScriptedServer(reply)
+        try:
+            argv = [server.url if a.startswith("http://127.0.0.1:8000") else a for a in argv]
+            outcome = self.mmdomain(argv, label)
+        finally:
+            server.close()
+        assert server.bodies, f"{label}: the teacher stand-in received no request"
+        return outcome
 
     def remote_sensing_shards(self, recipe: str) -> list[Outcome]:
         """Shards for the 6-band recipe's data.train, made the README's way (--recipe), else with the domain's flags."""
@@ -436,6 +458,10 @@ def check_tiny_llm(walk: Walk, out: Outcome) -> None:
 def check_make_instructions(walk: Walk, out: Outcome) -> None:
     folder = walk.work / _option(out.argv, "--out")
     report = json.loads((folder / "report.json").read_text())
+    if out.argv[2] in ("captions", "reports"):
+        kinds = set(_option(out.argv, "--kinds").split(","))
+        assert set(report["kinds"]) == kinds and report["teacher"], report  # every asked kind made, the teacher reported
+        assert Path(str(folder) + ".teacher-cache.jsonl").is_file()  # answers kept for a rerun
     groups = {}
     for name in ("train", "val", "heldout"):
         records = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
