@@ -387,8 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"mmdomain {args.command}: interrupted; a run continues from its newest checkpoint with `mmdomain run RECIPE --resume`",
-              file=sys.stderr)
+        hint = {"run": "a run continues from its newest checkpoint with `mmdomain run RECIPE --resume`",
+                "make-instructions": "the teacher's answers so far are cached: rerun the same command to continue"}.get(args.command, "")
+        print(f"mmdomain {args.command}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
 
 

@@ -22,7 +22,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Iterable, Literal, Mapping
 
 from .errors import MmdomainError
@@ -193,6 +193,31 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is a file, or a folder with files in it (unless ``overwrite``); run before any work
+    that costs (a teacher's requests), not only when writing."""
+    if out.exists() and not out.is_dir():
+        raise InstructionSetError(f"--out {out} is a file; give a folder for train.jsonl, val.jsonl, heldout.jsonl and report.json")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InstructionSetError(f"{out} is not empty; choose another --out, or pass --overwrite to replace its instruction files")
+
+
+def check_media_paths(raw: Any, where: str) -> list[str]:
+    """A row's media as make-shards will read them: one path, a list, or ``a.png;b.png``; each relative to make-shards'
+    --media folder without '..' (make-shards refuses the others, after the work of making the instructions)."""
+    if isinstance(raw, str):
+        raw = [m.strip() for m in raw.split(";")]
+    if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+        raise InstructionSetError(f"{where}: media must be a path, 'a.png;b.png' or a list of paths; got {raw!r}")
+    media = [m for m in raw if m]
+    if not media:
+        raise InstructionSetError(f"{where}: no media; write the media path relative to make-shards' --media folder")
+    for rel in media:
+        if PurePath(rel).is_absolute() or ".." in PurePath(rel).parts:
+            raise InstructionSetError(f"{where}: media path {rel!r} must be relative to make-shards' --media folder, without '..'")
+    return media
+
+
 def write_instruction_set(instructions: Iterable[Instruction], out: Path, *, seed: int, fractions=(0.8, 0.1, 0.1),
                           rejects: Mapping[str, int] | None = None, extra_report: dict | None = None,
                           overwrite: bool = False) -> dict:
@@ -201,10 +226,7 @@ def write_instruction_set(instructions: Iterable[Instruction], out: Path, *, see
     own; ``extra_report`` adds keys to it (the source table, the teacher, the templates)."""
     out = Path(out)
     fractions = _check_fractions(fractions)
-    if out.exists() and not out.is_dir():
-        raise InstructionSetError(f"--out {out} is a file; give a folder for train.jsonl, val.jsonl, heldout.jsonl and report.json")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InstructionSetError(f"{out} is not empty; choose another --out, or pass --overwrite to replace its instruction files")
+    check_out(out, overwrite)
     counted: Counter = Counter({k: int(v) for k, v in (rejects or {}).items()})
     items = list(instructions)
     kept = clean(items, counted)

@@ -180,11 +180,18 @@ def load_templates(path: str | Path | None = None) -> dict[str, Template]:
         raw.update(own)
     templates = {}
     for kind, spec in raw.items():
-        missing = {"id", "system", "user"} - set(spec or {})
+        if not isinstance(spec, dict):
+            raise TeacherInputError(f"template {kind!r}{f' in {str(path)!r}' if path else ''} must be a mapping with id, system and user")
+        missing = {"id", "system", "user"} - set(spec)
         if missing:
             raise TeacherInputError(f"template {kind!r}{f' in {str(path)!r}' if path else ''} lacks {sorted(missing)}")
-        if "{text}" not in spec["user"]:
-            raise TeacherInputError(f"template {kind!r}: its user prompt must contain {{text}} where the source text goes")
+        if not isinstance(spec.get("user"), str) or "{text}" not in spec["user"]:
+            raise TeacherInputError(f"template {kind!r}: its user prompt must be text containing {{text}} where the source text goes")
+        try:
+            spec["user"].format(source="caption", text="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise TeacherInputError(f"template {kind!r}: its user prompt may hold only {{source}} and {{text}} (write {{{{ and }}}} for "
+                                    f"literal braces): {type(exc).__name__} {exc}") from None
         templates[kind] = Template(kind=kind, id=spec["id"], system=spec["system"], user=spec["user"],
                                    question=spec.get("question", "Describe the image in detail."))
     return templates
@@ -210,28 +217,45 @@ def read_text_table(path: str | Path, *, text_key: str, media_key: str = "media"
         raise TeacherInputError(f"table {str(path)!r} not found; give a CSV or JSONL with columns {media_key}, {text_key}")
     if path.suffix.lower() in (".jsonl", ".json"):
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if line.strip():
                 try:
                     rows.append((number, json.loads(line)))
                 except json.JSONDecodeError as exc:
                     raise TeacherInputError(f"{path}:{number}: not JSON ({exc.msg}); one object per line") from exc
     else:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [(number, row) for number, row in enumerate(csv.DictReader(f), 2)]  # line 1 is the header
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, row) for row in reader]  # the line a row ends on (a quoted cell may span lines)
+    from .instruction_set import InstructionSetError, check_media_paths
+
     items = []
     for number, row in rows:
+        if not isinstance(row, dict):
+            raise TeacherInputError(f"{path}:{number}: a row must be an object with {media_key} and {text_key}")
         # make-shards reads `image` as well as `media`; so does this, so the same caption JSONL serves both.
         row_media_key = "image" if media_key == "media" and "media" not in row and "image" in row else media_key
         for key in (row_media_key, text_key, group_key):
             if key is not None and key not in row:
                 raise TeacherInputError(f"{path}:{number}: no column {key!r} (columns: {sorted(row)}); "
                                         f"name it with --{'text' if key == text_key else 'media' if key == media_key else 'group'}-key")
+        where = f"{path}:{number}"
         media = row[row_media_key]
-        if isinstance(media, str):
-            media = json.loads(media) if media.startswith("[") else [m for m in media.split(";") if m]
-        items.append(TextItem(media=[str(m) for m in media], text=str(row[text_key] or ""), row=number, source_file=str(path),
-                              group=str(row[group_key]) if group_key else str(media[0] if media else number)))
+        if isinstance(media, str) and media.startswith("["):
+            try:
+                media = json.loads(media)
+            except json.JSONDecodeError:
+                raise TeacherInputError(f"{where}: media {media!r} starts like a JSON list but is not one") from None
+        try:
+            media = check_media_paths(media, where)
+        except InstructionSetError as exc:
+            raise TeacherInputError(str(exc)) from None
+        group = row[group_key] if group_key else media[0]
+        if group is None or not str(group).strip():
+            raise TeacherInputError(f"{where}: the group column {group_key!r} is empty; every row needs its patient or scene id "
+                                    "(else one patient may land on both sides of the split)")
+        text = row[text_key]
+        items.append(TextItem(media=media, text="" if text is None else str(text), row=number, source_file=str(path), group=str(group)))
     return items
 
 
@@ -285,6 +309,16 @@ class _Outcome:
     cached: bool = False
 
 
+# Failures of the way to the teacher, not of its answer: never cached, so a rerun asks again.
+TRANSPORT_FAILURES = ("timeout", "connection", "server_error")
+# Requests in a row that fail on the way: the teacher is down, not one answer hard (each has used its retries already).
+UNREACHABLE_AFTER = 3
+
+
+class TeacherUnreachable(MmdomainError, RuntimeError):
+    """The endpoint keeps failing; the message says so and how to continue (the answers so far are cached)."""
+
+
 class StopRun(Exception):
     """Raised by an ``on_answer`` callback to stop a run; settled answers stay in the cache."""
 
@@ -318,7 +352,11 @@ def run_teacher(items: Sequence[TextItem], teacher: TeacherBackend, *, kinds: It
         texts.append(text)
 
     jobs = []  # (index, kind, messages, key)
+    empty = 0
     for index, text in enumerate(texts):
+        if not text.strip():  # nothing to write about: not worth a request
+            empty += len(kinds)
+            continue
         for kind in kinds:
             template = templates[kind]
             messages = template.messages(source, text)
@@ -348,18 +386,23 @@ def run_teacher(items: Sequence[TextItem], teacher: TeacherBackend, *, kinds: It
         last = list(failures)[-1]
         # A reply that failed every attempt is settled (cached); transport failures are not, so a resumed run asks again
         # once the server is back.
-        settled = last not in ("timeout", "connection", "server_error")
+        settled = last not in TRANSPORT_FAILURES
         if settled:
             cache.put(key, {"reply": None, "reason": last, "attempts": sum(failures.values())})
         return _Outcome(index, kind, key, None, last, sum(failures.values()), failures)
 
     outcomes: list[_Outcome] = []
     pending_jobs = []
+    # Reports repeat ("No acute cardiopulmonary process."): a request is sent once per key and its answer shared.
+    sharing: dict[str, list[tuple[int, str]]] = {}
     for index, kind, messages, key in jobs:
         hit = cache.get(key)
         if hit is not None:
             outcomes.append(_Outcome(index, kind, key, hit["reply"], hit["reason"], 0, cached=True))
+        elif key in sharing:
+            sharing[key].append((index, kind))
         else:
+            sharing[key] = []
             pending_jobs.append((index, kind, messages, key))
 
     executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher")
@@ -375,13 +418,23 @@ def run_teacher(items: Sequence[TextItem], teacher: TeacherBackend, *, kinds: It
                     return
                 running.add(executor.submit(ask, *job))
 
+        consecutive = 0
         top_up()
         while running:
             done, running_now = wait(running, return_when=FIRST_COMPLETED)
             running.clear()
             running.update(running_now)
             for future in done:
-                outcomes.append(future.result())
+                outcome = future.result()
+                outcomes.append(outcome)
+                outcomes.extend(_Outcome(i, k, outcome.key, outcome.reply, outcome.reason, 0, cached=True)
+                                for i, k in sharing[outcome.key])
+                transport = outcome.reply is None and outcome.reason in TRANSPORT_FAILURES
+                consecutive = consecutive + 1 if transport else 0
+                if consecutive >= UNREACHABLE_AFTER:
+                    raise TeacherUnreachable(f"the teacher ({teacher.teacher_id}, model {teacher.model}) failed {consecutive} requests in a "
+                                             f"row ({outcome.reason}); is it running and reachable? Answers so far are cached in "
+                                             f"{cache.path}: rerun the same command to continue")
                 if on_answer is not None:
                     on_answer(sum(not o.cached for o in outcomes))
             top_up()
@@ -389,13 +442,13 @@ def run_teacher(items: Sequence[TextItem], teacher: TeacherBackend, *, kinds: It
         executor.shutdown(wait=True, cancel_futures=True)
 
     return _collect(items, texts, outcomes, teacher, templates, source=source, seed=seed, scrubber=scrubber, scrubbed=scrubbed,
-                    leak_words=leak_words, drop_leaks=drop_leaks, retries=retries)
+                    leak_words=leak_words, drop_leaks=drop_leaks, retries=retries, empty=empty)
 
 
 def _collect(items: Sequence[TextItem], texts: list[str], outcomes: list[_Outcome], teacher: TeacherBackend,
              templates: dict[str, Template], *, source: str, seed: int, scrubber: Scrubber | None, scrubbed: Counter[str],
-             leak_words: int, drop_leaks: bool, retries: int) -> TeacherResult:
-    rejects: Counter[str] = Counter()
+             leak_words: int, drop_leaks: bool, retries: int, empty: int = 0) -> TeacherResult:
+    rejects: Counter[str] = Counter({"empty_text": empty} if empty else {})
     failures: Counter[str] = Counter()
     per_kind: Counter[str] = Counter()
     scrubbed_output: Counter[str] = Counter()
@@ -414,7 +467,11 @@ def _collect(items: Sequence[TextItem], texts: list[str], outcomes: list[_Outcom
             data = json.loads(reply.model_dump_json())
             data, counts = _scrub_tree(data, scrubber)
             scrubbed_output.update(counts)
-            reply = type(reply).model_validate(data)
+            try:
+                reply = type(reply).model_validate(data)
+            except ValidationError:  # e.g. two date choices that both became [DATE]: no longer a question
+                rejects["scrubbed_invalid"] += 1
+                continue
         leak = max(longest_shared_words(a, texts[outcome.index]) for a in _answers(reply)) >= leak_words
         leaks += leak
         if leak and drop_leaks:

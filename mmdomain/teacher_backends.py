@@ -70,7 +70,7 @@ class OpenAITeacher:
             if exc.status_code == 429 or exc.status_code >= 500:
                 raise TeacherRetryable("server_error", f"HTTP {exc.status_code}") from exc
             hint = {401: "check the key in the environment variable given by --api-key-env",
-                    404: "check --model (the name the server serves) and --base-url (usually ends in /v1)"}
+                    404: "check --model (the name the server serves) and --teacher (the endpoint's base URL, usually ending in /v1)"}
             raise TeacherError(f"teacher at {self.base_url} refused the request for model {self.model!r}: HTTP {exc.status_code} "
                                f"({hint.get(exc.status_code, exc.message)})") from exc
         if not response.choices:

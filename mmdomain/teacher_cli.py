@@ -3,7 +3,6 @@ that file registers it with one call: ``add_teacher_commands(make_instructions_s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -46,28 +45,38 @@ def add_teacher_commands(subparsers: Any) -> None:
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
-    from .instruction_set import Instruction, parse_split, write_instruction_set
+    from .instruction_set import Instruction, check_out, parse_split, summary_lines, write_instruction_set
     from .report_scrub import Scrubber, load_allow_list
-    from .teacher import TeacherInputError, load_templates, read_text_table, run_teacher
+    from .teacher import TRANSPORT_FAILURES, TeacherInputError, TeacherUnreachable, load_templates, read_text_table, run_teacher
     from .teacher_backends import OpenAITeacher, TransformersTeacher
     from .teacher_cache import TeacherCache
 
     if args.teacher and not args.model:
         raise TeacherInputError("--teacher needs --model, the name the server serves (vLLM: the path or --served-model-name)")
+    # Everything that can be refused is refused before the first (paid) request.
+    out = Path(args.out).resolve()
+    check_out(out, args.overwrite)
+    fractions = parse_split(args.split)
+    templates = load_templates(args.templates)
     teacher = (OpenAITeacher(args.teacher, args.model, api_key_env=args.api_key_env, timeout=args.timeout) if args.teacher
                else TransformersTeacher(args.teacher_model_dir))
     reports = args.teacher_source == "reports"
     scrubber = Scrubber(allow=load_allow_list(args.phi_allow, args.phi_allow_file)) if reports else None
     items = read_text_table(args.table, text_key=args.text_key, media_key=args.media_key, group_key=args.group_key)
-    out = Path(args.out)
+    # Beside --out, not in it: --out stays empty until the set is written, so a rerun after an outage is not refused.
     cache = TeacherCache(args.cache or out.with_name(out.name + ".teacher-cache.jsonl"))
     result = run_teacher(items, teacher, kinds=[k.strip() for k in args.kinds.split(",") if k.strip()], cache=cache,
-                         seed=args.seed, source="report" if reports else "caption", templates=load_templates(args.templates),
+                         seed=args.seed, source="report" if reports else "caption", templates=templates,
                          retries=args.retries, concurrency=args.concurrency, scrubber=scrubber, leak_words=args.leak_words,
                          drop_leaks=not args.keep_leaks)
-    fractions = parse_split(args.split)
-    summary = write_instruction_set([Instruction(**fields) for fields in result.instructions], out, seed=args.seed, fractions=fractions, rejects=result.rejects,
-                                    extra_report={"teacher": result.report}, overwrite=args.overwrite)
+    unsettled = {reason: n for reason, n in result.rejects.items() if reason in TRANSPORT_FAILURES}
+    if unsettled:
+        # A set written now would lack these answers for good; the cache keeps the rest, so a rerun asks only for them.
+        raise TeacherUnreachable(f"{sum(unsettled.values())} requests never reached an answer ({unsettled}); nothing was written to "
+                                 f"{out}. The {len(cache)} answers so far are cached in {cache.path}: rerun the same command once the "
+                                 "teacher is up, and only the missing requests are sent")
+    summary = write_instruction_set([Instruction(**fields) for fields in result.instructions], out, seed=args.seed, fractions=fractions,
+                                    rejects=result.rejects, extra_report={"teacher": result.report}, overwrite=args.overwrite)
     log.info("teacher cache: %s (%d answers)", cache.path, len(cache))
-    print(json.dumps(summary, indent=2, default=str))
+    print("\n".join(summary_lines(summary, out)))
     return 0

@@ -229,3 +229,64 @@ def test_every_kind_becomes_an_instruction_from_a_csv_table(serve, tmp_path):
     assert by_kind["closed_qa"]["choices"] == ["left", "right"]
     assert [t["role"] for t in by_kind["multi_turn"]["conversations"]] == ["user", "assistant"] * 2
     assert all(i["media"] == ["a.png", "b.png"] and i["group"] == "s1" for i in result.instructions)
+
+
+def _cli(table, out, url, *extra):
+    from mmdomain.cli import main
+
+    return main(["-q", "make-instructions", "captions", str(table), "--out", str(out), "--teacher", url, "--model", "m",
+                 "--group-key", "patient", "--retries", "1", *extra])
+
+
+def test_what_a_new_user_meets_is_refused_before_any_request_and_costs_nothing_twice(serve, tmp_path, capsys, monkeypatch):
+    """Found by trying it: --out checked only after every request was paid for; identical reports asked once each; a
+    dead endpoint retried row after row and then blamed the input; an outage wrote a partial set that a rerun refused;
+    Excel's BOM, absolute media paths and empty group cells went through or crashed."""
+    import mmdomain.teacher as teacher_module
+
+    monkeypatch.setattr(teacher_module, "UNREACHABLE_AFTER", 2)
+    reply = json.dumps({"description": "A frontal chest film.", "question": "Is the heart enlarged?", "answer": "no",
+                        "choices": ["yes", "no"]})
+    server = serve(lambda user, n: reply)
+    rows = [{"media": f"cxr/{i}.png", "caption": "No acute cardiopulmonary process.", "patient": f"P{i}"} for i in range(6)]
+    rows.append({"media": "cxr/9.png", "caption": "", "patient": "P9"})
+    table = tmp_path / "captions.csv"
+    table.write_text("\ufeffmedia,caption,patient\n" + "".join(f"{r['media']},{r['caption']},{r['patient']}\n" for r in rows),
+                     encoding="utf-8")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("x")
+    assert _cli(table, tmp_path / "full", server.url) == 2 and not server.bodies  # refused before any request
+    assert "is not empty" in capsys.readouterr().err
+
+    assert _cli(table, tmp_path / "out", server.url, "--kinds", "describe") == 0
+    assert len(server.bodies) == 1  # six rows of the same text: one request, its answer shared
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["rejects"]["empty_text"] == 1 and report["written"] >= 1
+
+    distinct = tmp_path / "distinct.csv"
+    distinct.write_text("media,caption,patient\n" + "".join(f"cxr/{i}.png,Finding number {i}.,P{i}\n" for i in range(8)))
+    down = serve(lambda user, n: ("sleep", 0))
+    down.close()  # nothing listens there any more: connection refused
+    assert _cli(distinct, tmp_path / "out2", down.url, "--kinds", "open_qa", "--concurrency", "1") == 2
+    err = capsys.readouterr().err
+    assert "failed 2 requests in a row" in err and "rerun the same command" in err and not (tmp_path / "out2").exists()
+    # --out stayed empty, so the rerun with the teacher back is not refused (one refusal is counted, not fatal).
+    flaky = serve(lambda user, n: reply if "number 1" not in user else "")
+    assert _cli(distinct, tmp_path / "out2", flaky.url, "--kinds", "open_qa") == 0  # the rerun is not refused
+
+    for content, message in [("media,caption,patient\n/abs/a.png,text,P1\n", "must be relative"),
+                             ("media,caption,patient\ncxr/a.png,text,\n", "group column 'patient' is empty"),
+                             ('media,caption,patient\n"[a.png",text,P1\n', "starts like a JSON list")]:
+        (tmp_path / "bad.csv").write_text(content)
+        assert _cli(tmp_path / "bad.csv", tmp_path / "out3", server.url) == 2
+        err = capsys.readouterr().err
+        assert message in err and "bad.csv:2" in err and "Traceback" not in err, err
+
+
+def test_a_scrubbed_answer_that_no_longer_fits_its_schema_is_counted_not_fatal(serve, tmp_path):
+    two_dates = json.dumps({"question": "When was the prior study?", "choices": ["2023-01-05", "2024-03-12"], "answer": "2024-03-12"})
+    server = serve(lambda user, n: two_dates)
+    items = _items(["Comparison with the prior study."], tmp_path)
+    result = run_teacher(items, OpenAITeacher(server.url, "m", api_key_env="NO_SUCH_KEY_VAR"), kinds=["closed_qa"],
+                         cache=TeacherCache(tmp_path / "cache.jsonl"), scrubber=Scrubber(allow=load_allow_list()), backoff_s=0)
+    assert result.instructions == [] and result.rejects["scrubbed_invalid"] == 1
