@@ -117,6 +117,9 @@ def _cmd_make_instructions_labels(args: argparse.Namespace) -> int:
     report = write_instruction_set(made, Path(args.out), seed=args.seed, fractions=fractions, rejects=skipped,
                                    extra_report={"labels": facts}, overwrite=args.overwrite)
     print("\n".join(summary_lines(report, Path(args.out))))
+    for column, merges in facts["merged_labels"].items():
+        print(f"# {column}: labels differing only in case or spacing merged into one class: "
+              + "; ".join(f"{', '.join(map(repr, seen))} -> {kept!r}" for kept, seen in merges.items()), file=sys.stderr)
     if facts["ignored_columns"]:
         print(f"# columns no task reads (a typo?): {', '.join(facts['ignored_columns'])}", file=sys.stderr)
     if args.group_key is None:

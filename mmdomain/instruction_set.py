@@ -94,10 +94,11 @@ def _problem(item: Instruction) -> str | None:
         return "empty_question"
     if not item.answer.strip():
         return "empty_answer"
-    turns = [str(t.get("content", t.get("value", ""))) for t in item.conversations or []]
-    if len(item.question) > MAX_QUESTION_CHARS:
+    # A user turn is a question and an assistant turn an answer: each is held to its own limit.
+    turns = [(t.get("role", t.get("from")), str(t.get("content", t.get("value", "")))) for t in item.conversations or []]
+    if len(item.question) > MAX_QUESTION_CHARS or any(role in ("user", "human") and len(t) > MAX_QUESTION_CHARS for role, t in turns):
         return "question_too_long"
-    if len(item.answer) > MAX_ANSWER_CHARS or any(len(t) > MAX_ANSWER_CHARS for t in turns):
+    if len(item.answer) > MAX_ANSWER_CHARS or any(role not in ("user", "human") and len(t) > MAX_ANSWER_CHARS for role, t in turns):
         return "answer_too_long"
     if item.choices is not None:
         hits = [str(c) for c in item.choices].count(item.final_answer())

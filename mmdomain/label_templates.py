@@ -5,15 +5,18 @@ The table is a CSV (header row) or a JSONL (one object per line); the media are 
   in a CSV, or a list in a JSONL.
 - ``label``: the image's label(s), several separated by ``;`` (a list in a JSONL). With exactly one label a row gets
   a classification question (choices: the labels of the whole column); every row gets presence questions ("Is there
-  a {label}?", yes/no) for its labels and as many absent ones (one when it has none); ``none``, ``normal``,
-  ``no finding`` and empty mean no finding.
+  any {label}?", yes/no) for its labels and as many absent ones (one when it has none), never "no" for an object the
+  row's ``count_``/``location_``/``box_`` columns show; ``none``, ``normal``, ``no finding`` and empty mean no finding.
+  Labels that differ only in case or spacing are one class, shown in their most frequent spelling (the report's
+  ``labels.merged_labels`` lists the merges).
 - ``label_<attribute>``: another classification, e.g. ``label_view`` -> "What is the view of this image?".
-- ``count_<object>``: a whole number -> "How many <object>s are there?" with numeric choices around it.
+- ``count_<object>``: a whole number -> "How many instances of <object> are there?" with numeric choices around it.
 - ``location`` / ``location_<object>``: a place in words ("upper left"), or a box ``x0,y0,x1,y1`` relative to the
   image size (0..1), turned into words ("upper left", "center", "lower right", ...); ``box`` / ``box_<object>``
   likewise. Choices: the places seen in that column.
 - the ``--group-key`` column (patient, scene): the split keeps each group on one side.
-Underscores in a column's suffix read as spaces (``count_lymph_node`` -> "lymph node"). Which columns feed which
+Column names (and ``--group-key``) match case- and whitespace-insensitively; a UTF-8 byte-order mark (Excel's
+"CSV UTF-8") is fine. Underscores in a column's suffix read as spaces (``count_lymph_node`` -> "lymph node"). Which columns feed which
 task is the templates' ``columns`` (``mmdomain/templates/labels.yaml``); ``--templates my.yaml`` adds or replaces
 tasks. A bad row is an error naming ``file:line`` and the problem.
 """
@@ -123,7 +126,7 @@ def read_label_table(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         raise LabelTableError(f"label table {str(path)!r} does not exist")
     rows: list[tuple[int, dict[str, Any]]] = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        with path.open() as f:
+        with path.open(encoding="utf-8-sig") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -133,21 +136,53 @@ def read_label_table(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
                     raise LabelTableError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
                 if not isinstance(row, dict):
                     raise LabelTableError(f"{path}:{line_no}: a row must be a JSON object with media and label keys")
-                rows.append((line_no, row))
+                rows.append((line_no, _normalise_keys(row, f"{path}:{line_no}")))
     else:
-        with path.open(newline="") as f:
+        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark, which would otherwise glue onto 'media'.
+        with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or "media" not in reader.fieldnames:
-                raise LabelTableError(f"{path}: the header {reader.fieldnames} has no 'media' column; the first line names the columns, "
-                                      "e.g. media,label,patient")
+            if not reader.fieldnames:
+                raise LabelTableError(f"{path}: no header line; the first line names the columns, e.g. media,label,patient")
+            header = _normalise_keys(dict.fromkeys(reader.fieldnames), f"{path}:1")
+            if "media" not in header:
+                raise LabelTableError(f"{path}: no 'media' column (columns: {', '.join(map(repr, reader.fieldnames))}); the first line "
+                                      "names the columns, e.g. media,label,patient")
             for row in reader:
                 if None in row:
                     raise LabelTableError(f"{path}:{reader.line_num}: more fields than the header's {len(reader.fieldnames)}; "
                                           "quote values that hold commas (boxes: \"0.1,0.2,0.5,0.6\")")
-                rows.append((reader.line_num, row))
+                rows.append((reader.line_num, _normalise_keys(row, f"{path}:{reader.line_num}")))
     if not rows:
         raise LabelTableError(f"label table {path} has no rows")
     return rows
+
+
+def column_key(name: Any) -> str:
+    """How a column name is matched: case-insensitive, surrounding whitespace dropped, inner whitespace collapsed
+    (`` Label `` and ``label`` are one column)."""
+    return " ".join(str(name).split()).lower()
+
+
+def _normalise_keys(row: dict[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in row.items():
+        key = column_key(name)
+        if key in out:
+            raise LabelTableError(f"{where}: two columns read as {key!r} (names match case- and whitespace-insensitively); "
+                                  "rename or drop one")
+        out[key] = value
+    return out
+
+
+def label_key(value: str) -> str:
+    """One class per label whatever its case or spacing (``Effusion``, ``effusion``, ``pleural  effusion``)."""
+    return " ".join(value.split()).lower()
+
+
+def in_sentence(label: str) -> str:
+    """``label`` as it reads inside a question: lowercased word by word, except words that look like acronyms or
+    names with inner capitals (``COPD``, ``pH``, ``T2``)."""
+    return " ".join(w if any(c.isupper() for c in w[1:]) or (len(w) > 1 and w.isupper()) else w.lower() for w in label.split())
 
 
 def _values(raw: Any) -> list[str]:
@@ -194,9 +229,9 @@ def _place(raw: Any, where: str) -> str | None:
 
 
 def _matching(task: Task, columns: list[str]) -> list[tuple[str, str]]:
-    """``[(column, its {label})]`` of the table's columns this task reads."""
+    """``[(column, its {label})]`` of the table's (normalised) columns this task reads."""
     found = []
-    for pattern in task.columns:
+    for pattern in map(column_key, task.columns):
         if pattern.endswith("_*"):
             prefix = pattern[:-1]
             found += [(c, c[len(prefix):].replace("_", " ")) for c in columns if c.startswith(prefix) and len(c) > len(prefix)]
@@ -222,6 +257,8 @@ def instructions_from_labels(table: str | Path, *, templates: str | Path | None 
     tasks = load_templates(templates)
     rows = read_label_table(table)
     columns = list(dict.fromkeys(c for _, row in rows for c in row))
+    if group_key is not None:
+        group_key = column_key(group_key)
     if group_key is not None and group_key not in columns:
         raise LabelTableError(f"{table}: --group-key {group_key!r} is not a column (columns: {', '.join(columns)})")
     plan = {name: _matching(task, columns) for name, task in tasks.items()}
@@ -254,6 +291,7 @@ def instructions_from_labels(table: str | Path, *, templates: str | Path | None 
                 else:
                     entry[column] = _values(raw)
         parsed.append((line, where, entry))
+    merged = _merge_spellings(tasks, plan, parsed)
     vocab: dict[tuple[str, str], list[str]] = {}
     for name, task in tasks.items():
         for column, _ in plan[name]:
@@ -261,8 +299,8 @@ def instructions_from_labels(table: str | Path, *, templates: str | Path | None 
                 values = {e[column] if task.kind == "location" else e[column][0] for _, _, e in parsed
                           if e[column] and (task.kind == "location" or len(e[column]) == 1)}
             elif task.kind == "presence":
-                none = {v.lower() for v in task.none_values}
-                values = {v for _, _, e in parsed for v in e[column] if v.lower() not in none}
+                none = {label_key(v) for v in task.none_values}
+                values = {v for _, _, e in parsed for v in e[column] if label_key(v) not in none}
             else:
                 continue
             vocab[(name, column)] = sorted(values)
@@ -277,7 +315,7 @@ def instructions_from_labels(table: str | Path, *, templates: str | Path | None 
 
                 def ask(question_label: str, answer: str, choices: list[str]) -> None:
                     index = rng.randrange(len(task.questions))
-                    question = task.questions[index].format(label=question_label)
+                    question = task.questions[index].format(label=in_sentence(question_label))
                     made.append(Instruction(media=entry["media"], question=question, answer=answer, choices=choices, answer_type="closed",
                                             group=entry.get("group", ""), kind=task.kind,
                                             provenance={"source": str(table), "row": line, "column": column,
@@ -293,9 +331,12 @@ def instructions_from_labels(table: str | Path, *, templates: str | Path | None 
                         ask(label, value[0], _pick_choices(value[0], pool, task.choices_limit(), rng))
                 elif task.kind == "presence":
                     pool = vocab[(name, column)]
-                    none = {v.lower() for v in task.none_values}
-                    present = sorted({v for v in value if v.lower() not in none})
-                    absent = [v for v in pool if v not in present]
+                    none = {label_key(v) for v in task.none_values}
+                    present = sorted({v for v in value if label_key(v) not in none})
+                    # A "no" must not contradict the row's other columns: count_nodule > 0, box_nodule or location_nodule
+                    # say the nodule is there whatever the label column says (count 0 leaves "no" right).
+                    shown = {*map(label_key, present), *objects_shown(entry, plan, tasks)}
+                    absent = [v for v in pool if not _same_object(label_key(v), shown)]
                     # As many negatives as positives (one for a row without findings): the yes/no answers stay balanced.
                     negatives = rng.sample(absent, min(len(absent), max(len(present), 1)))
                     for item, answer in [*((p, "yes") for p in present), *((n, "no") for n in negatives)]:
@@ -316,5 +357,45 @@ def instructions_from_labels(table: str | Path, *, templates: str | Path | None 
                         ask(label, value, _pick_choices(value, pool, task.choices_limit(), rng))
     facts = {"source": str(table), "rows": len(rows), "group_key": group_key, "templates": str(templates or DEFAULT_TEMPLATES),
              "tasks": {name: [c for c, _ in found] for name, found in plan.items() if found},
-             "ignored_columns": [c for c in columns if c not in used]}
+             "ignored_columns": [c for c in columns if c not in used], "merged_labels": merged}
     return made, skipped, facts
+
+
+def _merge_spellings(tasks: dict[str, Task], plan: dict[str, list[tuple[str, str]]],
+                     parsed: list[tuple[int, str, dict[str, Any]]]) -> dict[str, dict[str, list[str]]]:
+    """Rewrite every label of the classification and presence columns to one spelling per class (the most frequent,
+    first seen on a tie), so ``Effusion`` and ``effusion`` are not two classes that contradict each other.
+    Returns ``{column: {kept spelling: [every spelling seen]}}`` for the classes that had more than one."""
+    columns = {c for name, task in tasks.items() if task.kind in ("classification", "presence") for c, _ in plan[name]}
+    merged: dict[str, dict[str, list[str]]] = {}
+    for column in sorted(columns):
+        spellings: dict[str, Counter] = {}
+        for _, _, entry in parsed:
+            for value in entry[column]:
+                spellings.setdefault(label_key(value), Counter())[value] += 1
+        display = {key: " ".join(seen.most_common(1)[0][0].split()) for key, seen in spellings.items()}
+        for _, _, entry in parsed:
+            entry[column] = list(dict.fromkeys(display[label_key(v)] for v in entry[column]))
+        many = {display[key]: sorted(seen) for key, seen in spellings.items() if len(seen) > 1}
+        if many:
+            merged[column] = many
+    return merged
+
+
+def objects_shown(entry: dict[str, Any], plan: dict[str, list[tuple[str, str]]], tasks: dict[str, Task]) -> set[str]:
+    """The objects a row says are there through a suffixed count (> 0), location or box column (``count_nodule``,
+    ``box_nodule`` -> ``nodule``), as label keys."""
+    shown = set()
+    for name, task in tasks.items():
+        for column, label in plan[name]:
+            if column == label or not column.endswith("_" + label.replace(" ", "_")):
+                continue  # not a suffixed column (``location`` -> "finding")
+            value = entry[column]
+            if (task.kind == "count" and value) or (task.kind == "location" and value is not None):
+                shown.add(label_key(label))
+    return shown
+
+
+def _same_object(key: str, shown: set[str]) -> bool:
+    """``key`` names an object of ``shown``, allowing a plural s either side (``count_nodules`` vs ``nodule``)."""
+    return key in shown or f"{key}s" in shown or (key.endswith("s") and key[:-1] in shown)

@@ -232,3 +232,108 @@ def test_labels_to_instructions_to_shards_to_the_demo_recipes_learns_the_task(tm
     result = train(instruct)
     assert result["eval"]["closed"]["samples"] == len(heldout)
     assert result["eval"]["closed"]["accuracy"] >= 0.6, result["eval"]
+
+
+# -- review 17: labels that contradict, case-split classes, BOM and header spelling, template grammar, turn limits --------
+
+
+def presence(made, media):
+    return {(i.question, i.answer) for i in made if i.kind == "presence" and i.media == [media]}
+
+
+def test_presence_no_never_contradicts_the_rows_count_box_or_location(tmp_path):
+    table = tmp_path / "t.csv"
+    rows = ["media,label,count_nodule,box_nodule,location_mass,patient",
+            # The reviewer's row: label normal, yet count_nodule=1 and a box_nodule.
+            'c.png,normal,1,"0.7,0.7,0.9,0.9",,p3', "d.png,nodule,3,,,p4", "e.png,mass,0,,upper left,p5"]
+    rows += [f"n{i}.png,normal,2,,lower left,q{i}" for i in range(20)]          # nodule and mass both shown
+    rows += [f"z{i}.png,normal,0,,,z{i}" for i in range(20)]                    # count 0: "no" is right
+    table.write_text("\n".join(rows) + "\n")
+    made, _, _ = instructions_from_labels(table, group_key="patient")
+    for item in made:
+        if item.kind != "presence" or item.answer != "no":
+            continue
+        media = item.media[0]
+        if media == "c.png" or media.startswith("n"):
+            assert "nodule" not in item.question, item
+        if media.startswith("n") or media == "e.png":
+            assert "mass" not in item.question, item
+    assert any(i.answer == "no" and "nodule" in i.question for i in made if i.media[0].startswith("z"))
+    assert ("Does the image show nodule?", "no") not in presence(made, "c.png")
+
+
+def test_the_reviewers_real_table_has_no_contradicting_presence_answer(tmp_path):
+    table = tmp_path / "real.csv"
+    table.write_bytes(b'media,label,box_nodule,count_nodule,patient\r\n"img a.png","Effusion, left",,2,p1\r\n'
+                      b'b.png,,"0.1,0.1,0.2,0.2",,p2\r\nc.png,normal,"0.7,0.7,0.9,0.9",1,p3\r\nd.png,nodule,"0.4,0.4,0.6,0.6",3,p4\r\n')
+    for seed in range(10):
+        made, _, _ = instructions_from_labels(table, group_key="patient", seed=seed)
+        for media in ("img a.png", "b.png", "c.png"):
+            assert not any("nodule" in q and a == "no" for q, a in presence(made, media)), (seed, media, presence(made, media))
+
+
+def test_labels_differing_in_case_or_spacing_are_one_class_and_the_merge_is_reported(tmp_path, capsys):
+    table = tmp_path / "case.csv"
+    table.write_text("media,label,patient\na.png,Effusion,p1\nb.png,effusion,p2\nc.png,nodule,p3\nd.png,normal,p4\n"
+                     "e.png,effusion,p5\nf.png,Pleural  Effusion,p6\ng.png,pleural effusion,p7\nh.png,pleural effusion,p8\n")
+    made, _, facts = instructions_from_labels(table, group_key="patient")
+    classes = {c for i in made if i.kind == "classification" for c in i.choices}
+    assert classes == {"effusion", "pleural effusion", "nodule", "normal"}, classes
+    assert {i.answer for i in made if i.kind == "classification" and i.media == ["a.png"]} == {"effusion"}
+    # Never "no" about an image's own finding under another spelling (old: "Is a Effusion present? yes" and
+    # "Does the image show a effusion? no" for one image).
+    for seed in range(5):
+        made, _, _ = instructions_from_labels(table, group_key="patient", seed=seed)
+        for media in "abe":
+            assert not any(a == "no" and "effusion" in q.lower() and "pleural" not in q.lower() for q, a in presence(made, f"{media}.png"))
+        for media in "fgh":
+            assert not any(a == "no" and "pleural effusion" in q.lower() for q, a in presence(made, f"{media}.png"))
+    assert facts["merged_labels"] == {"label": {"effusion": ["Effusion", "effusion"],
+                                                "pleural effusion": ["Pleural  Effusion", "pleural effusion"]}}
+    assert main(["-q", "make-instructions", "labels", str(table), "--out", str(tmp_path / "o"), "--group-key", "patient"]) == 0
+    err = capsys.readouterr().err
+    assert "merged into one class" in err and "'Effusion', 'effusion' -> 'effusion'" in err, err
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["labels"]["merged_labels"] == facts["merged_labels"]
+
+
+def test_a_byte_order_mark_and_header_case_and_spaces_are_read(tmp_path, capsys):
+    table = tmp_path / "bom.csv"
+    table.write_bytes("\ufeffMedia, Label , Patient \r\na.png,effusion,p1\r\nb.png,normal,p2\r\nc.png,effusion;nodule,p3\r\n"
+                      .encode("utf-8"))
+    made, _, facts = instructions_from_labels(table, group_key="PATIENT")
+    assert {i.media[0] for i in made} == {"a.png", "b.png", "c.png"} and {i.group for i in made} == {"p1", "p2", "p3"}
+    assert facts["tasks"]["presence"] == ["label"] and facts["ignored_columns"] == []
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_bytes('\ufeff{"MEDIA": "a.png", "Label": "mass"}\n{"MEDIA": "b.png", "Label": "cyst"}\n'.encode("utf-8"))
+    assert {i.media[0] for i in instructions_from_labels(jsonl)[0]} == {"a.png", "b.png"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,label\na.png,mass\n")
+    assert main(["make-instructions", "labels", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "no 'media' column (columns: 'image', 'label')" in capsys.readouterr().err
+
+
+def test_shipped_questions_read_right_for_any_label(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("media,label,count_effusion,location_opacity\n" + "".join(
+        f"{i}.png,{label},1,upper left\n" for i, label in enumerate(["Effusion", "effusion", "Atelectasis", "COPD", "\"Effusion, left\"",
+                                                                      "opacity", "Edema"] * 6)) + "x.png,normal,0,lower right\n")
+    made, _, _ = instructions_from_labels(table)
+    import re
+    for item in made:
+        assert not re.search(r"\b(a|an) (effusion|atelectasis|copd|opacity|edema)\b", item.question, re.I), item.question
+        assert not re.search(r"\b(Effusion|Atelectasis|Edema)\b", item.question), item.question  # lowercased in a sentence
+        assert "effusions" not in item.question and "opacitys" not in item.question, item.question
+    assert any("COPD" in i.question for i in made if i.kind == "presence")  # an acronym keeps its capitals
+
+
+def test_a_conversation_user_turn_is_held_to_the_question_limit():
+    from mmdomain.instruction_set import MAX_ANSWER_CHARS, MAX_QUESTION_CHARS, clean
+    long_question = "why " * ((MAX_QUESTION_CHARS + MAX_ANSWER_CHARS) // 8)   # over the question limit, under the answer one
+    assert MAX_QUESTION_CHARS < len(long_question) < MAX_ANSWER_CHARS
+    turns = [{"role": "user", "content": "short?"}, {"role": "assistant", "content": "yes"},
+             {"role": "user", "content": long_question}, {"role": "assistant", "content": "no"}]
+    rejects: Counter = Counter()
+    assert clean([Instruction(media="a.png", question="short?", answer="yes", conversations=turns)], rejects) == []
+    assert rejects == Counter({"question_too_long": 1})
+    long_answer = [*turns[:2], {"role": "user", "content": "and?"}, {"role": "assistant", "content": long_question}]
+    assert len(clean([Instruction(media="a.png", question="short?", answer="yes", conversations=long_answer)], Counter())) == 1
