@@ -27,14 +27,14 @@ import json
 import random
 import string
 from collections import Counter
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import MmdomainError
-from .instruction_set import Instruction
+from .instruction_set import Instruction, InstructionSetError, check_media_paths
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent / "templates" / "labels.yaml"
 PLACEHOLDERS = {"label"}
@@ -193,13 +193,10 @@ def _values(raw: Any) -> list[str]:
 
 
 def _media(raw: Any, where: str) -> list[str]:
-    media = _values(raw)
-    if not media:
-        raise LabelTableError(f"{where}: no media; write the media path relative to make-shards' --media folder")
-    for rel in media:
-        if PurePath(rel).is_absolute() or ".." in PurePath(rel).parts:
-            raise LabelTableError(f"{where}: media path {rel!r} must be relative to make-shards' --media folder, without '..'")
-    return media
+    try:
+        return check_media_paths(_values(raw), where)
+    except InstructionSetError as exc:
+        raise LabelTableError(str(exc)) from None
 
 
 _ROWS, _COLS = ("upper", "", "lower"), ("left", "", "right")
