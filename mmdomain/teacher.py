@@ -8,7 +8,8 @@ schema, retries within a budget, rejects counted by reason, a resumable cache, p
     result.instructions  # dicts with the fields of mmdomain.instruction_set.Instruction
     result.rejects       # Counter of reject reasons; result.report: counts for report.json
 
-This file is long (~460 lines) because the run loop, its counting and the reply schemas belong together.
+This file is long (~520 lines) because the run loop, its counting, the input table and the reply schemas belong
+together: each check of a reply feeds the counts the report gives.
 """
 from __future__ import annotations
 
