@@ -50,7 +50,9 @@ def load_pruned(model_class: Any, path: Path, config: Any, needed_prefix: str = 
         transformers.logging.set_verbosity(verbosity)
 
     missing = [k for k in info.get("missing_keys", ()) if k.startswith(needed_prefix)]
-    reshaped = [m for m in info.get("mismatched_keys", ()) if m[0].startswith(needed_prefix)]
+    # transformers 5 reports (name, shape in the file, shape in the model); 4.x the names alone.
+    entries = [(m, "?", "?") if isinstance(m, str) else tuple(m) for m in info.get("mismatched_keys", ())]
+    reshaped = [m for m in entries if m[0].startswith(needed_prefix)]
     if missing or reshaped:
         model_type = getattr(config, "model_type", "?")
         raise WeightsMismatchError(

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 _WHISPER = ("whisper",)
 _WAV2VEC = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
 _CLAP = ("clap", "clap_audio_model")
+_CONFIG_CLASSES = {"clap_audio_model": "ClapAudioConfig"}  # model types built from their config class directly
 
 
 class WhisperLogMel(nn.Module):
@@ -91,7 +92,8 @@ def locate_hf_audio(spec: str, *, random_init: bool = False, **_: Any) -> tuple[
             "yourself, e.g. `huggingface-cli download <repo> --local-dir DIR`, and pass hf_audio:DIR"
         )
     else:
-        model_type = known_model_type(spec, source, "hf_audio:DIR")
+        # transformers 4.x registers CLAP's audio tower config under no model type of its own; its class is known.
+        model_type = spec if spec in _CONFIG_CLASSES else known_model_type(spec, source, "hf_audio:DIR")
     if model_type not in _WHISPER + _WAV2VEC + _CLAP:
         raise UnknownEncoderError(f"hf_audio supports {', '.join(_WHISPER + _WAV2VEC + _CLAP)}; got model type {model_type!r}")
     check_random_init(source, random_init, path.is_dir())
@@ -116,7 +118,10 @@ def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, r
     if local:
         cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     else:
-        cfg = transformers.AutoConfig.for_model(model_type, **(config or {}))
+        if model_type in _CONFIG_CLASSES:
+            cfg = getattr(transformers, _CONFIG_CLASSES[model_type])(**(config or {}))
+        else:
+            cfg = transformers.AutoConfig.for_model(model_type, **(config or {}))
     if model_type in _WHISPER:
         kind, num_layers = "whisper", int(cfg.encoder_layers)
     elif model_type in _WAV2VEC:

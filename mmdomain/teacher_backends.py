@@ -114,6 +114,8 @@ class TransformersTeacher:
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
             with torch.no_grad():
-                out = model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens,
+                # Only ids and mask: some tokenizers add token_type_ids, which causal LMs' generate refuses.
+                out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=False,
+                                     max_new_tokens=self.max_new_tokens,
                                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
             return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
