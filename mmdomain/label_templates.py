@@ -22,8 +22,6 @@ tasks. A bad row is an error naming ``file:line`` and the problem.
 """
 from __future__ import annotations
 
-import csv
-import json
 import random
 import string
 from collections import Counter
@@ -35,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import MmdomainError
 from .instruction_set import Instruction, InstructionSetError, check_media_paths
+from .table_rows import read_table_rows
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent / "templates" / "labels.yaml"
 PLACEHOLDERS = {"label"}
@@ -124,34 +123,10 @@ def read_label_table(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise LabelTableError(f"label table {str(path)!r} does not exist")
-    rows: list[tuple[int, dict[str, Any]]] = []
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8-sig") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise LabelTableError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise LabelTableError(f"{path}:{line_no}: a row must be a JSON object with media and label keys")
-                rows.append((line_no, _normalise_keys(row, f"{path}:{line_no}")))
-    else:
-        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark, which would otherwise glue onto 'media'.
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise LabelTableError(f"{path}: no header line; the first line names the columns, e.g. media,label,patient")
-            header = _normalise_keys(dict.fromkeys(reader.fieldnames), f"{path}:1")
-            if "media" not in header:
-                raise LabelTableError(f"{path}: no 'media' column (columns: {', '.join(map(repr, reader.fieldnames))}); the first line "
-                                      "names the columns, e.g. media,label,patient")
-            for row in reader:
-                if None in row:
-                    raise LabelTableError(f"{path}:{reader.line_num}: more fields than the header's {len(reader.fieldnames)}; "
-                                          "quote values that hold commas (boxes: \"0.1,0.2,0.5,0.6\")")
-                rows.append((reader.line_num, _normalise_keys(row, f"{path}:{reader.line_num}")))
+    rows = [(line_no, _normalise_keys(row, f"{path}:{line_no}")) for line_no, row in read_table_rows(path, LabelTableError)]
+    if rows and path.suffix.lower() not in (".jsonl", ".json") and "media" not in rows[0][1]:
+        raise LabelTableError(f"{path}: no 'media' column (columns: {', '.join(map(repr, rows[0][1]))}); the first line "
+                              "names the columns, e.g. media,label,patient")
     if not rows:
         raise LabelTableError(f"label table {path} has no rows")
     return rows

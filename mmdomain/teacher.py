@@ -8,12 +8,11 @@ schema, retries within a budget, rejects counted by reason, a resumable cache, p
     result.instructions  # dicts with the fields of mmdomain.instruction_set.Instruction
     result.rejects       # Counter of reject reasons; result.report: counts for report.json
 
-This file is long (~520 lines) because the run loop, its counting, the input table and the reply schemas belong
+This file is long (~510 lines) because the run loop, its counting, the input table and the reply schemas belong
 together: each check of a reply feeds the counts the report gives.
 """
 from __future__ import annotations
 
-import csv
 import difflib
 import json
 import logging
@@ -216,24 +215,11 @@ def read_text_table(path: str | Path, *, text_key: str, media_key: str = "media"
     path = Path(path)
     if not path.is_file():
         raise TeacherInputError(f"table {str(path)!r} not found; give a CSV or JSONL with columns {media_key}, {text_key}")
-    if path.suffix.lower() in (".jsonl", ".json"):
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise TeacherInputError(f"{path}:{number}: not JSON ({exc.msg}); one object per line") from exc
-    else:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-            reader = csv.DictReader(f)
-            rows = [(reader.line_num, row) for row in reader]  # the line a row ends on (a quoted cell may span lines)
     from .instruction_set import InstructionSetError, check_media_paths
+    from .table_rows import read_table_rows
 
     items = []
-    for number, row in rows:
-        if not isinstance(row, dict):
-            raise TeacherInputError(f"{path}:{number}: a row must be an object with {media_key} and {text_key}")
+    for number, row in read_table_rows(path, TeacherInputError):
         # make-shards reads `image` as well as `media`; so does this, so the same caption JSONL serves both.
         row_media_key = "image" if media_key == "media" and "media" not in row and "image" in row else media_key
         for key in (row_media_key, text_key, group_key):

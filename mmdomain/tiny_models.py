@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 
 from .domains import MARKER_LIKE
 from .errors import MmdomainError
+from .table_rows import read_table_rows
 
 log = logging.getLogger(__name__)
 
@@ -115,22 +116,13 @@ def jsonl_texts(path: str | Path) -> Iterable[str]:
     path = Path(path)
     if not path.is_file():
         raise TinyModelError(f"samples file {str(path)!r} does not exist; give a JSONL of samples with --jsonl")
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TinyModelError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise TinyModelError(f"{where}: a line must be a JSON object, got {type(record).__name__}")
-            texts = _record_texts(record, where)
-            if not texts:
-                raise TinyModelError(f"{where}: no text found; a sample needs 'conversations' (or 'messages'), "
-                                     f"'question' + 'answer', or 'caption' (keys: {sorted(record)})")
-            yield from texts
+    for line_no, record in read_table_rows(path, TinyModelError, jsonl=True):
+        where = f"{path}:{line_no}"
+        texts = _record_texts(record, where)
+        if not texts:
+            raise TinyModelError(f"{where}: no text found; a sample needs 'conversations' (or 'messages'), "
+                                 f"'question' + 'answer', or 'caption' (keys: {sorted(record)})")
+        yield from texts
 
 
 def _record_texts(record: dict[str, Any], where: str) -> list[str]:
