@@ -5,7 +5,7 @@ schema, retries within a budget, rejects counted by reason, a resumable cache, p
     items = read_text_table("reports.csv", text_key="report", group_key="patient_id")
     result = run_teacher(items, teacher, kinds=["closed_qa"], cache=TeacherCache("cache.jsonl"), seed=0,
                          scrubber=Scrubber())
-    result.instructions  # dicts with the fields of mmdomain.instruction_set.Instruction
+    result.instructions  # mmdomain.instruction_set.Instruction objects, for write_instruction_set
     result.rejects       # Counter of reject reasons; result.report: counts for report.json
 
 This file is long (~510 lines) because the run loop, its counting, the input table and the reply schemas belong
@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from .errors import MmdomainError
+from .instruction_set import Instruction, InstructionSetError, check_media_paths
 from .report_scrub import Scrubber
 from .teacher_backends import TeacherBackend, TeacherRetryable
 from .teacher_cache import TeacherCache, cache_key
@@ -215,7 +216,6 @@ def read_text_table(path: str | Path, *, text_key: str, media_key: str = "media"
     path = Path(path)
     if not path.is_file():
         raise TeacherInputError(f"table {str(path)!r} not found; give a CSV or JSONL with columns {media_key}, {text_key}")
-    from .instruction_set import InstructionSetError, check_media_paths
     from .table_rows import read_table_rows
 
     items = []
@@ -256,8 +256,8 @@ def longest_shared_words(a: str, b: str) -> int:
 
 # ----- output ---------------------------------------------------------------------------------------------------
 
-def to_instruction_fields(item: TextItem, kind: str, reply: _Reply, template: Template, provenance: dict[str, Any]) -> dict[str, Any]:
-    """A dict with exactly the fields of ``mmdomain.instruction_set.Instruction``."""
+def to_instruction(item: TextItem, kind: str, reply: _Reply, template: Template, provenance: dict[str, Any]) -> Instruction:
+    """The instruction a validated reply makes, for ``instruction_set.write_instruction_set``."""
     conversations = None
     choices = None
     if isinstance(reply, DescribeReply):
@@ -270,16 +270,16 @@ def to_instruction_fields(item: TextItem, kind: str, reply: _Reply, template: Te
         question, answer, choices = reply.question, reply.answer, list(reply.choices)
     else:
         question, answer = reply.question, reply.answer  # type: ignore[attr-defined]
-    return {"media": list(item.media), "question": question, "answer": answer, "choices": choices,
-            "answer_type": "closed" if choices else "open", "conversations": conversations, "group": item.group,
-            "provenance": provenance, "kind": kind}
+    return Instruction(media=list(item.media), question=question, answer=answer, choices=choices,
+                       answer_type="closed" if choices else "open", conversations=conversations, group=item.group,
+                       provenance=provenance, kind=kind)
 
 
 # ----- the run --------------------------------------------------------------------------------------------------
 
 @dataclass
 class TeacherResult:
-    instructions: list[dict[str, Any]]
+    instructions: list[Instruction]
     rejects: Counter[str]
     report: dict[str, Any]
 
@@ -468,7 +468,7 @@ def _collect(items: Sequence[TextItem], texts: list[str], outcomes: list[_Outcom
                       "model": teacher.model, "template": template.id, "seed": seed, "cache_key": outcome.key}
         if leak:
             provenance["leak"] = True
-        instructions.append(to_instruction_fields(item, outcome.kind, reply, template, provenance))
+        instructions.append(to_instruction(item, outcome.kind, reply, template, provenance))
         per_kind[outcome.kind] += 1
     asked = [o for o in outcomes if not o.cached]
     report = {

@@ -45,7 +45,7 @@ def add_teacher_commands(subparsers: Any) -> None:
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
-    from .instruction_set import Instruction, check_out, parse_split, summary_lines, write_instruction_set
+    from .instruction_set import check_out, parse_split, summary_lines, write_instruction_set
     from .report_scrub import Scrubber, load_allow_list
     from .teacher import TRANSPORT_FAILURES, TeacherInputError, TeacherUnreachable, load_templates, read_text_table, run_teacher
     from .teacher_backends import OpenAITeacher, TransformersTeacher
@@ -75,7 +75,7 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
         raise TeacherUnreachable(f"{sum(unsettled.values())} requests never reached an answer ({unsettled}); nothing was written to "
                                  f"{out}. The {len(cache)} answers so far are cached in {cache.path}: rerun the same command once the "
                                  "teacher is up, and only the missing requests are sent")
-    summary = write_instruction_set([Instruction(**fields) for fields in result.instructions], out, seed=args.seed, fractions=fractions,
+    summary = write_instruction_set(result.instructions, out, seed=args.seed, fractions=fractions,
                                     rejects=result.rejects, extra_report={"teacher": result.report}, overwrite=args.overwrite)
     log.info("teacher cache: %s (%d answers)", cache.path, len(cache))
     print("\n".join(summary_lines(summary, out)))

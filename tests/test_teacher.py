@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import asdict
 
 import pytest
 
@@ -15,6 +16,7 @@ from mmdomain.teacher_backends import OpenAITeacher, TransformersTeacher
 from mmdomain.teacher_cache import TeacherCache
 
 from .openai_standin import GOOD, ScriptedServer
+
 
 @pytest.fixture
 def serve():
@@ -56,7 +58,7 @@ def test_good_malformed_refusal_timeout_are_parsed_retried_rejected_and_counted(
     result = run_teacher(_items([f"Chest film, case {c}, opacity left." for c in cases], tmp_path), teacher, kinds=["closed_qa"],
                          cache=TeacherCache(tmp_path / "cache.jsonl"), retries=1, backoff_s=0, concurrency=3)
     r = result.report
-    assert r["accepted"] == 3 and [i["provenance"]["row"] for i in result.instructions] == [2, 3, 4]
+    assert r["accepted"] == 3 and [i.provenance["row"] for i in result.instructions] == [2, 3, 4]
     assert result.rejects == Counter({"refusal": 1, "schema": 1, "timeout": 1})
     assert r["attempt_failures"] == {"malformed_json": 1, "refusal": 2, "schema": 2, "timeout": 2}
     # one request for good/fenced, two (retry budget 1) for each of the other four; the report counts what was sent
@@ -64,7 +66,7 @@ def test_good_malformed_refusal_timeout_are_parsed_retried_rejected_and_counted(
     assert {u.split("case ")[1].split(",")[0]: n for u, n in server.per_prompt.items()} == {
         "good": 1, "fenced": 1, "malformed": 2, "refusal": 2, "offschema": 2, "timeout": 2}
     assert all("OpenAI/Python" in a for a in server.agents)  # the official client did the talking
-    row = result.instructions[0]
+    row = asdict(result.instructions[0])
     assert set(row) == {"media", "question", "answer", "choices", "answer_type", "conversations", "group", "provenance", "kind"}
     assert row["answer_type"] == "closed" and row["choices"].count(row["answer"]) == 1
     expected = {"teacher": "openai", "model": "served-model", "template": "closed_qa.v1", "seed": 0, "row": 2,
@@ -115,7 +117,7 @@ def test_answers_copying_the_source_are_flagged_and_dropped_or_kept(serve, tmp_p
     dropped = run_teacher(items, teacher, kinds=["open_qa"], cache=TeacherCache(tmp_path / "c.jsonl"), backoff_s=0)
     assert dropped.report["leaks"] == 1 and dropped.rejects == Counter({"leak": 1}) and len(dropped.instructions) == 1
     kept = run_teacher(items, teacher, kinds=["open_qa"], cache=TeacherCache(tmp_path / "c.jsonl"), drop_leaks=False)
-    assert [i["provenance"].get("leak") for i in kept.instructions] == [True, None]
+    assert [i.provenance.get("leak") for i in kept.instructions] == [True, None]
     assert sum(server.per_prompt.values()) == 2  # the second run came from the cache
 
 
@@ -223,12 +225,12 @@ def test_every_kind_becomes_an_instruction_from_a_csv_table(serve, tmp_path):
         read_text_table(table, text_key="report")
     result = run_teacher(items, OpenAITeacher(server.url, "m"), kinds=["describe", "open_qa", "closed_qa", "multi_turn"],
                          cache=TeacherCache(tmp_path / "c.jsonl"), backoff_s=0)
-    by_kind = {i["kind"]: i for i in result.instructions}
+    by_kind = {i.kind: asdict(i) for i in result.instructions}
     assert by_kind["describe"]["question"] == "Describe the image in detail." and by_kind["describe"]["answer_type"] == "open"
     assert by_kind["open_qa"]["answer"] == "Left lower zone." and by_kind["open_qa"]["choices"] is None
     assert by_kind["closed_qa"]["choices"] == ["left", "right"]
     assert [t["role"] for t in by_kind["multi_turn"]["conversations"]] == ["user", "assistant"] * 2
-    assert all(i["media"] == ["a.png", "b.png"] and i["group"] == "s1" for i in result.instructions)
+    assert all(i.media == ["a.png", "b.png"] and i.group == "s1" for i in result.instructions)
 
 
 def _cli(table, out, url, *extra):
