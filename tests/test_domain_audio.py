@@ -88,9 +88,12 @@ def test_frame_stack_sets_tokens_per_clip(tmp_path, tiny_llm_dir):
     conv, media = proc.decode_media([{"role": "user", "content": "<image> where ?"}, {"role": "assistant", "content": "left"}],
                                     [("heart.wav", _wav(_signal(22050), 22050))])
     sample = proc(conv, media, key="heart")
-    assert int((sample.input_ids == proc.media_token_id).sum()) == 13 and sample.media[0].shape == (1, 16000)
+    # The 0.8 s clip fills 40 of the window's 50 frames: ceil(40 / 4) = 10 tokens, not the full window's 13.
+    assert int((sample.input_ids == proc.media_token_id).sum()) == 10 and sample.media[0].shape == (1, 16000)
     out = model(**proc.collate([sample]))
     assert torch.isfinite(out.loss)
+    padded, padded_proc = build_model(ModelSpec.model_validate({**spec.model_dump(), "audio_tokens": "padded"}))
+    assert int((padded_proc(conv, media, key="heart").input_ids == padded_proc.media_token_id).sum()) == 13
     with pytest.raises(ValueError, match="audio encoder but model.domain is 'generic'"):
         build_model(ModelSpec.model_validate({**spec.model_dump(), "domain": {"name": "generic"}}))
 
