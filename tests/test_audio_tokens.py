@@ -147,3 +147,63 @@ def test_a_padded_run_refuses_a_cache_made_by_length(audio_recipe, capsys):
     assert main(["-q", "cache-features", str(audio_recipe / "r.yaml"), "--out", str(audio_recipe / "cache")]) == 0
     assert main(["-q", "run", str(audio_recipe / "r.yaml"), f"data.feature_cache={audio_recipe / 'cache'}", "model.audio_tokens=padded"]) == 2
     assert "feature cache" in capsys.readouterr().err
+
+
+def test_a_spec_stored_before_the_option_loads_as_it_ran(tiny_llm_dir):
+    from mmdomain.spec import with_legacy_defaults
+
+    stored = _spec(tiny_llm_dir).model_dump(mode="json")
+    del stored["audio_tokens"]  # checkpoints and trainer states written before model.audio_tokens existed
+    assert ModelSpec.model_validate(with_legacy_defaults(stored)).audio_tokens == "padded"
+    assert ModelSpec.model_validate(with_legacy_defaults({**stored, "audio_tokens": "by_length"})).audio_tokens == "by_length"
+
+
+def _pitch_task(root, n_train=160, n_test=64, seed=0):
+    """One tone per clip, 0.2-1.8 s long in a 2 s window, at a random level: "is the tone low or high?"."""
+    rng = np.random.default_rng(seed)
+    (root / "media").mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i in range(count):
+            answer = ["low", "high"][int(rng.integers(2))]
+            freq = float(rng.uniform(200, 400) if answer == "low" else rng.uniform(1500, 3000))
+            name = f"{split}{i}.wav"
+            (root / "media" / name).write_bytes(_wav(_tone(float(rng.uniform(0.2, 1.8)), freq) * float(rng.uniform(0.3, 1.0))))
+            rows.append({"id": f"{split}{i}", "image": name, "question": "<audio> is the tone low or high ?", "answer": answer,
+                         "choices": ["low", "high"]})
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _train_pitch_task(root, llm_dir, audio_tokens):
+    from mmdomain.domains import build_domain
+    from mmdomain.recipe import validate_recipe
+    from mmdomain.shards import make_shards
+    from mmdomain.train import train
+
+    shards = root / f"shards-{audio_tokens}"
+    for split in ("train", "test"):
+        make_shards(root / f"{split}.jsonl", root / "media", shards, prefix=split, domain=build_domain("audio"), media_token="<audio>")
+    recipe = validate_recipe({
+        "model": {**_spec(llm_dir, encoder={"name": "tiny-audio", "options": {"clip_seconds": 2.0}},
+                          connector={"name": "frame_stack", "options": {"k": 4}}, audio_tokens=audio_tokens).model_dump(mode="json")},
+        "trainable": {"connector": True, "llm": "full"},
+        "data": {"train": str(shards / "train-*.tar"), "eval": str(shards / "test-*.tar"), "shuffle_buffer": 200},
+        "optim": {"lr": 1e-3, "warmup_steps": 10, "max_steps": 60, "batch_size": 16},
+        "output_dir": str(root / f"run-{audio_tokens}"), "log_every": 40,
+    })
+    result = train(recipe)
+    return result["eval"]["closed"]["accuracy"], result
+
+
+@pytest.mark.slow
+def test_tokens_by_length_learn_the_audio_task_as_well_as_the_padded_window(tmp_path):
+    from mmdomain.tiny_models import write_tiny_llm
+
+    from .conftest import WORDS
+
+    llm_dir = str(write_tiny_llm(tmp_path / "llm", WORDS + ["tone", "low", "or", "high"], hidden=64, ffn=128, layers=2))
+    _pitch_task(tmp_path)
+    by_length, _ = _train_pitch_task(tmp_path, llm_dir, "by_length")
+    padded, _ = _train_pitch_task(tmp_path, llm_dir, "padded")
+    print(f"held-out accuracy: by_length {by_length:.3f}, padded {padded:.3f}")
+    assert by_length >= 0.9 and by_length >= padded - 0.05
