@@ -240,3 +240,22 @@ def test_init_from_a_frozen_align_run_into_encoder_lora(tiny_llm_dir, shards, tm
     stored = load_file(str(latest_checkpoint(tmp_path / "instruct") / "model.safetensors"))
     assert any("lora_B" in k and k.startswith("encoder.") for k in stored)
     assert load_pretrained(tmp_path / "instruct")[0].spec.encoder.lora.r == 4
+
+
+def test_a_referenced_encoder_saves_only_what_trained_and_reloads_to_the_same_model(tiny_llm_dir, shards, tmp_path, recording):
+    """An encoder loaded from a local directory is referenced by a checkpoint: only its adapters and its last block
+    are stored (unmerged), and the checkpoint with the directory rebuilds the trained encoder exactly."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                                         patch_size=8)).save_pretrained(str(tmp_path / "siglip"))
+    recipe = _recipe(tiny_llm_dir, tmp_path / "run", shards, model__encoder={"name": f"hf:{tmp_path / 'siglip'}", "lora": {"r": 4, "dropout": 0.0}},
+                     trainable__encoder={"lora": True, "last_blocks": 1})
+    train(recipe)
+    (audit,) = recording
+    stored = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))
+    assert {k for k in stored if k.startswith("encoder.")} == {n for n in audit.declared if n.startswith("encoder.")}
+    assert any("layers.2.mlp.fc1.base_layer" in k for k in stored) and not any("layers.1.mlp.fc1.base_layer" in k for k in stored)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path / "run")[0].encoder.eval()(x), audit.model.encoder.eval()(x))
