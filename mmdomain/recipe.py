@@ -274,7 +274,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = dotted.split(".")
         for part in parts[:-1]:
             child = node.get(part)
-            if child is None:
+            # A switch that is off opens into its parts: trainable.encoder.last_blocks=2 on `encoder: false`.
+            if child is None or child is False:
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 raise RecipeError(f"override {item!r}: {part!r} is not a mapping")

@@ -90,6 +90,18 @@ def test_the_table_names_each_encoder_part_with_its_count(tiny_llm_dir):
     assert any(".base_layer." in n for n in encoder_declared)  # the last block trains whole, under its adapters too
 
 
+def test_norms_alone_and_the_command_line_form(tiny_llm_dir):
+    from mmdomain.recipe import apply_overrides
+
+    data = _recipe(tiny_llm_dir, "o").model_dump(mode="json")
+    recipe = validate_recipe(apply_overrides(data, ["trainable.encoder.norms=true"]))  # the switch was false: it opens into parts
+    model, _ = build_model(recipe.model)
+    declared = apply_trainable(model, recipe.trainable)
+    norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 5 and "norms (5 layers)" in trainable_table(model, recipe.trainable)
+    assert {n for n in declared if n.startswith("encoder.")} == {f"encoder.{n}" for n, _ in model.encoder.named_parameters() if "norm" in n}
+
+
 def test_parts_the_encoder_cannot_honour_are_refused_with_the_count(tiny_llm_dir):
     recipe = _recipe(tiny_llm_dir, "o", trainable__encoder={"last_blocks": 3})
     model, _ = build_model(recipe.model)
