@@ -15,7 +15,7 @@ _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
 def _is_norm(module: nn.Module) -> bool:
-    # transformers and timm define their own (T5-style RMSNorm, LayerNorm2d, Dinov2's LayerScale is not one).
+    # transformers and timm define norms of their own (Qwen2RMSNorm, timm's LayerNorm2d) beside torch's.
     return isinstance(module, _NORMS) or type(module).__name__.endswith(("LayerNorm", "RMSNorm", "LayerNorm2d"))
 
 
