@@ -82,7 +82,13 @@ class EncoderInfo:
 
 @runtime_checkable
 class Encoder(Protocol):
-    """An ``nn.Module`` with ``info`` whose ``forward(x)`` returns ``[B, info.num_tokens(), info.embed_dim]``."""
+    """An ``nn.Module`` with ``info`` whose ``forward(x)`` returns ``[B, info.num_tokens(), info.embed_dim]``.
+
+    Optional, for training part of the encoder (the last k blocks, LoRA on its blocks): ``layer_blocks()``, the
+    blocks ``forward`` runs, input to output (the units ``layer`` counts), and ``output_norm()``, the norm applied
+    after the last of them, or None when ``forward`` applies none (a ``layer`` before the last, or a tower whose
+    final norm only pools). Every encoder in this package has both.
+    """
 
     info: EncoderInfo
 

@@ -94,6 +94,26 @@ class HFAudioEncoder(nn.Module):
             return self.model(**inputs, **extra).last_hidden_state
         return self.model(**inputs, **extra, output_hidden_states=True).hidden_states[-1]
 
+    def layer_blocks(self) -> list[nn.Module]:
+        """The layers ``forward`` runs, input to output: Whisper's ``layers``, the wav2vec2 family's ``encoder.layers``,
+        CLAP's HTSAT stages (``audio_encoder.layers``)."""
+        for path in ("layers", "encoder.layers", "audio_encoder.layers"):
+            try:
+                return list(self.model.get_submodule(path))
+            except AttributeError:
+                continue
+        raise AttributeError(f"{self.info.source}: no layer list found in {type(self.model).__name__}")
+
+    def output_norm(self) -> nn.Module | None:
+        if not self._is_last:
+            return None
+        if self._kind == "whisper":
+            return self.model.layer_norm
+        if self._kind == "clap":
+            return self.model.audio_encoder.norm
+        # The wav2vec2 family normalises after its layers only in the stable-layer-norm variant (before them otherwise).
+        return self.model.encoder.layer_norm if getattr(self.model.config, "do_stable_layer_norm", False) else None
+
 
 def locate_hf_audio(spec: str, *, random_init: bool = False, **_: Any) -> tuple[Path | None, str]:
     """(local directory or None, model type) for ``hf_audio:<spec>``, or the EncoderError building it would raise;

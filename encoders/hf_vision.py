@@ -46,6 +46,23 @@ class HFVisionEncoder(nn.Module):
             hidden = self.model(pixel_values=x, output_hidden_states=True).hidden_states[-1]
         return hidden if self._keep_cls else hidden[:, self._num_prefix :]
 
+    def _tower(self) -> nn.Module:
+        return getattr(self.model, "vision_model", self.model)  # CLIP and SigLIP keep theirs one level down
+
+    def layer_blocks(self) -> list[nn.Module]:
+        """The transformer layers ``forward`` runs, input to output (``encoder.layers`` or ``encoder.layer``)."""
+        encoder = self._tower().encoder
+        return list(getattr(encoder, "layers", None) or encoder.layer)
+
+    def output_norm(self) -> nn.Module | None:
+        if not self._is_last or self.model.config.model_type.startswith("clip"):
+            return None  # a layer before the last takes the raw block output; CLIP's post_layernorm only normalises the pooled CLS
+        tower = self._tower()
+        for name in ("post_layernorm", "layernorm"):
+            if isinstance(getattr(tower, name, None), nn.Module):
+                return getattr(tower, name)
+        return None
+
 
 def _vision_config(config: Any) -> Any:
     return getattr(config, "vision_config", None) or config

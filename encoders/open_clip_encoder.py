@@ -39,6 +39,20 @@ class OpenClipEncoder(nn.Module):
             tokens = torch.cat([prefix[0], tokens], dim=1)
         return tokens
 
+    def layer_blocks(self) -> list[nn.Module]:
+        """The residual blocks ``forward`` runs, input to output (a timm trunk's units as its feature_info names them)."""
+        trunk = getattr(self.visual, "trunk", None)
+        if trunk is not None:
+            return [trunk.get_submodule(f["module"]) for f in list(trunk.feature_info)[: self._block_index + 1]]
+        return list(self.visual.transformer.resblocks)[: self._block_index + 1]
+
+    def output_norm(self) -> nn.Module | None:
+        if not self._is_last:
+            return None
+        trunk = getattr(self.visual, "trunk", None)
+        norm = getattr(trunk, "norm", None) if trunk is not None else getattr(self.visual, "ln_post", None)
+        return norm if isinstance(norm, nn.Module) and any(True for _ in norm.parameters()) else None
+
 
 def _model_config(spec: str) -> tuple[dict[str, Any], dict[str, Any], Path | None]:
     """(model_cfg, preprocess_cfg, weights path or None) from a model name or a local open_clip directory."""

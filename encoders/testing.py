@@ -82,6 +82,13 @@ class TinyViT(nn.Module):
         x = self.norm(x)
         return x if self._keep_cls else x[:, 1:]
 
+    def layer_blocks(self) -> list[nn.Module]:
+        """The transformer blocks ``forward`` runs, input to output."""
+        return list(self.blocks)
+
+    def output_norm(self) -> nn.Module | None:
+        return None if isinstance(self.norm, nn.Identity) else self.norm
+
 
 def build_tiny_vit(
     *,
@@ -165,6 +172,13 @@ class TinyAudio(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def layer_blocks(self) -> list[nn.Module]:
+        """The transformer blocks ``forward`` runs, input to output."""
+        return list(self.blocks)
+
+    def output_norm(self) -> nn.Module | None:
+        return None if isinstance(self.norm, nn.Identity) else self.norm
 
 
 def build_tiny_audio(

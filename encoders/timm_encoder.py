@@ -41,6 +41,15 @@ class TimmEncoder(nn.Module):
         tokens = out.flatten(2).transpose(1, 2)
         return torch.cat([prefix, tokens], dim=1) if prefix is not None else tokens
 
+    def layer_blocks(self) -> list[nn.Module]:
+        """The blocks (stages for a CNN) ``forward`` runs, input to output: timm's ``feature_info`` names each unit
+        ``layer`` counts (``blocks.3`` for a ViT, ``stages.2`` for a ConvNeXt)."""
+        return [self.model.get_submodule(f["module"]) for f in list(self.model.feature_info)[: self._block_index + 1]]
+
+    def output_norm(self) -> nn.Module | None:
+        norm = getattr(self.model, "norm", None) if self._is_last else None  # forward_intermediates(norm=...) applies model.norm
+        return norm if norm is not None and any(True for _ in norm.parameters()) else None
+
 
 def locate_timm_weights(arch: str, *, weights: str | None = None, random_init: bool = False, **_: Any) -> Path | None:
     """The checked local weights file of ``timm:<arch>`` (None for a deliberately random tower), or the EncoderError

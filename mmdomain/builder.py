@@ -18,6 +18,7 @@ from encoders import audio_transform, create_encoder, image_transform
 
 from .checkpoint import CheckpointWriter, read_json, read_tensors, resolve_checkpoint, verify
 from .domains import build_domain
+from .encoder_adaptation import add_encoder_lora
 from .errors import CheckpointError, ModelLoadError
 from .identity import describe_llm, encoder_difference, encoder_identity, llm_difference, llm_identity
 from .llm import add_media_token, apply_lora, load_llm, load_tokenizer
@@ -38,8 +39,12 @@ TOKENIZER = "tokenizer"
 
 def build_model(spec: ModelSpec, *, tokenizer_dir: str | Path | None = None) -> tuple[MultimodalLM, MultimodalProcessor]:
     """Build (model, processor) from a spec: encoders frozen, LLM frozen (LoRA adapters trainable), connectors
-    trainable. Each connector's ``in_dim`` comes from its encoder and ``out_dim`` from the LLM's embedding width."""
+    trainable. Each connector's ``in_dim`` comes from its encoder and ``out_dim`` from the LLM's embedding width.
+    An encoder with ``lora`` gets its adapters here, so a checkpoint's spec alone rebuilds the same model."""
     encoders = [create_encoder(kind.encoder.name, **kind.encoder.options) for kind in spec.kinds()]
+    for index, (kind, encoder) in enumerate(zip(spec.kinds(), encoders)):
+        if kind.encoder.lora is not None:
+            add_encoder_lora(encoder, kind.encoder.lora, "model.encoder" if index == 0 else f"model.extra_kinds[{index - 1}].encoder")
     domains = [build_domain(kind.domain.name, kind.domain.options, enc.info) for kind, enc in zip(spec.kinds(), encoders)]
     llm, tokenizer = load_llm(spec.llm)
     if tokenizer_dir is not None:  # a checkpoint's own tokenizer (it already holds the media tokens)
@@ -250,7 +255,8 @@ def check_handoff(spec: ModelSpec, path: str | Path) -> Path:
     config = read_model_config(directory)
     previous = ModelSpec.model_validate(with_legacy_defaults(config["spec"]))
     for part in ("encoder", "connector", "extra_kinds"):
-        if getattr(previous, part) != getattr(spec, part):
+        # Encoder adapters may be added in a later stage (align frozen, then instruct with encoder LoRA), as the LLM's.
+        if _without_adapters(getattr(previous, part)) != _without_adapters(getattr(spec, part)):
             raise CheckpointError(
                 f"init_from {directory}: its {part} is {_dump(getattr(previous, part))} but this recipe's is "
                 f"{_dump(getattr(spec, part))}; stages must share the {part}"
@@ -263,6 +269,14 @@ def check_handoff(spec: ModelSpec, path: str | Path) -> Path:
                     "learnt from the former", directory, previous.audio_tokens, spec.audio_tokens)
     check_bases(config, spec, directory, "init_from")
     return directory
+
+
+def _without_adapters(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_without_adapters(kind) for kind in value]
+    if hasattr(value, "encoder"):  # a media kind
+        return value.model_copy(update={"encoder": _without_adapters(value.encoder)})
+    return value.model_copy(update={"lora": None}) if hasattr(value, "lora") else value
 
 
 def _dump(value: Any) -> Any:
@@ -284,7 +298,9 @@ def load_handoff(model: MultimodalLM, directory: Path) -> list[str]:
         target = own.get(_canonical(name))
         (unknown.append(name) if target is None else mapped.__setitem__(target, tensor))
     if unknown:
-        raise CheckpointError(f"init_from {directory}: {len(unknown)} stored weights have no place in this model (first: {unknown[:3]})")
+        adapters = "; its encoder has LoRA adapters (model.encoder.lora there): give this stage the same model.encoder.lora" \
+            if any("lora_" in n and "encoder." in n for n in unknown) else ""
+        raise CheckpointError(f"init_from {directory}: {len(unknown)} stored weights have no place in this model (first: {unknown[:3]}){adapters}")
     _check_shapes(directory / WEIGHTS, {k: (v, own_state[k]) for k, v in mapped.items()})
     model.load_state_dict(mapped, strict=False)
     model.restored |= {k for k in mapped if ".connector." not in f".{k}"}

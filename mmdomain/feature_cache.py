@@ -69,8 +69,13 @@ def _encoder_for(recipe: Any) -> tuple[torch.nn.Module, Any, Any]:
 
 
 def check_cacheable(recipe: Any) -> None:
-    if recipe.trainable.encoder or any(p.startswith("encoder.") or p.startswith("*") for p in recipe.trainable.params):
-        raise FeatureCacheError("the recipe trains the encoder, so its features change every step: a feature cache cannot serve it")
+    # Any trained part (the last blocks, LoRA adapters, norms) changes the features as much as training it whole.
+    encoder = recipe.trainable.encoder
+    if recipe.trainable.encoder_trains or any(p.startswith("encoder.") or p.startswith("*") for p in recipe.trainable.params):
+        what = "the encoder" if encoder is True or not recipe.trainable.encoder_trains else \
+            f"part of the encoder ({encoder.model_dump(exclude_defaults=True)})"
+        raise FeatureCacheError(f"the recipe trains {what}, so its features change every step: a feature cache cannot serve it; "
+                                "drop data.feature_cache (or freeze the encoder: trainable.encoder: false)")
     if recipe.model.extra_kinds:
         raise FeatureCacheError("feature caching covers models with one media kind; this recipe has model.extra_kinds")
 

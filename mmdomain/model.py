@@ -82,6 +82,13 @@ class MultimodalLM(nn.Module):
         for encoder, _, _ in self.kind_parts():
             if not any(p.requires_grad for p in encoder.parameters()):
                 encoder.eval()
+            elif mode:
+                # Partly trained (last blocks, LoRA, norms): each frozen piece (the patch embedding, the earlier blocks)
+                # stays in eval mode for the same reason.
+                for module in encoder.modules():
+                    weights = list(module.parameters())
+                    if weights and not any(p.requires_grad for p in weights):
+                        module.eval()
         return self
 
     def encode(self, kind: int, batch: MediaBatch) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 PRIMARY = "media"  # name of the first media kind in content parts (``image`` and the encoder's modality work too)
 
@@ -13,12 +13,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraSpec(_Strict):
+    """LoRA adapters (peft). On the LLM ``all-linear`` is peft's (every linear layer but the output head); on an
+    encoder it is every linear and attention layer inside the blocks it runs; a list names layers by their ending
+    (``qkv``, ``mlp.fc1``)."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] | Literal["all-linear"] = "all-linear"
+
+
 class EncoderSpec(_Strict):
     """``name`` is a registry name (``tiny-vit``, ``timm:<arch>``, ``open_clip:<dir>``, ``hf:<dir>``); ``options``
-    go to its builder (``weights``, ``layer``, ``keep_cls``, ``in_chans``, ...)."""
+    go to its builder (``weights``, ``layer``, ``keep_cls``, ``in_chans``, ...); ``lora`` puts LoRA adapters on its
+    blocks (they train with ``trainable.encoder: lora``)."""
 
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
+    lora: LoraSpec | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_lora(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Without adapters the encoder is written as before, so the feature-cache keys, saved recipes and checkpoint
+        # specs of runs made before encoder LoRA existed still compare equal.
+        data = handler(self)
+        if self.lora is None:
+            data.pop("lora", None)
+        return data
 
     def model_post_init(self, __context: Any) -> None:
         from encoders import check_options
@@ -56,13 +78,6 @@ class DomainSpec(_Strict):
         from .domains import validate_options
 
         validate_options(self.name, self.options)  # unknown domains or options fail when the recipe is validated
-
-
-class LoraSpec(_Strict):
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    targets: list[str] | Literal["all-linear"] = "all-linear"
 
 
 class LLMSpec(_Strict):
