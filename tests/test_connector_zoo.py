@@ -162,3 +162,78 @@ def test_stage1_run_through_a_recipe_lowers_the_loss_and_reloads(key, tiny_llm_d
     expected = create_connector(name, in_dim=32, out_dim=model.connector.out_dim, **STAGE1[key]).num_output_tokens(16)
     assert processor.kinds[0].tokens_per_item == model.tokens_per_item == expected
     assert result["steps"] == 16
+
+
+# -- multi-layer feature fusion (the encoder option `layers`) ----------------------------------------------------
+
+
+def test_tiny_vit_layers_concatenate_the_named_hidden_states():
+    from encoders import create_encoder
+
+    options = {"image_size": 32, "patch_size": 8, "dim": 16, "depth": 3, "channels": 1}
+    fused = create_encoder("tiny-vit", layers=[-1, 1], **options).eval()
+    assert fused.info.embed_dim == 32 and fused.info.layers == (-1, 1) and fused.info.layer == -1
+    x = torch.randn(2, 1, 32, 32)
+    out = fused(x)
+    assert out.shape == (2, 16, 32)
+    for part, layer in ((out[..., :16], -1), (out[..., 16:], 1)):  # each half is what `layer` alone gives
+        single = create_encoder("tiny-vit", layer=layer, **options).eval()
+        single.load_state_dict(fused.state_dict(), strict=False)
+        assert torch.allclose(part, single(x), atol=1e-6), layer
+
+
+def test_hf_vision_layers_concatenate_hidden_states_with_the_final_norm_only_on_the_last():
+    from encoders import create_encoder
+
+    config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+    fused = create_encoder("hf:siglip", random_init=True, config=config, layers=[-1, -3]).eval()
+    assert fused.info.embed_dim == 64 and fused.info.num_tokens() == 16
+    x = torch.randn(2, 3, 32, 32)
+    out = fused(x)
+    for part, layer in ((out[..., :32], -1), (out[..., 32:], -3)):
+        single = create_encoder("hf:siglip", random_init=True, config=config, layer=layer).eval()
+        single.load_state_dict(fused.state_dict(), strict=False)
+        assert torch.allclose(part, single(x), atol=1e-5), layer
+
+
+def test_fused_layers_set_the_connector_in_dim_through_the_recipe(tiny_llm_dir):
+    from mmdomain.builder import build_model
+    from mmdomain.spec import ModelSpec
+
+    spec = ModelSpec.model_validate({
+        "encoder": {"name": "tiny-vit", "options": {"image_size": 32, "patch_size": 8, "dim": 16, "depth": 3, "channels": 1, "layers": [-1, -2, 1]}},
+        "connector": {"name": "c_abstractor", "options": {"grid": 2, "depth": 1}}, "llm": {"path": tiny_llm_dir}})
+    model, processor = build_model(spec)
+    assert model.connector.in_dim == 48 and processor.kinds[0].tokens_per_item == 4
+    from mmdomain.media import MediaBatch
+
+    assert model.encode(0, MediaBatch(torch.randn(2, 1, 32, 32))).shape == (2, 4, model.connector.out_dim)
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("tiny-vit", {"layers": [-1, -1]}, "same layer twice"),
+    ("tiny-vit", {"layers": [-1, -2], "layer": -2}, "not both"),
+    ("tiny-vit", {"layers": []}, "list of hidden-state indices"),
+    ("tiny-vit", {"layers": [-1, 7]}, "out of range"),
+    ("tiny-audio", {"layers": [-1, 5]}, "out of range"),
+    ("timm:vit_tiny_patch16_224", {"random_init": True, "layers": [-1, -2]}, "multi-layer feature fusion.*not by this encoder family"),
+    ("open_clip:ViT-B-32", {"random_init": True, "layers": [-1, -2]}, "multi-layer feature fusion"),
+    ("hf_audio:whisper", {"random_init": True, "layers": [-1, -2]}, "multi-layer feature fusion"),
+])
+def test_layers_refusals_name_the_option(name, options, match):
+    from encoders import EncoderError, check_encoder, create_encoder
+
+    with pytest.raises(EncoderError, match=match):
+        create_encoder(name, **options)
+    if ":" in name:  # `mmdomain validate` refuses it too, before any model is built
+        with pytest.raises(EncoderError, match=match):
+            check_encoder(name, options)
+
+
+def test_tiny_audio_layers_feed_a_window_qformer():
+    from encoders import create_encoder
+
+    encoder = create_encoder("tiny-audio", clip_seconds=0.5, dim=16, depth=2, layers=[-1, 1])
+    assert encoder.info.embed_dim == 32 and encoder.info.num_tokens() == 25
+    connector = create_connector("qformer", in_dim=encoder.info.embed_dim, out_dim=8, window=10, heads=4)
+    assert connector(encoder(torch.randn(2, 8000))).shape == (2, connector.num_output_tokens(25), 8) == (2, 3, 8)
