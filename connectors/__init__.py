@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from . import avg_pool, c_abstractor, frame_stack, ldp, linear, mlp, perceiver, pixel_shuffle, qformer  # noqa: F401  (registers the built-in connectors)
-from ._registry import create_connector, list_connectors, register_connector
+from ._registry import check_connector, create_connector, list_connectors, register_connector
 from .base import Connector
+from .errors import ConnectorOptionError
 
-__all__ = ["Connector", "create_connector", "list_connectors", "register_connector"]
+__all__ = ["Connector", "ConnectorOptionError", "check_connector", "create_connector", "list_connectors", "register_connector"]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_connector
+from .errors import ConnectorOptionError
 from .mlp import MLPConnector
 from .token_grid import square_side, to_map, to_tokens
 
@@ -19,11 +20,11 @@ class AvgPoolConnector(nn.Module):
     def __init__(self, *, in_dim: int, out_dim: int, grid: int | None = None, factor: int | None = None, depth: int = 2) -> None:
         super().__init__()
         if grid is not None and factor is not None:
-            raise ValueError(f"avg_pool takes grid (output side) or factor (pooling window), not both; got grid={grid}, factor={factor}")
+            raise ConnectorOptionError(f"avg_pool takes grid (output side) or factor (pooling window), not both; got grid={grid}, factor={factor}")
         if factor is None and grid is None:
             factor = 2
         if (grid is not None and grid < 1) or (factor is not None and factor < 1):
-            raise ValueError(f"avg_pool needs grid >= 1 or factor >= 1; got grid={grid}, factor={factor}")
+            raise ConnectorOptionError(f"avg_pool needs grid >= 1 or factor >= 1; got grid={grid}, factor={factor}")
         self.in_dim, self.out_dim, self.grid, self.factor = in_dim, out_dim, grid, factor
         self.mlp = MLPConnector(in_dim=in_dim, out_dim=out_dim, depth=depth)
 
@@ -31,11 +32,11 @@ class AvgPoolConnector(nn.Module):
         side = square_side(n, "avg_pool")
         if self.grid is not None:
             if self.grid > side:
-                raise ValueError(f"avg_pool grid={self.grid} is larger than the encoder's {side}x{side} token grid; "
+                raise ConnectorOptionError(f"avg_pool grid={self.grid} is larger than the encoder's {side}x{side} token grid; "
                                  f"set grid to at most {side} (pooling cannot add tokens)")
             return self.grid
         if side % self.factor:
-            raise ValueError(f"avg_pool factor={self.factor} does not divide the encoder's {side}x{side} token grid; "
+            raise ConnectorOptionError(f"avg_pool factor={self.factor} does not divide the encoder's {side}x{side} token grid; "
                              f"use a factor that divides {side}, or grid: G for a fixed output grid")
         return side // self.factor
 

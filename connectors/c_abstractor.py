@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_connector
+from .errors import ConnectorOptionError
 from .mlp import MLPConnector
 from .token_grid import square_side, to_map, to_tokens
 
@@ -36,7 +37,7 @@ class CAbstractorConnector(nn.Module):
     def __init__(self, *, in_dim: int, out_dim: int, grid: int = 12, depth: int = 3, hidden_dim: int | None = None, mlp_depth: int = 2) -> None:
         super().__init__()
         if grid < 1 or depth < 0 or mlp_depth < 1:
-            raise ValueError(f"c_abstractor needs grid >= 1, depth >= 0 and mlp_depth >= 1; got grid={grid}, depth={depth}, mlp_depth={mlp_depth}")
+            raise ConnectorOptionError(f"c_abstractor needs grid >= 1, depth >= 0 and mlp_depth >= 1; got grid={grid}, depth={depth}, mlp_depth={mlp_depth}")
         hidden = hidden_dim or in_dim
         self.in_dim, self.out_dim, self.grid = in_dim, out_dim, grid
         self.stem = nn.Conv2d(in_dim, hidden, 1) if hidden != in_dim else nn.Identity()
@@ -47,7 +48,7 @@ class CAbstractorConnector(nn.Module):
     def _side(self, n: int) -> int:
         side = square_side(n, "c_abstractor")
         if self.grid > side:
-            raise ValueError(f"c_abstractor grid={self.grid} is larger than the encoder's {side}x{side} token grid; "
+            raise ConnectorOptionError(f"c_abstractor grid={self.grid} is larger than the encoder's {side}x{side} token grid; "
                              f"set grid to at most {side} (pooling cannot add tokens)")
         return side
 

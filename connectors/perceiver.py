@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ._registry import register_connector
+from .errors import ConnectorOptionError
 
 
 class ResamplerLayer(nn.Module):
@@ -35,9 +36,9 @@ class PerceiverConnector(nn.Module):
         super().__init__()
         width = dim or in_dim
         if num_queries < 1 or depth < 1:
-            raise ValueError(f"perceiver needs num_queries >= 1 and depth >= 1; got num_queries={num_queries}, depth={depth}")
+            raise ConnectorOptionError(f"perceiver needs num_queries >= 1 and depth >= 1; got num_queries={num_queries}, depth={depth}")
         if width % heads:
-            raise ValueError(f"perceiver heads={heads} does not divide its width {width} (option dim, the encoder width by default); "
+            raise ConnectorOptionError(f"perceiver heads={heads} does not divide its width {width} (option dim, the encoder width by default); "
                              f"set heads to a divisor of {width}, or set dim")
         self.in_dim, self.out_dim, self.num_queries = in_dim, out_dim, num_queries
         self.input_proj = nn.Linear(in_dim, width) if width != in_dim else nn.Identity()

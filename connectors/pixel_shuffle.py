@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ._registry import register_connector
+from .errors import ConnectorOptionError
 from .mlp import MLPConnector
 from .token_grid import square_side
 
@@ -22,7 +23,7 @@ class PixelShuffleConnector(nn.Module):
     def _side(self, n: int) -> int:
         side = square_side(n, "pixel_shuffle")
         if side % self.factor:
-            raise ValueError(f"pixel_shuffle factor={self.factor} does not divide the encoder's {side}x{side} token grid; "
+            raise ConnectorOptionError(f"pixel_shuffle factor={self.factor} does not divide the encoder's {side}x{side} token grid; "
                              f"use a factor that divides {side}, or change the input size")
         return side
 

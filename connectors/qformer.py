@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_connector
+from .errors import ConnectorOptionError
 
 
 @register_connector("qformer")
@@ -27,9 +28,9 @@ class QFormerConnector(nn.Module):
         width = dim or in_dim
         queries = num_queries if num_queries is not None else (1 if window else 32)
         if queries < 1 or depth < 1 or (window is not None and window < 1):
-            raise ValueError(f"qformer needs num_queries >= 1, depth >= 1 and window >= 1; got num_queries={queries}, depth={depth}, window={window}")
+            raise ConnectorOptionError(f"qformer needs num_queries >= 1, depth >= 1 and window >= 1; got num_queries={queries}, depth={depth}, window={window}")
         if width % heads:
-            raise ValueError(f"qformer heads={heads} does not divide its width {width} (option dim, the encoder width by default); "
+            raise ConnectorOptionError(f"qformer heads={heads} does not divide its width {width} (option dim, the encoder width by default); "
                              f"set heads to a divisor of {width}, or set dim")
         self.in_dim, self.out_dim, self.num_queries, self.window = in_dim, out_dim, queries, window
         self.input_proj = nn.Linear(in_dim, width) if width != in_dim else nn.Identity()

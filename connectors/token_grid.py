@@ -6,12 +6,14 @@ import math
 
 import torch
 
+from .errors import ConnectorOptionError
+
 
 def square_side(num_tokens: int, connector: str) -> int:
-    """The side of the square grid ``num_tokens`` tokens form, or a ValueError saying why they do not."""
+    """The side of the square grid ``num_tokens`` tokens form, or a ConnectorOptionError saying why they do not."""
     side = math.isqrt(num_tokens)
     if num_tokens < 1 or side * side != num_tokens:
-        raise ValueError(
+        raise ConnectorOptionError(
             f"{connector} needs a square token grid; got {num_tokens} tokens, which is no square (a CLS or register token "
             "in front of the patches makes it one more: drop it with the encoder option keep_cls=False, or change the input size)"
         )

@@ -237,3 +237,32 @@ def test_tiny_audio_layers_feed_a_window_qformer():
     assert encoder.info.embed_dim == 32 and encoder.info.num_tokens() == 25
     connector = create_connector("qformer", in_dim=encoder.info.embed_dim, out_dim=8, window=10, heads=4)
     assert connector(encoder(torch.randn(2, 8000))).shape == (2, connector.num_output_tokens(25), 8) == (2, 3, 8)
+
+
+# -- what a user sees from the command line ------------------------------------------------------------------
+
+
+def _cli_recipe(tmp_path, llm_dir, shards, connector: dict) -> str:
+    data = {"model": {"encoder": {"name": "tiny-vit", "options": {"image_size": 32, "patch_size": 8, "dim": 32, "channels": 1}},
+                      "connector": connector, "llm": {"path": llm_dir}, "max_length": 64},
+            "data": {"train": shards}, "optim": {"max_steps": 1, "batch_size": 2}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "r.yaml").write_text(json.dumps(data))  # JSON is YAML
+    return str(tmp_path / "r.yaml")
+
+
+def test_validate_names_a_mistyped_connector_option(tiny_llm_dir, side_shards, tmp_path, capsys):
+    from mmdomain.cli import main
+
+    recipe = _cli_recipe(tmp_path, tiny_llm_dir, side_shards, {"name": "perceiver", "options": {"num_querys": 4}})
+    assert main(["-q", "validate", recipe]) == 2
+    assert "connector 'perceiver' has no option 'num_querys'. Did you mean 'num_queries'?" in capsys.readouterr().err
+
+
+def test_run_refuses_a_grid_that_does_not_fit_in_one_line_before_training(tiny_llm_dir, side_shards, tmp_path, capsys):
+    from mmdomain.cli import main
+
+    recipe = _cli_recipe(tmp_path, tiny_llm_dir, side_shards, {"name": "c_abstractor", "options": {"grid": 12}})
+    assert main(["-q", "run", recipe]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mmdomain run: error: c_abstractor grid=12 is larger than the encoder's 4x4 token grid; set grid to at most 4")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
