@@ -1,5 +1,6 @@
-"""``c_abstractor``: Honeybee's convolutional abstractor: ResNet blocks over the token grid, adaptive average pooling
-to a ``grid`` x ``grid`` output, more ResNet blocks, then an MLP to the LLM width (Cha et al., 2024).
+"""``c_abstractor``: Honeybee's convolutional abstractor: ``depth`` residual conv blocks over the token grid,
+adaptive average pooling to a ``grid`` x ``grid`` output, as many blocks again, then an MLP to the LLM width
+(Cha et al., 2024).
 
 Convolutions keep the locality a resampler's attention loses, and the output count is set by ``grid`` whatever the
 encoder's resolution (``grid: 4`` gives 16 tokens from a 16x16 or a 24x24 grid)."""
@@ -16,18 +17,22 @@ from .token_grid import square_side, to_map, to_tokens
 
 
 class ResidualBlock(nn.Module):
-    """conv3x3 -> norm -> SiLU -> conv3x3 -> norm, plus the input. The norm is GroupNorm over all channels (a
-    per-sample layer norm), not BatchNorm: a connector often trains on small batches and must act alike in eval."""
+    """Honeybee's block, a RegNet bottleneck with group width 1 (timm's ``RegStage`` defaults): 1x1 conv -> depthwise
+    3x3 conv -> squeeze-excitation (a quarter of the channels) -> 1x1 conv, plus the input. About 2 C^2 weights
+    a block, where a plain 3x3 ResNet block would hold 18 C^2. Norms are GroupNorm over all channels (a per-sample
+    layer norm, as Honeybee's LayerNorm2d), not BatchNorm: a connector often trains on small batches."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
-        self.norm1 = nn.GroupNorm(1, dim)
-        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
-        self.norm2 = nn.GroupNorm(1, dim)
+        squeezed = max(1, dim // 4)
+        self.expand = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.GroupNorm(1, dim), nn.SiLU())
+        self.spatial = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False), nn.GroupNorm(1, dim), nn.SiLU())
+        self.excite = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, squeezed, 1), nn.SiLU(), nn.Conv2d(squeezed, dim, 1), nn.Sigmoid())
+        self.project = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.GroupNorm(1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(x + self.norm2(self.conv2(F.silu(self.norm1(self.conv1(x))))))
+        y = self.spatial(self.expand(x))
+        return F.silu(x + self.project(y * self.excite(y)))
 
 
 @register_connector("c_abstractor")
