@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_connector
+from .errors import ConnectorOptionError
 from .mlp import MLPConnector
 
 
@@ -21,7 +22,7 @@ class FrameStackConnector(nn.Module):
     def __init__(self, *, in_dim: int, out_dim: int, k: int = 8, depth: int = 2) -> None:
         super().__init__()
         if k < 1 or depth < 1:
-            raise ValueError(f"frame_stack needs k >= 1 and depth >= 1, got k={k}, depth={depth}")
+            raise ConnectorOptionError(f"frame_stack needs k >= 1 and depth >= 1, got k={k}, depth={depth}")
         self.in_dim, self.out_dim, self.k = in_dim, out_dim, k
         self.mlp = MLPConnector(in_dim=in_dim * k, out_dim=out_dim, depth=depth)
 

@@ -46,6 +46,9 @@ class EncoderInfo:
     """Audio: the output tokens are evenly spaced frames in time order (Whisper, wav2vec2), so the first
     ``num_tokens_for_samples(n)`` of them cover the first ``n`` input samples; False where tokens mix time with
     frequency (CLAP's patch grid)."""
+    layers: tuple[int, ...] | None = None
+    """With multi-layer fusion (the ``layers`` option): the hidden-state indices whose features are concatenated on
+    the channel axis, in that order (``embed_dim`` is then their sum); ``layer`` is the deepest of them."""
 
     def grid(self, input_size: tuple[int, ...] | None = None) -> tuple[int, ...]:
         size = tuple(input_size) if input_size is not None else self.input_size
@@ -109,6 +112,33 @@ def resolve_layer(layer: int, num_layers: int, source: str) -> tuple[int, bool]:
             f"use 1..{num_layers} or -1..-{num_layers} (-1 is the last, -2 the one before, as in LLaVA)"
         )
     return index - 1, index == num_layers
+
+
+def resolve_layers(layer: int, layers: list[int] | None, num_layers: int, source: str) -> tuple[list[int], int]:
+    """The 0-based blocks whose outputs an encoder returns, concatenated on the channel axis in this order, and the
+    hidden-state index of the deepest (``EncoderInfo.layer``; the tower is built up to it).
+
+    ``layers`` (multi-layer feature fusion, as LLaVA-OneVision and Eagle) lists hidden-state indices in the ``layer``
+    convention; None means the one ``layer``. The final norm applies when the deepest block is the tower's last."""
+    if layers is None:
+        return [resolve_layer(layer, num_layers, source)[0]], layer
+    if layer != -1:
+        raise EncoderOptionError(f"{source}: give layer (one hidden state) or layers (several, concatenated), not both; got layer={layer}, layers={layers!r}")
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)) or not layers:
+        raise EncoderOptionError(f"{source}: layers must be a list of hidden-state indices, e.g. [-1, -5]; got {layers!r}")
+    blocks = [resolve_layer(int(one), num_layers, source)[0] for one in layers]
+    if len(set(blocks)) != len(blocks):
+        raise EncoderOptionError(f"{source}: layers {list(layers)} name the same layer twice (the tower has {num_layers}); list each once")
+    return blocks, int(layers[blocks.index(max(blocks))])
+
+
+def layers_refused(source: str, layers: Any) -> None:
+    """For encoder families that offer one layer only: refuse ``layers`` naming what does offer it."""
+    if layers is not None:
+        raise EncoderOptionError(
+            f"{source}: layers={layers!r} (multi-layer feature fusion) is offered by hf: vision towers and the tiny test encoders, "
+            "not by this encoder family yet; use one layer (layer=-2), or an hf: tower for fused layers"
+        )
 
 
 def random_init_refused(source: str, reason: str, how_to_give_weights: str) -> RandomInitError:

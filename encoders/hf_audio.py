@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._hf_loading import known_model_type, load_pruned
-from .base import EncoderInfo, check_random_init, declared_license, random_init_refused, resolve_layer
+from .base import EncoderInfo, check_random_init, declared_license, layers_refused, random_init_refused, resolve_layer
 from .errors import EncoderNotFoundError, EncoderOptionError, UnknownEncoderError
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,10 @@ class HFAudioEncoder(nn.Module):
         return self.model.encoder.layer_norm if getattr(self.model.config, "do_stable_layer_norm", False) else None
 
 
-def locate_hf_audio(spec: str, *, random_init: bool = False, **_: Any) -> tuple[Path | None, str]:
+def locate_hf_audio(spec: str, *, random_init: bool = False, layers: Any = None, **_: Any) -> tuple[Path | None, str]:
     """(local directory or None, model type) for ``hf_audio:<spec>``, or the EncoderError building it would raise;
     reads only config.json, so a recipe's encoder can be checked before anything loads."""
+    layers_refused(f"hf_audio:{spec}", layers)
     path = Path(spec).expanduser()
     source = f"hf_audio:{spec}"
     if path.is_dir():
@@ -143,13 +144,13 @@ def locate_hf_audio(spec: str, *, random_init: bool = False, **_: Any) -> tuple[
 
 
 def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, random_init: bool = False, layer: int = -1,
-                           clip_seconds: float | None = None, license: str | None = None) -> HFAudioEncoder:
+                           layers: Any = None, clip_seconds: float | None = None, license: str | None = None) -> HFAudioEncoder:
     """``hf_audio:/models/whisper-small`` (the encoder half is kept) or ``hf_audio:wav2vec2`` / ``hubert`` /
     ``whisper`` with ``random_init=True`` and ``config={...}`` for a random-init model. ``clip_seconds`` sets the
     wav2vec2-family clip length (Whisper's is fixed by its positions: 30 s for released models)."""
     import transformers
 
-    found, model_type = locate_hf_audio(spec, random_init=random_init)
+    found, model_type = locate_hf_audio(spec, random_init=random_init, layers=layers)
     local = found is not None
     path = found or Path(spec)
     source = f"hf_audio:{spec}"

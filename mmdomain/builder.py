@@ -59,7 +59,7 @@ def build_model(spec: ModelSpec, *, tokenizer_dir: str | Path | None = None) -> 
         modules.append(module)
         aliases = ("image", encoder.info.modality) if kind.name == PRIMARY else ()
         where = "model.domain" if index == 0 else f"model.extra_kinds[{index - 1}].domain"
-        sizing = audio_sizing(encoder.info, connector) if sized_by_length(encoder.info, kind.connector.name, spec.audio_tokens) else None
+        sizing = audio_sizing(encoder.info, connector) if sized_by_length(encoder.info, kind.connector, spec.audio_tokens) else None
         kinds.append(MediaKind(kind.name, kind.token, module.token_id, module.tokens_per_item, media_transform(encoder.info, domain, where),
                                domain, aliases=tuple(a for a in aliases if a != kind.name), sizing=sizing))
     llm.requires_grad_(False)

@@ -47,7 +47,7 @@ def feature_key(spec: Any, encoder: torch.nn.Module, transform: Any) -> str:
 
 def _trims(spec: Any, encoder: torch.nn.Module) -> bool:
     """Whether clips cost tokens by length here, so the cache stores each clip's own frames only."""
-    return sized_by_length(encoder.info, spec.connector.name, spec.audio_tokens)
+    return sized_by_length(encoder.info, spec.connector, spec.audio_tokens)
 
 
 def _encoder_for(recipe: Any) -> tuple[torch.nn.Module, Any, Any]:

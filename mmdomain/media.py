@@ -64,12 +64,13 @@ class MediaBatch:
         return MediaBatch(move(self.values), self.encoded, move(self.lengths), move(self.tokens))
 
 
-def sized_by_length(info: Any, connector_name: str, audio_tokens: str) -> bool:
+def sized_by_length(info: Any, connector: Any, audio_tokens: str) -> bool:
     """Whether clips of this kind cost tokens in proportion to their length (``model.audio_tokens: by_length``):
-    only when the encoder's tokens are frames in time order and the connector keeps a prefix a prefix."""
+    only when the encoder's tokens are frames in time order and the connector (a ``ConnectorSpec``) keeps a prefix
+    a prefix."""
     from connectors import keeps_prefix
 
-    return audio_tokens == "by_length" and bool(getattr(info, "time_ordered", False)) and keeps_prefix(connector_name)
+    return audio_tokens == "by_length" and bool(getattr(info, "time_ordered", False)) and keeps_prefix(connector.name, connector.options)
 
 
 def audio_sizing(info: Any, connector: Any) -> Callable[[Any], ItemSize]:

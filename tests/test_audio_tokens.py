@@ -207,3 +207,14 @@ def test_tokens_by_length_learn_the_audio_task_as_well_as_the_padded_window(tmp_
     padded, _ = _train_pitch_task(tmp_path, llm_dir, "padded")
     print(f"held-out accuracy: by_length {by_length:.3f}, padded {padded:.3f}")
     assert by_length >= 0.9 and by_length >= padded - 0.05
+
+
+def test_the_window_qformer_keeps_a_prefix_and_the_plain_one_does_not(tiny_llm_dir):
+    from connectors import keeps_prefix
+
+    assert keeps_prefix("qformer", {"window": 17}) and not keeps_prefix("qformer", {}) and not keeps_prefix("perceiver")
+    model, proc = build_model(_spec(tiny_llm_dir, connector={"name": "qformer", "options": {"window": 10, "depth": 1, "heads": 4}}))
+    conv = [{"role": "user", "content": "<audio> ?"}, {"role": "assistant", "content": "a"}]
+    sample = proc(conv, [_tone(2.0)], key="short")
+    assert _slots(proc, sample) == 10  # 100 frames in windows of 10, one query each; the 30 s window would give 150
+    assert torch.isfinite(model(**proc.collate([sample])).loss)
