@@ -47,8 +47,17 @@ class EncoderSpec(_Strict):
 
         check_options(self.name, self.options)  # an unknown option fails when the recipe is validated, not at build
 
+    def fused_parts(self) -> list["EncoderSpec"]:
+        """The encoders a ``fuse`` encoder joins (empty for any other encoder)."""
+        if self.name != "fuse":
+            return []
+        return [EncoderSpec.model_validate(part) for part in self.options.get("encoders") or []]
+
     def is_referenced(self) -> bool:
         """True when the weights come from a local path, so a checkpoint may point at them instead of copying."""
+        if self.name == "fuse":  # every part must be findable again, or the whole fused tower travels in the checkpoint
+            parts = self.fused_parts()
+            return bool(parts) and all(part.is_referenced() for part in parts)
         if self.options.get("weights"):
             return True
         _, sep, spec = self.name.partition(":")
