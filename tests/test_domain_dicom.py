@@ -176,3 +176,15 @@ def test_palette_colour_becomes_rgb_through_the_file_tables():
     domain = build_domain("medical")
     stored = domain.prepare_for_shard(path.name, path.read_bytes())
     assert np.array_equal(domain.decode(path.name, stored)[0], image)
+
+
+def test_an_invalid_file_window_is_one_clear_line_without_the_value(tmp_path):
+    from mmdomain.domains import DecodeError
+
+    write_dicom(tmp_path / "w.dcm", ct_slice(np.random.default_rng(5), 2), monochrome1=False, intercept=-1024.0, slope=1.0)
+    path = _with(tmp_path / "w.dcm", WindowCenter=40, WindowWidth=60, VOILUTFunction="CUBIC_XYZZY")
+    with pytest.raises(DecodeError, match=r"'w.dcm'.*VOI LUT or window is invalid.*set window to a preset") as caught:
+        _decode(path)
+    assert "XYZZY" not in str(caught.value)
+    (image,) = _decode(path, window="soft_tissue")  # the fix the message names works
+    assert image.shape == (64, 64)

@@ -60,21 +60,30 @@ def modality_values(name: str, pixels: np.ndarray, view) -> np.ndarray:
     return guarded(name, lambda p: apply_modality_lut(p, view), pixels).astype(np.float64)
 
 
+def _pydicom_voi(name: str, values: np.ndarray, view) -> np.ndarray:
+    from pydicom.pixels import apply_voi_lut
+
+    try:
+        return apply_voi_lut(values, view)
+    except Exception as exc:  # noqa: BLE001 - pydicom's messages can quote header values, so only the type is named
+        raise DecodeError(f"member {name!r}: the file's own VOI LUT or window is invalid ({type(exc).__name__}); set window to a preset "
+                          f"or {{center, width}} instead of file") from None
+
+
 def file_voi(name: str, values: np.ndarray, view) -> np.ndarray | None:
     """The file's own VOI (VOI LUT Sequence, else window with its VOI LUT Function: LINEAR, LINEAR_EXACT, SIGMOID)
     applied by pydicom and scaled to [0, 1]; None when the file carries neither."""
-    from pydicom.pixels import apply_voi_lut
-
-    if view.get("VOILUTSequence"):
+    lut = (view.get("VOILUTSequence") or [None])[0]
+    if lut is not None and lut.get("LUTDescriptor") is not None and lut.get("LUTData") is not None:  # pydicom's own test of a usable LUT
         # LUT inputs are integers: the floor is what pydicom's own truncation of (value - first mapped) does, minus its float warning.
-        shown = guarded(name, lambda v: apply_voi_lut(np.floor(v).astype(np.int64), view), values)
-        top = float((1 << int(view.VOILUTSequence[0].LUTDescriptor[2])) - 1)  # the LUT's output range is 0 .. 2^bits - 1
+        shown = _pydicom_voi(name, np.floor(values).astype(np.int64), view)
+        top = float((1 << int(lut.LUTDescriptor[2])) - 1)  # the LUT's output range is 0 .. 2^bits - 1
         return np.clip(shown / top, 0, 1).astype(np.float32)
     if "WindowCenter" not in view or "WindowWidth" not in view:
         return None
-    shown = guarded(name, lambda v: apply_voi_lut(v, view), values)
+    shown = _pydicom_voi(name, values, view)
     # pydicom's output range depends on bits, sign and rescale; ask it for the images of -inf and +inf rather than restate its rule.
-    low, high = guarded(name, lambda v: apply_voi_lut(v, view), np.array([-np.inf, np.inf]))
+    low, high = _pydicom_voi(name, np.array([-np.inf, np.inf]), view)
     return np.clip((shown - low) / max(high - low, 1e-12), 0, 1).astype(np.float32)
 
 
