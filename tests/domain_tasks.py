@@ -146,6 +146,30 @@ def write_ct_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
             (root / kind / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def write_enhanced_ct_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """``root/enhanced/{train,test}.jsonl`` over ``root/media`` (Enhanced CT, 3 frames, the labelled finding in the
+    middle frame, each frame's rescale only in its per-frame functional group, stored values offset by 2048-3000)
+    and ``root/media_top_level`` (the same files without functional groups: what a top-level-only reader sees)."""
+    from pydicom import dcmread
+
+    rng = np.random.default_rng(seed)
+    for folder in ("media", "media_top_level", "enhanced"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i in range(n):
+            quadrants = [int(q) for q in rng.integers(4, size=3)]
+            name = f"{split}-{i:05d}.dcm"
+            rescales = [(float(rng.choice([-3000.0, -2048.0])), 1.0) for _ in quadrants]
+            write_enhanced_ct(root / "media" / name, [ct_slice(rng, q) for q in quadrants], rescales=rescales)
+            ds = dcmread(root / "media" / name)
+            del ds.PerFrameFunctionalGroupsSequence, ds.SharedFunctionalGroupsSequence
+            ds.save_as(root / "media_top_level" / name, enforce_file_format=True)
+            rows.append({"id": name[:-4], "image": name, "question": "where is the finding ?", "answer": QUADRANTS[quadrants[1]],
+                         "choices": QUADRANTS})
+        (root / "enhanced" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def multiband_tile(rng: np.random.Generator, cover: int) -> np.ndarray:
     """6 bands (B, G, R, NIR, SWIR1, SWIR2) uint16 reflectance x 10000. RGB statistics are the same for every class;
     the class is carried by the NIR level and the SWIR1/SWIR2 balance only."""

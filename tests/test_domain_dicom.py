@@ -188,3 +188,22 @@ def test_an_invalid_file_window_is_one_clear_line_without_the_value(tmp_path):
     assert "XYZZY" not in str(caught.value)
     (image,) = _decode(path, window="soft_tissue")  # the fix the message names works
     assert image.shape == (64, 64)
+
+
+@pytest.mark.slow
+def test_functional_group_rescale_makes_the_enhanced_ct_finding_learnable(tmp_path):
+    """Enhanced CT whose per-frame rescale (intercepts -3000 or -2048) lives only in the functional groups; the +12 HU
+    finding in the middle frame shows through a 40/40 HU window. Read from the groups, it is learnable; read from
+    the top level alone (the files with their groups removed: today's path), every body pixel is past the window."""
+    from mmdomain.tiny_models import write_tiny_llm
+
+    from .domain_tasks import QUADRANTS, WORDS, train_task, write_enhanced_ct_task
+
+    write_enhanced_ct_task(tmp_path, 1200, 200)
+    llm = str(write_tiny_llm(tmp_path / "llm", WORDS, hidden=128, ffn=256))
+    domain = {"name": "medical", "options": {"window": {"center": 40, "width": 40}}}
+    grouped = train_task(tmp_path / "enhanced", tmp_path / "media", tmp_path / "grouped", llm, domain=domain, channels=1, steps=250)
+    top_level = train_task(tmp_path / "enhanced", tmp_path / "media_top_level", tmp_path / "top_level", llm, domain=domain, channels=1, steps=250)
+    print(f"enhanced CT quadrant task ({len(QUADRANTS)} choices): functional groups {grouped:.3f}, top level only {top_level:.3f}")
+    assert grouped >= 0.9
+    assert top_level <= 0.4
