@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from . import frame_stack, linear, mlp, pixel_shuffle  # noqa: F401  (registers the built-in connectors)
-from ._registry import create_connector, list_connectors, register_connector
+from ._registry import create_connector, keeps_prefix, list_connectors, register_connector
 from .base import Connector
 
-__all__ = ["Connector", "create_connector", "list_connectors", "register_connector"]
+__all__ = ["Connector", "create_connector", "keeps_prefix", "list_connectors", "register_connector"]

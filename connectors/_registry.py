@@ -28,5 +28,11 @@ def create_connector(name: str, *, in_dim: int, out_dim: int, **options: Any) ->
     return _BUILDERS[name](in_dim=in_dim, out_dim=out_dim, **options)
 
 
+def keeps_prefix(name: str) -> bool:
+    """Whether connector ``name`` maps a prefix of its input to a prefix of its output (see ``Connector``), without
+    building it."""
+    return bool(getattr(_BUILDERS.get(name), "keeps_prefix", False))
+
+
 def list_connectors() -> list[str]:
     return sorted(_BUILDERS)

@@ -16,6 +16,8 @@ from .mlp import MLPConnector
 
 @register_connector("frame_stack")
 class FrameStackConnector(nn.Module):
+    keeps_prefix = True  # output token j stacks input frames jk..jk+k-1 only: a clip's prefix maps to a prefix
+
     def __init__(self, *, in_dim: int, out_dim: int, k: int = 8, depth: int = 2) -> None:
         super().__init__()
         if k < 1 or depth < 1:

@@ -9,6 +9,8 @@ from ._registry import register_connector
 
 @register_connector("mlp")
 class MLPConnector(nn.Module):
+    keeps_prefix = True  # output token j is a function of input token j only: a clip's prefix maps to a prefix
+
     def __init__(self, *, in_dim: int, out_dim: int, depth: int = 2, hidden_dim: int | None = None, bias: bool = True) -> None:
         super().__init__()
         if depth < 1:

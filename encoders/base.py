@@ -42,6 +42,10 @@ class EncoderInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
     """The local file or directory the weights were loaded from; None for a random-init encoder."""
+    time_ordered: bool = False
+    """Audio: the output tokens are evenly spaced frames in time order (Whisper, wav2vec2), so the first
+    ``num_tokens_for_samples(n)`` of them cover the first ``n`` input samples; False where tokens mix time with
+    frequency (CLAP's patch grid)."""
 
     def grid(self, input_size: tuple[int, ...] | None = None) -> tuple[int, ...]:
         size = tuple(input_size) if input_size is not None else self.input_size
@@ -56,6 +60,14 @@ class EncoderInfo:
                 raise ValueError(f"{self.source} takes fixed-length input {self.input_size}; inputs are padded or cropped to it")
             return self.exact_tokens
         return math.prod(self.grid(input_size)) + self.num_prefix_tokens
+
+    def num_tokens_for_samples(self, samples: int) -> int:
+        """Output tokens that cover the first ``samples`` input samples (at least one, at most the full count): what
+        a clip shorter than ``input_size`` really needs. Only for ``time_ordered`` encoders."""
+        if not self.time_ordered:
+            raise ValueError(f"{self.source} does not output tokens in time order; its clips always cost {self.num_tokens()} tokens")
+        full = self.num_tokens()
+        return max(1, min(full, math.ceil(full * samples / self.input_size[0])))
 
     @property
     def tokens_per_second(self) -> float | None:

@@ -203,5 +203,6 @@ def build_tiny_audio(
         sample_rate=sample_rate,
         exact_tokens=tokens,
         extra={"final_norm": is_last},
+        time_ordered=True,
     )
     return TinyAudio(info, n_mels=n_mels, hop=hop, depth=block_index + 1, heads=heads)

@@ -21,10 +21,10 @@ from .domains import build_domain
 from .errors import CheckpointError, ModelLoadError
 from .identity import describe_llm, encoder_difference, encoder_identity, llm_difference, llm_identity
 from .llm import add_media_token, apply_lora, load_llm, load_tokenizer
-from .media import MediaKind
+from .media import MediaKind, audio_sizing, sized_by_length
 from .model import MediaKindModule, MultimodalLM, head_transform
 from .processor import MultimodalProcessor
-from .spec import PRIMARY, ModelSpec
+from .spec import PRIMARY, ModelSpec, with_legacy_defaults
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ def build_model(spec: ModelSpec, *, tokenizer_dir: str | Path | None = None) -> 
         modules.append(module)
         aliases = ("image", encoder.info.modality) if kind.name == PRIMARY else ()
         where = "model.domain" if index == 0 else f"model.extra_kinds[{index - 1}].domain"
+        sizing = audio_sizing(encoder.info, connector) if sized_by_length(encoder.info, kind.connector.name, spec.audio_tokens) else None
         kinds.append(MediaKind(kind.name, kind.token, module.token_id, module.tokens_per_item, media_transform(encoder.info, domain, where),
-                               domain, aliases=tuple(a for a in aliases if a != kind.name)))
+                               domain, aliases=tuple(a for a in aliases if a != kind.name), sizing=sizing))
     llm.requires_grad_(False)
     if spec.llm.lora is not None:
         llm = apply_lora(llm, spec.llm.lora)
@@ -196,7 +197,7 @@ def load_pretrained(path: str | Path) -> tuple[MultimodalLM, MultimodalProcessor
     """(model, processor) from a checkpoint directory or a run directory (its newest complete checkpoint)."""
     directory = resolve_checkpoint(path)
     config = read_model_config(directory)
-    spec = ModelSpec.model_validate(config["spec"])
+    spec = ModelSpec.model_validate(with_legacy_defaults(config["spec"]))
     check_bases(config, spec, directory, "checkpoint")
     tokenizer_dir = directory / TOKENIZER
     model, processor = build_model(spec, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None)
@@ -247,7 +248,7 @@ def check_handoff(spec: ModelSpec, path: str | Path) -> Path:
     kinds (encoders, connectors, domains) and the same base models. Returns the checkpoint directory."""
     directory = resolve_checkpoint(path)
     config = read_model_config(directory)
-    previous = ModelSpec.model_validate(config["spec"])
+    previous = ModelSpec.model_validate(with_legacy_defaults(config["spec"]))
     for part in ("encoder", "connector", "extra_kinds"):
         if getattr(previous, part) != getattr(spec, part):
             raise CheckpointError(
@@ -257,6 +258,9 @@ def check_handoff(spec: ModelSpec, path: str | Path) -> Path:
     if previous.domain != spec.domain:  # legitimate at times (a cap raised, tiling added), never silently
         log.warning("init_from %s: media were decoded with domain %s there and %s here; the weights it carries learnt from "
                     "the former", directory, previous.domain.model_dump(), spec.domain.model_dump())
+    if previous.audio_tokens != spec.audio_tokens and any(kind.domain.name == "audio" for kind in spec.kinds()):
+        log.warning("init_from %s: its clips cost tokens %s, here %s (model.audio_tokens); the connector it carries "
+                    "learnt from the former", directory, previous.audio_tokens, spec.audio_tokens)
     check_bases(config, spec, directory, "init_from")
     return directory
 

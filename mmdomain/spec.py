@@ -86,6 +86,16 @@ class MediaKindSpec(_Strict):
     domain: DomainSpec = Field(default_factory=DomainSpec)
 
 
+# Fields added after checkpoints were first written, with the value that reproduces how those older runs behaved
+# (applied to a stored spec that lacks them, so loading or resuming an older run changes nothing).
+LEGACY_DEFAULTS: dict[str, Any] = {"audio_tokens": "padded"}
+
+
+def with_legacy_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A spec dict read from a checkpoint or run, completed with ``LEGACY_DEFAULTS`` where it predates a field."""
+    return {**LEGACY_DEFAULTS, **stored}
+
+
 class ModelSpec(_Strict):
     encoder: EncoderSpec
     connector: ConnectorSpec = Field(default_factory=ConnectorSpec)
@@ -96,6 +106,10 @@ class ModelSpec(_Strict):
     media_token: str = Field("<image>", description="the primary kind's marker in text")
     extra_kinds: list[MediaKindSpec] = Field(default_factory=list)
     max_length: int = 2048
+    audio_tokens: Literal["by_length", "padded"] = Field(
+        "by_length", description="by_length: a clip costs LLM tokens in proportion to its duration (for encoders whose tokens are "
+        "frames in time order and connectors that keep a prefix: linear, mlp, frame_stack); padded: every clip costs the "
+        "full window's tokens, as runs made before this option")
 
     @model_validator(mode="before")
     @classmethod
