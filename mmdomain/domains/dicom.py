@@ -1,8 +1,11 @@
-"""DICOM decoding (modality LUT to HU, VOI LUT/window, MONOCHROME1, palette colour, multi-frame) and the identity-free copy for shards.
+"""DICOM decoding (modality LUT to HU, VOI LUT/window, MONOCHROME1, palette colour, multi-frame) and the identity-free
+copy for shards. The display chain is pydicom's (apply_modality_lut, apply_voi_lut, apply_color_lut), fed the
+attributes of the chosen frame (``dicom_attributes.frame_view``: enhanced objects keep them in functional groups).
 
 Privacy: no DICOM header value is ever logged or written by mmdomain. Shards hold a DICOM rebuilt from an
-allow-list of pixel-describing attributes (plus ``phi_allow``), so names, IDs, dates, UIDs and private tags never
-reach them. Burned-in text inside the pixels is out of reach of any header rule and remains the data owner's concern.
+allow-list of pixel-describing attributes (``dicom_attributes``, plus ``phi_allow``), so names, IDs, dates, UIDs and
+private tags never reach them. Burned-in text inside the pixels is out of reach of any header rule and remains the
+data owner's concern.
 """
 from __future__ import annotations
 
