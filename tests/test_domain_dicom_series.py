@@ -141,3 +141,22 @@ def test_no_phi_reaches_the_series_shard(tmp_path):
         data = shard.read_bytes()
         for secret in secrets:
             assert secret not in data, f"{shard.name} holds {secret!r}"
+
+
+def test_series_file_window_and_stacked_windows(tmp_path):
+    """``window: [file, lung]`` on a series: channel 0 is the files' own 40/80 window (applied by pydicom), channel 1
+    the lung preset, for the slice the nifti options pick."""
+    from pydicom.uid import generate_uid
+
+    names = ["k.dcm", "l.dcm", "m.dcm"]
+    volume = write_series(tmp_path / "media" / "w", names, [0.0, 3.0, 6.0], series_uid=generate_uid())
+    for n in names:
+        ds = dcmread(tmp_path / "media" / "w" / n)
+        ds.WindowCenter, ds.WindowWidth = 40, 80
+        ds.save_as(tmp_path / "media" / "w" / n, enforce_file_format=True)
+    member, data = _shard_items(tmp_path, [{"id": "w", "image": "w"}])["w"]
+    (image,) = build_domain("medical", {"window": ["file", "lung"], "nifti": {"mode": "index", "index": 1}}).decode(member, data)
+    hu = np.round(volume[3.0])
+    assert image.shape == (64, 64, 2)
+    assert np.allclose(image[..., 0], _windowed(hu), atol=1e-5)
+    assert np.allclose(image[..., 1], np.clip((hu + 600.5) / 1499 + 0.5, 0, 1), atol=1e-5)

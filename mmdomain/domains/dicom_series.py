@@ -109,7 +109,7 @@ def decode_series(name: str, data: bytes, options: "MedicalOptions") -> list[np.
     for member, raw in parts:
         ds, pixels = _in_file(name, member, read_pixels, raw, options.max_pixels)
         views.append(frame_view(ds, 0))
-        slices.append(_in_file(name, member, modality_values, pixels, views[-1]))
+        slices.append(_in_file(name, member, modality_values, pixels, views[-1]).astype(np.float32))  # exact for HU; half of float64
     volume = np.stack(slices, axis=2)
     middle = views[len(views) // 2]
     per_window = []
@@ -118,7 +118,7 @@ def decode_series(name: str, data: bytes, options: "MedicalOptions") -> list[np.
         if shown is not None:
             per_window.append(slice_views(name, shown, options.nifti, [UNCHANGED], None))
         else:
-            per_window.append(slice_views(name, volume.astype(np.float32), options.nifti, [window], None))
+            per_window.append(slice_views(name, volume, options.nifti, [window], None))
     images = [channels[0] if len(channels) == 1 else np.stack(channels, axis=-1) for channels in zip(*per_window)]
     if middle.get("PhotometricInterpretation") == "MONOCHROME1":  # low values are bright: invert after windowing
         images = [1.0 - image for image in images]
