@@ -202,8 +202,8 @@ def test_functional_group_rescale_makes_the_enhanced_ct_finding_learnable(tmp_pa
     write_enhanced_ct_task(tmp_path, 1200, 200)
     llm = str(write_tiny_llm(tmp_path / "llm", WORDS, hidden=128, ffn=256))
     domain = {"name": "medical", "options": {"window": {"center": 40, "width": 40}}}
-    grouped = train_task(tmp_path / "enhanced", tmp_path / "media", tmp_path / "grouped", llm, domain=domain, channels=1, steps=250)
-    top_level = train_task(tmp_path / "enhanced", tmp_path / "media_top_level", tmp_path / "top_level", llm, domain=domain, channels=1, steps=250)
+    grouped = train_task(tmp_path / "enhanced", tmp_path / "media", tmp_path / "grouped", llm, domain=domain, channels=1, steps=150)
+    top_level = train_task(tmp_path / "enhanced", tmp_path / "media_top_level", tmp_path / "top_level", llm, domain=domain, channels=1, steps=150)
     print(f"enhanced CT quadrant task ({len(QUADRANTS)} choices): functional groups {grouped:.3f}, top level only {top_level:.3f}")
     assert grouped >= 0.9
     assert top_level <= 0.4
