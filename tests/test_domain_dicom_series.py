@@ -160,3 +160,14 @@ def test_series_file_window_and_stacked_windows(tmp_path):
     assert image.shape == (64, 64, 2)
     assert np.allclose(image[..., 0], _windowed(hu), atol=1e-5)
     assert np.allclose(image[..., 1], np.clip((hu + 600.5) / 1499 + 0.5, 0, 1), atol=1e-5)
+
+
+def test_slices_without_position_or_instance_number_are_refused(tmp_path):
+    from pydicom.uid import generate_uid
+
+    write_series(tmp_path / "media" / "bare", ["g.dcm", "h.dcm"], [0.0, 1.0], series_uid=generate_uid(), geometry=False)
+    ds = dcmread(tmp_path / "media" / "bare" / "h.dcm")
+    del ds.InstanceNumber
+    ds.save_as(tmp_path / "media" / "bare" / "h.dcm", enforce_file_format=True)
+    with pytest.raises(ShardError, match=r"cannot be ordered: file 'bare/g.dcm' lacks ImagePositionPatient.*file 'bare/h.dcm' lacks InstanceNumber"):
+        _shard_items(tmp_path, [{"id": "b", "image": "bare"}])

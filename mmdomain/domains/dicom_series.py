@@ -77,9 +77,10 @@ def slice_order(name: str, heads: list[tuple[str, Any]]) -> list[int]:
         keys = [float(ds.InstanceNumber) for _, ds in heads]
         what = "instance number"
     else:
-        missing = next(m for m, ds in heads if "ImagePositionPatient" not in ds or ds.get("InstanceNumber") is None)
-        raise DecodeError(f"member {name!r}: file {missing!r} has neither ImagePositionPatient with ImageOrientationPatient nor "
-                          "InstanceNumber, so the slices cannot be ordered")
+        no_position = next(m for m, ds in heads if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds)
+        no_number = next(m for m, ds in heads if ds.get("InstanceNumber") is None)
+        raise DecodeError(f"member {name!r}: the slices cannot be ordered: file {no_position!r} lacks ImagePositionPatient or "
+                          f"ImageOrientationPatient, and file {no_number!r} lacks InstanceNumber")
     order = sorted(range(len(heads)), key=lambda i: keys[i])
     for a, b in zip(order, order[1:]):
         if keys[b] - keys[a] < SAME_POSITION_MM:
