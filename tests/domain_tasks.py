@@ -67,6 +67,56 @@ def write_dicom(path: Path, hu: np.ndarray, *, monochrome1: bool, intercept: flo
     ds.save_as(path, enforce_file_format=True)
 
 
+def write_enhanced_ct(path: Path, hu_frames: list[np.ndarray], *, rescales: list[tuple[float, float]] | None = None,
+                      shared_rescale: tuple[float, float] | None = None, window: tuple[float, float] | None = None,
+                      patient: str = "Anon^Synthetic") -> None:
+    """An Enhanced CT Image Storage multi-frame file whose rescale (intercept, slope) lives only in the functional
+    groups: one per frame in ``rescales`` (per-frame groups), or ``shared_rescale`` for all. ``window`` (center,
+    width) goes into the shared Frame VOI LUT group. Each frame also carries a Frame Content item with an acquisition
+    datetime and a private tag, as scanners write them, which must not reach shards."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    def group(**values: object) -> Dataset:
+        item = Dataset()
+        for keyword, value in values.items():
+            setattr(item, keyword, value)
+        return item
+
+    per_frame_rescale = rescales or [shared_rescale] * len(hu_frames)
+    stored = [np.round((hu - intercept) / slope) for hu, (intercept, slope) in zip(hu_frames, per_frame_rescale)]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.StudyDate, ds.AcquisitionDateTime = patient, "SYN-" + path.stem, "20240101", "20240101120000"
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = hu_frames[0].shape
+    ds.NumberOfFrames = len(hu_frames)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    shared = group(PixelMeasuresSequence=[group(PixelSpacing=[0.7, 0.7], SliceThickness=1.0)],
+                   PlaneOrientationSequence=[group(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])])
+    if shared_rescale is not None:
+        shared.PixelValueTransformationSequence = [group(RescaleIntercept=shared_rescale[0], RescaleSlope=shared_rescale[1], RescaleType="HU")]
+    if window is not None:
+        shared.FrameVOILUTSequence = [group(WindowCenter=window[0], WindowWidth=window[1], WindowCenterWidthExplanation="Doe^Jane's window")]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for i in range(len(hu_frames)):
+        item = group(FrameContentSequence=[group(FrameAcquisitionDateTime="20240101120000", FrameReferenceDateTime="20240101120000")],
+                     PlanePositionSequence=[group(ImagePositionPatient=[0.0, 0.0, float(i)])])
+        if rescales is not None:
+            item.PixelValueTransformationSequence = [group(RescaleIntercept=rescales[i][0], RescaleSlope=rescales[i][1], RescaleType="HU")]
+        item.private_block(0x0099, "SYNTHETIC", create=True).add_new(0x10, "LO", "SYN-private")  # a private tag inside a frame item
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = np.stack(stored).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
 def naive_png(dicom_path: Path, png_path: Path) -> None:
     """What generic pipelines do: the raw stored array, min-max scaled to 8 bits, no LUT, no photometric."""
     from pydicom import dcmread
@@ -94,6 +144,30 @@ def write_ct_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
         for kind, rows in (("dicom", rows_dicom), ("naive", rows_png)):
             (root / kind).mkdir(parents=True, exist_ok=True)
             (root / kind / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_enhanced_ct_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """``root/enhanced/{train,test}.jsonl`` over ``root/media`` (Enhanced CT, 3 frames, the labelled finding in the
+    middle frame, each frame's rescale only in its per-frame functional group, stored values offset by 2048-3000)
+    and ``root/media_top_level`` (the same files without functional groups: what a top-level-only reader sees)."""
+    from pydicom import dcmread
+
+    rng = np.random.default_rng(seed)
+    for folder in ("media", "media_top_level", "enhanced"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i in range(n):
+            quadrants = [int(q) for q in rng.integers(4, size=3)]
+            name = f"{split}-{i:05d}.dcm"
+            rescales = [(float(rng.choice([-3000.0, -2048.0])), 1.0) for _ in quadrants]
+            write_enhanced_ct(root / "media" / name, [ct_slice(rng, q) for q in quadrants], rescales=rescales)
+            ds = dcmread(root / "media" / name)
+            del ds.PerFrameFunctionalGroupsSequence, ds.SharedFunctionalGroupsSequence
+            ds.save_as(root / "media_top_level" / name, enforce_file_format=True)
+            rows.append({"id": name[:-4], "image": name, "question": "where is the finding ?", "answer": QUADRANTS[quadrants[1]],
+                         "choices": QUADRANTS})
+        (root / "enhanced" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def multiband_tile(rng: np.random.Generator, cover: int) -> np.ndarray:
