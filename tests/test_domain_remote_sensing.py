@@ -114,3 +114,48 @@ def test_non_rgb_bands_make_land_cover_learnable(tmp_path):
     print(f"6-band land cover ({len(COVERS)} classes): remote-sensing adapter {adapted:.3f}, naive RGB path {naive:.3f}")
     assert adapted >= 0.9
     assert naive <= 0.4
+
+
+def test_a_run_computes_missing_statistics_and_refuses_stale_ones(tmp_path, tiny_llm_dir, caplog):
+    import logging
+
+    from mmdomain.band_stats import BandStatsError
+    from mmdomain.cli import main
+    from mmdomain.recipe import load_recipe
+    from mmdomain.train import train
+
+    write_multiband_task(tmp_path, 6, 2)
+    stats_path = tmp_path / "shards" / "stats.json"
+    recipe = {"model": {"encoder": {"name": "tiny-vit", "options": {"channels": 6}}, "llm": {"path": tiny_llm_dir},
+                        "domain": {"name": "remote_sensing", "options": {"bands": ["B02", "B03", "B04", "B08", "B11", "B12"],
+                                                                         "stats": str(stats_path)}}},
+              "data": {"train": str(tmp_path / "shards" / "train-*.tar")}, "optim": {"max_steps": 1}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    shard_args = ["-q", "make-shards", "--jsonl", str(tmp_path / "tif" / "train.jsonl"), "--media", str(tmp_path / "media"),
+                  "--out", str(tmp_path / "shards"), "--recipe", str(tmp_path / "r.yaml")]
+    assert main(shard_args) == 0
+    with caplog.at_level(logging.INFO, logger="mmdomain.band_stats"):
+        train(load_recipe(tmp_path / "r.yaml"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmdomain.band_stats"]
+    assert len(lines) == 1 and "did not exist; computed from 6 files" in lines[0]
+    written = json.loads(stats_path.read_text())
+    files = sorted((tmp_path / "media").glob("train-*.tif"))
+    expected = band_statistics(build_domain("remote_sensing", {}), ((f.name, f.read_bytes()) for f in files))
+    assert np.allclose(written["mean"], expected["mean"]) and written["shards"][0][0] == "train-000000.tar"
+    assert not list(stats_path.parent.glob(".*.tmp"))  # written under a temporary name, then renamed
+
+    # The shards change (other tiles, same shapes and sizes): the recorded statistics no longer describe them.
+    write_multiband_task(tmp_path, 6, 2, seed=1)
+    stamp = stats_path.stat().st_mtime
+    import os
+
+    assert main([*shard_args, "--overwrite"]) == 0
+    os.utime(tmp_path / "shards" / "train-000000.tar", (stamp + 5, stamp + 5))  # the same second on a fast machine
+    with pytest.raises(BandStatsError, match=r"stats.json was computed from 1 training shards that have changed since .*"
+                                             r"differing: train-000000.tar.*mmdomain data stats"):
+        train(load_recipe(tmp_path / "r.yaml", ["overwrite=true"]))
+    # Other bands than the statistics were made for: refused too.
+    with pytest.raises(BandStatsError, match="computed for the band options"):
+        train(load_recipe(tmp_path / "r.yaml", ["overwrite=true", "model.domain.options.bands=[B04,B03,B02,B08,B11,B12]"]))
+    assert main(["-q", "data", "stats", str(tmp_path / "r.yaml"), "--out", str(stats_path)]) == 0
+    assert train(load_recipe(tmp_path / "r.yaml", ["overwrite=true"]))["steps"] == 1

@@ -51,7 +51,8 @@ class RemoteSensingOptions(BaseModel):
     bands: list[int | str] | None = Field(None, description="bands to keep, by 0-based index or name; default all")
     band_names: list[str] | None = Field(None, description="names of the file's bands in order; default the GeoTIFF's band descriptions")
     mode: Literal["bands", "composite"] = "bands"
-    stats: BandStats | str | None = Field(None, description="per selected band mean/std, or the JSON written by `mmdomain data stats`")
+    stats: BandStats | str | None = Field(None, description="per selected band mean/std, or the JSON written by `mmdomain data stats` "
+                                                            "(a run computes a missing file from its training shards)")
     nodata: float | None = Field(None, description="nodata value; default the file's GDAL_NODATA tag")
     gsd: float | None = Field(None, gt=0, description="ground sampling distance of the files (m/pixel)")
     target_gsd: float | None = Field(None, gt=0, description="resample to this GSD before tiling (needs gsd)")
@@ -71,7 +72,8 @@ class RemoteSensingOptions(BaseModel):
         if isinstance(self.stats, str):
             path = Path(self.stats).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"band statistics {str(path)!r} do not exist; write them with `mmdomain data stats RECIPE --out {path}`")
+                raise FileNotFoundError(f"band statistics {str(path)!r} do not exist; write them with `mmdomain data stats RECIPE --out {path}` "
+                                        "(a training run computes them itself when they are missing)")
             data = json.loads(path.read_text())
             return BandStats(mean=data["mean"], std=data["std"])
         return self.stats
