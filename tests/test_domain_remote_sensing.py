@@ -159,3 +159,37 @@ def test_a_run_computes_missing_statistics_and_refuses_stale_ones(tmp_path, tiny
         train(load_recipe(tmp_path / "r.yaml", ["overwrite=true", "model.domain.options.bands=[B04,B03,B02,B08,B11,B12]"]))
     assert main(["-q", "data", "stats", str(tmp_path / "r.yaml"), "--out", str(stats_path)]) == 0
     assert train(load_recipe(tmp_path / "r.yaml", ["overwrite=true"]))["steps"] == 1
+
+
+def test_acquisitions_are_put_in_date_order_with_their_dates_in_the_prompt(tmp_path):
+    import tarfile
+
+    from mmdomain.shards import ShardError, make_shards
+
+    media = tmp_path / "media"
+    media.mkdir()
+    rng = np.random.default_rng(0)
+    for name, cover in (("late.tif", 0), ("early.tif", 2), ("mid.tif", 1)):
+        write_geotiff(media / name, multiband_tile(rng, cover))
+    rows = [{"id": "place", "media": ["late.tif", "early.tif", "mid.tif"], "dates": ["2022-06-01", "2021-05-01", "2021-11-30T10:00:00Z"],
+             "question": "did the cover change ?", "answer": "yes"},
+            {"id": "marked", "media": ["late.tif", "early.tif"], "dates": ["2022-06-01", "2021-05-01"],
+             "conversations": [{"role": "user", "content": "compare <image> with <image> : did it change ?"}, {"role": "assistant", "content": "no"}]}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_shards(tmp_path / "s.jsonl", media, tmp_path / "shards", domain=build_domain("remote_sensing", {}))
+    with tarfile.open(tmp_path / "shards" / "train-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    sample = json.loads(members["place.json"])
+    assert sample["conversations"][0]["content"] == ("<image> (2021-05-01) <image> (2021-11-30T10:00:00Z) <image> (2022-06-01) "
+                                                     "did the cover change ?")
+    assert sample["dates"] == ["2021-05-01", "2021-11-30T10:00:00Z", "2022-06-01"]
+    assert [members[f"place.{i}.tif"] for i in range(3)] == [(media / n).read_bytes() for n in ("early.tif", "mid.tif", "late.tif")]
+    marked = json.loads(members["marked.json"])
+    assert marked["conversations"][0]["content"] == "compare <image> (2021-05-01) with <image> (2022-06-01) : did it change ?"
+    assert members["marked.0.tif"] == (media / "early.tif").read_bytes()
+
+    for dates, message in ((["2022-06-01", "last spring"], r"s.jsonl:1: dates\[1\] 'last spring' is not an ISO date"),
+                           (["2022-06-01"], r"s.jsonl:1: 1 dates for 2 media items")):
+        (tmp_path / "s.jsonl").write_text(json.dumps({**rows[0], "media": ["late.tif", "early.tif"], "dates": dates}) + "\n")
+        with pytest.raises(ShardError, match=message):
+            make_shards(tmp_path / "s.jsonl", media, tmp_path / "bad", domain=build_domain("remote_sensing", {}), overwrite=True)
