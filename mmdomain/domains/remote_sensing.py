@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .base import PIXELS_FIX, DecodeError, guarded, media_type
 from .generic import GenericDomain, GenericOptions
+from .sar import UNIT_WINDOW_DB, RobustAccumulator, linear_to_db, median_filter
 
 _ITEM = re.compile(r'<Item name="DESCRIPTION" sample="(\d+)"[^>]*>([^<]*)</Item>')
 
@@ -54,6 +55,12 @@ class RemoteSensingOptions(BaseModel):
     stats: BandStats | str | None = Field(None, description="per selected band mean/std, or the JSON written by `mmdomain data stats` "
                                                             "(a run computes a missing file from its training shards)")
     nodata: float | None = Field(None, description="nodata value; default the file's GDAL_NODATA tag")
+    band_kinds: list[Literal["optical", "sar_linear", "sar_db"]] | None = Field(
+        None, description="per selected band: optical (as stored), sar_linear (backscatter in linear power, turned into dB) or "
+                          "sar_db (already dB); SAR bands get robust statistics (median, 1.4826 MAD) in dB; default all optical")
+    sar_floor_db: float = Field(-50.0, description="linear SAR power at or below 10^(floor/10) (zeros included) becomes this dB value")
+    speckle_filter: int | None = Field(None, ge=3, le=15, description="odd k: a k x k median filter on SAR bands (in dB) before "
+                                                                     "statistics and standardisation; default none")
     gsd: float | None = Field(None, gt=0, description="ground sampling distance of the files (m/pixel)")
     target_gsd: float | None = Field(None, gt=0, description="resample to this GSD before tiling (needs gsd)")
     tile: Tiling | None = None
@@ -64,6 +71,10 @@ class RemoteSensingOptions(BaseModel):
     def _consistent(self) -> "RemoteSensingOptions":
         if self.mode == "composite" and (self.bands is None or len(self.bands) != 3):
             raise ValueError("mode: composite needs exactly three bands, e.g. bands: [3, 2, 1] (red, green, blue)")
+        if self.band_kinds is not None and self.bands is not None and len(self.band_kinds) != len(self.bands):
+            raise ValueError(f"band_kinds names {len(self.band_kinds)} kinds for {len(self.bands)} bands; give one per selected band")
+        if self.speckle_filter is not None and self.speckle_filter % 2 == 0:
+            raise ValueError(f"speckle_filter must be odd (a window centred on its pixel), got {self.speckle_filter}")
         if self.target_gsd is not None and self.gsd is None:
             raise ValueError("target_gsd needs gsd (the files' ground sampling distance)")
         return self
@@ -105,6 +116,9 @@ class RemoteSensingDomain:
             image[~valid] = 0.0  # nodata sits at the band mean
         else:
             image = bands / _dtype_scale(self._dtype)
+            low, high = UNIT_WINDOW_DB
+            for c in self.sar_bands(bands.shape[-1]):  # dB is no fraction of a dtype's range: a fixed window instead
+                image[..., c] = np.clip((bands[..., c] - low) / (high - low), 0, 1)
             image[~valid] = 0.0
         return self._tiles(self._resample(image.astype(np.float32)))
 
@@ -132,7 +146,25 @@ class RemoteSensingDomain:
         nodata = self.options.nodata if self.options.nodata is not None else _nodata(tags.get(42113))
         valid = np.ones(bands.shape, bool) if nodata is None else ~np.isclose(bands, nodata)
         valid &= np.isfinite(bands)
-        return bands, valid
+        return self._sar_to_db(name, bands, valid), valid
+
+    def sar_bands(self, count: int) -> list[int]:
+        """Positions of the SAR bands among ``count`` selected bands."""
+        kinds = self.options.band_kinds or []
+        return [c for c, kind in enumerate(kinds[:count]) if kind.startswith("sar")]
+
+    def _sar_to_db(self, name: str, bands: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        kinds = self.options.band_kinds
+        if kinds is None:
+            return bands
+        if len(kinds) != bands.shape[-1]:
+            raise DecodeError(f"member {name!r}: band_kinds gives {len(kinds)} kinds for {bands.shape[-1]} bands; give one per selected band")
+        for c, kind in enumerate(kinds):
+            if kind == "sar_linear":
+                bands[..., c] = linear_to_db(bands[..., c], valid[..., c], self.options.sar_floor_db)
+            if kind != "optical" and self.options.speckle_filter:
+                bands[..., c] = median_filter(bands[..., c], valid[..., c], self.options.speckle_filter)
+        return bands
 
     def _band_index(self, name: str, names: list[str] | None, count: int) -> list[int]:
         if self.options.bands is None:
@@ -214,18 +246,23 @@ def _nodata(tag: object) -> float | None:
 
 
 def band_statistics(domain: RemoteSensingDomain, members: Iterable[tuple[str, bytes]]) -> dict:
-    """Per selected band mean/std over valid pixels of many files (Chan's parallel update: one pass, stable)."""
+    """Per selected band mean/std over valid pixels of many files (Chan's parallel update: one pass, stable); SAR bands
+    (``band_kinds``) get the median and 1.4826 MAD of their dB values instead, which speckle's outliers hardly move."""
     count = mean = m2 = None
+    robust: dict[int, RobustAccumulator] = {}
     files = 0
     for name, data in members:
         if media_type(name) not in ("tif", "tiff"):
             continue
         bands, valid = domain.read_bands(name, data)
         files += 1
+        if count is None:
+            count, mean, m2 = np.zeros(bands.shape[-1]), np.zeros(bands.shape[-1]), np.zeros(bands.shape[-1])
+            robust = {c: RobustAccumulator() for c in domain.sar_bands(bands.shape[-1])}
         for c in range(bands.shape[-1]):
             values = bands[..., c][valid[..., c]].astype(np.float64)
-            if count is None:
-                count, mean, m2 = np.zeros(bands.shape[-1]), np.zeros(bands.shape[-1]), np.zeros(bands.shape[-1])
+            if c in robust:
+                robust[c].add(values)
             n_b = values.size
             if not n_b:
                 continue
@@ -237,5 +274,9 @@ def band_statistics(domain: RemoteSensingDomain, members: Iterable[tuple[str, by
     if not files:
         raise DecodeError("no TIFF media found to compute band statistics from")
     std = np.sqrt(m2 / np.maximum(count - 1, 1))
+    for c, accumulator in robust.items():
+        if accumulator.total:
+            mean[c], std[c] = accumulator.median_and_std()
     return {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist(), "pixels": count.astype(int).tolist(), "files": files,
-            "bands": domain.options.bands, "nodata": domain.options.nodata}
+            "bands": domain.options.bands, "nodata": domain.options.nodata,
+            "units": ["dB (median, 1.4826 MAD)" if c in robust else "file" for c in range(len(mean))]}
