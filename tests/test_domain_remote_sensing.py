@@ -206,12 +206,12 @@ def test_dated_acquisitions_make_the_flood_date_learnable(tmp_path):
     from mmdomain.tiny_models import write_tiny_llm
 
     started = time.perf_counter()
-    write_flood_task(tmp_path, 400, 100)
+    write_flood_task(tmp_path, 320, 100)
     llm = str(write_tiny_llm(tmp_path / "llm", FLOOD_WORDS, hidden=128, ffn=256))
-    common = dict(llm_dir=llm, channels=6, steps=120, patch_size=16)
+    common = dict(llm_dir=llm, channels=6, steps=100, patch_size=16)
     dated = train_task(tmp_path / "dated", tmp_path / "media", tmp_path / "with_dates", **common,
                        domain={"name": "remote_sensing", "options": {"stats": str(tmp_path / "with_dates" / "stats.json")}})
-    assert json.loads((tmp_path / "with_dates" / "stats.json").read_text())["files"] == 800
+    assert json.loads((tmp_path / "with_dates" / "stats.json").read_text())["files"] == 640
     undated = train_task(tmp_path / "undated", tmp_path / "media", tmp_path / "without_dates", **common,
                          domain={"name": "remote_sensing", "options": {"stats": str(tmp_path / "without_dates" / "stats.json")}})
     print(f"flood date (2 choices): dated, ordered {dated:.3f}; undated set {undated:.3f}; {time.perf_counter() - started:.0f} s")
@@ -267,3 +267,57 @@ def test_sar_linear_power_decodes_to_db_and_gets_robust_statistics_in_db(tmp_pat
     assert np.allclose(db[8, 8, 0], -10.0) and np.allclose(db[2:5, 2:5, 0][valid[2:5, 2:5, 0]], -10.0)
     with pytest.raises(ValueError, match="band_kinds names 1 kinds for 2 bands"):
         build_domain("remote_sensing", {"bands": ["VV", "VH"], "band_kinds": ["sar_linear"]})
+
+
+def test_a_sentinel2_band_set_at_10_20_60_m_decodes_onto_the_10_m_grid(tmp_path):
+    import random
+    import tarfile
+
+    import tifffile
+
+    from mmdomain.domains.sentinel2 import S2_ORDER
+    from mmdomain.shards import make_shards
+
+    resolution = {"B02": 10, "B03": 10, "B04": 10, "B08": 10, "B05": 20, "B06": 20, "B07": 20, "B8A": 20, "B11": 20, "B12": 20,
+                  "B01": 60, "B09": 60, "B10": 60}
+    folder = tmp_path / "media" / "S2A_T32TQM_20210501"
+    folder.mkdir(parents=True)
+    files = []
+    for k, band in enumerate(S2_ORDER):
+        side = 600 // resolution[band]  # 60, 30 or 10 pixels: the same 600 m square
+        values = np.full((side, side), 1000 + 100 * k, np.uint16)
+        if band == "B11":
+            values[3, 3] = 0  # nodata at 20 m: the 2 x 2 pixels it covers at 10 m, and nothing around them
+        if band == "B01":
+            values[:] = 1000 + 10 * np.arange(side)  # a ramp along x: bilinear resampling reproduces it exactly inside
+        files.append(f"T32TQM_20210501T101031_{band}_{resolution[band]}m.tif")
+        tifffile.imwrite(folder / files[-1], values, extratags=[(42113, "s", 0, "0", True)])
+    scl = np.where(np.add.outer(np.arange(30), np.arange(30)) % 2 == 0, 4, 6).astype(np.uint8)  # classes: vegetation / water
+    tifffile.imwrite(folder / "T32TQM_20210501T101031_SCL_20m.tif", scl)
+    files.append("T32TQM_20210501T101031_SCL_20m.tif")
+    random.Random(0).shuffle(files)  # stored in any order: the band names decide
+    row = {"id": "tile", "media": [[f"S2A_T32TQM_20210501/{f}" for f in files]], "question": "what land cover is this ?", "answer": "crop"}
+    (tmp_path / "s.jsonl").write_text(json.dumps(row) + "\n")
+    make_shards(tmp_path / "s.jsonl", tmp_path / "media", tmp_path / "shards", domain=build_domain("remote_sensing", {}))
+    with tarfile.open(tmp_path / "shards" / "train-000000.tar") as tar:
+        data = tar.extractfile("tile.0.tif.tar").read()
+
+    domain = build_domain("remote_sensing", {"bands": S2_ORDER})
+    bands, valid = domain.read_bands("0.tif.tar", data)
+    assert bands.shape == (60, 60, 13)
+    for k, band in enumerate(S2_ORDER):
+        if band not in ("B01", "B11"):
+            assert np.allclose(bands[..., k], 1000 + 100 * k, atol=1e-3), band
+    b11 = S2_ORDER.index("B11")
+    assert not valid[6:8, 6:8, b11].any() and valid[..., b11].sum() == 3600 - 4
+    assert np.allclose(bands[..., b11][valid[..., b11]], 1000 + 100 * b11, atol=1e-3)  # nodata did not blend into its neighbours
+    x = np.arange(60)
+    inside = (x >= 3) & (x < 57)  # source coordinate (x + 0.5) / 6 - 0.5 within the 10 source pixels
+    assert np.allclose(bands[0, inside, 0], 1000 + 10 * ((x[inside] + 0.5) / 6 - 0.5), atol=1e-3)
+
+    everything, _ = build_domain("remote_sensing", {}).read_bands("0.tif.tar", data)
+    assert everything.shape == (60, 60, 14)  # the 13 bands in Sentinel-2 order, then SCL
+    scl_up = everything[..., 13]
+    assert set(np.unique(scl_up)) == {4.0, 6.0} and np.array_equal(scl_up[::2, ::2], scl)  # nearest: no blended class
+    (image,) = domain.decode("0.tif.tar", data)
+    assert image.shape == (60, 60, 13) and np.isclose(image[30, 30, 1], 1100 / 65535)

@@ -20,8 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .base import PIXELS_FIX, DecodeError, guarded, media_type
 from .generic import GenericDomain, GenericOptions
+from .bundle import is_bundle
+from .sentinel2 import read_band_set
 from .sar import UNIT_WINDOW_DB, RobustAccumulator, linear_to_db, median_filter
 
+# A GeoTIFF, or a band set of single-band GeoTIFFs (sentinel2.py) stored as one bundle.
+TIFF_TYPES = ("tif", "tiff", "tif.tar", "tiff.tar")
 _ITEM = re.compile(r'<Item name="DESCRIPTION" sample="(\d+)"[^>]*>([^<]*)</Item>')
 
 
@@ -64,6 +68,8 @@ class RemoteSensingOptions(BaseModel):
     gsd: float | None = Field(None, gt=0, description="ground sampling distance of the files (m/pixel)")
     target_gsd: float | None = Field(None, gt=0, description="resample to this GSD before tiling (needs gsd)")
     tile: Tiling | None = None
+    nearest_bands: list[str] = Field(["SCL"], description="band set (tif.tar) bands resampled by nearest neighbour, not "
+                                                          "bilinear: class maps such as Sentinel-2's scene classification")
     max_pixels: int = Field(1 << 28, ge=1, description="TIFF height x width x bands, or PNG/JPEG/WebP/BMP width x height x "
                                                        "frames (.npy: elements), allowed; checked from the header before reading")
 
@@ -101,10 +107,10 @@ class RemoteSensingDomain:
         self.output = "standardized" if (options.mode == "bands" and self.stats is not None) else "unit"
 
     def media_types(self) -> list[str]:
-        return sorted({"tif", "tiff", *self.generic.media_types()})
+        return sorted({*TIFF_TYPES, *self.generic.media_types()})
 
     def decode(self, name: str, data: bytes) -> list[np.ndarray]:
-        if media_type(name) not in ("tif", "tiff"):
+        if media_type(name) not in TIFF_TYPES:
             return self.generic.decode(name, data)
         bands, valid = self.read_bands(name, data)
         if self.options.mode == "composite":
@@ -123,7 +129,20 @@ class RemoteSensingDomain:
         return self._tiles(self._resample(image.astype(np.float32)))
 
     def read_bands(self, name: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-        """Selected bands ``[H, W, C]`` as float32 in the file's units, and the mask of valid (not nodata) pixels."""
+        """Selected bands ``[H, W, C]`` as float32 in the file's units (dB for SAR), and the mask of valid (not nodata)
+        pixels. A band set (``tif.tar``: one file per band, any resolutions) comes resampled onto its finest grid."""
+        if is_bundle(media_type(name)):
+            array, valid, names, self._dtype = read_band_set(name, data, self._read_file, self.options.nearest_bands,
+                                                                  self.options.max_pixels)
+        else:
+            array, valid, names, self._dtype = self._read_file(name, data)
+        names = self.options.band_names or names
+        index = self._band_index(name, names, array.shape[-1])
+        bands, valid = array[..., index], valid[..., index]
+        return self._sar_to_db(name, bands, valid), valid
+
+    def _read_file(self, name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, list[str] | None, np.dtype]:
+        """One GeoTIFF: all bands ``[H, W, C]`` float32, valid mask, band descriptions, stored dtype."""
         import tifffile
 
         with guarded(name, lambda d: tifffile.TiffFile(io.BytesIO(d)), data) as tif:
@@ -134,19 +153,17 @@ class RemoteSensingDomain:
             tags = {t.code: t.value for t in page.tags.values()}
             array = guarded(name, lambda s: s.asarray(), series)
             axes = series.axes
-        self._dtype = array.dtype
         band_axis = next((axes.index(a) for a in "SCQI" if a in axes), None)
         if array.ndim == 2:
             array = array[..., None]
         elif band_axis is not None:
             array = np.moveaxis(array, band_axis, -1)
-        names = self.options.band_names or _band_descriptions(tags.get(42112), array.shape[-1])
-        index = self._band_index(name, names, array.shape[-1])
-        bands = array[..., index].astype(np.float32)
+        dtype = array.dtype
+        array = array.astype(np.float32)
         nodata = self.options.nodata if self.options.nodata is not None else _nodata(tags.get(42113))
-        valid = np.ones(bands.shape, bool) if nodata is None else ~np.isclose(bands, nodata)
-        valid &= np.isfinite(bands)
-        return self._sar_to_db(name, bands, valid), valid
+        valid = np.ones(array.shape, bool) if nodata is None else ~np.isclose(array, nodata)
+        valid &= np.isfinite(array)
+        return array, valid, _band_descriptions(tags.get(42112), array.shape[-1]), dtype
 
     def sar_bands(self, count: int) -> list[int]:
         """Positions of the SAR bands among ``count`` selected bands."""
@@ -221,7 +238,7 @@ class RemoteSensingDomain:
         return tiles
 
     def prepare_for_shard(self, name: str, data: bytes) -> bytes:
-        if media_type(name) in ("tif", "tiff"):
+        if media_type(name) in TIFF_TYPES:
             self.read_bands(name, data)  # fail at make-shards time, not mid-training
             return data
         return self.generic.prepare_for_shard(name, data)
@@ -252,7 +269,7 @@ def band_statistics(domain: RemoteSensingDomain, members: Iterable[tuple[str, by
     robust: dict[int, RobustAccumulator] = {}
     files = 0
     for name, data in members:
-        if media_type(name) not in ("tif", "tiff"):
+        if media_type(name) not in TIFF_TYPES:
             continue
         bands, valid = domain.read_bands(name, data)
         files += 1
