@@ -6,6 +6,9 @@ Two ways to feed more than three bands to an encoder:
   repeats the pretrained RGB kernel over the C channels and rescales it by 3/C, so pretrained weights stay useful);
 - ``mode: composite`` maps three chosen bands to RGB (each stretched over mean +- 2 std, or its 2-98 percentiles)
   for an unchanged RGB encoder.
+SAR bands (``band_kinds``) are read in dB with robust statistics (sar.py); a band set of single-band files at mixed
+resolutions (``tif.tar``, e.g. a Sentinel-2 product) is resampled onto its finest grid (sentinel2.py). Statistics of
+the selected bands are computed from the shards (``band_statistics``; ../band_stats.py for recipes and runs).
 """
 from __future__ import annotations
 
