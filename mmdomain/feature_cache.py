@@ -82,9 +82,8 @@ def check_cacheable(recipe: Any) -> None:
 
 def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
     """Write ``{out_dir}/train-*.tar`` (and ``eval-*.tar`` when the recipe has eval shards) plus feature_cache.json."""
-    from .shards import ShardWriter, write_manifest
-
     from .band_stats import ensure_band_stats
+    from .shards import ShardWriter, write_manifest
 
     check_cacheable(recipe)
     ensure_band_stats(recipe)
