@@ -82,9 +82,11 @@ def check_cacheable(recipe: Any) -> None:
 
 def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
     """Write ``{out_dir}/train-*.tar`` (and ``eval-*.tar`` when the recipe has eval shards) plus feature_cache.json."""
+    from .band_stats import ensure_band_stats
     from .shards import ShardWriter, write_manifest
 
     check_cacheable(recipe)
+    ensure_band_stats(recipe)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META).unlink(missing_ok=True)  # shards are about to change: an interrupted rebuild must not look complete

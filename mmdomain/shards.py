@@ -6,6 +6,8 @@ Accepted JSONL lines (one sample each):
 - ``{"image": "a.png", "question": "...", "answer": "...", "choices": [...]?}``;
 - ``{"image": "a.png", "caption": "..."}`` (the user turn is ``<image> {caption_prompt}``).
 Optional fields kept for evaluation: ``id`` (the sample key), ``choices``, ``answer_type`` (closed/open).
+``dates`` (one ISO date per media item: acquisitions of one place) puts the media in date order and writes each
+marker as ``<image> (2021-05-01)``.
 
 A media entry may also be a list of files or a folder: one item made of several files (a DICOM series, a band set),
 stored as one bundle member ``{key}.{i}.{ext}.tar`` where the domain takes that type (``domains/bundle.py``).
@@ -26,6 +28,7 @@ import tarfile
 from pathlib import Path, PurePath
 from typing import Any, Iterable
 
+from .acquisition_dates import mark_with_dates, order_by_dates
 from .domains import MARKER_LIKE, DecodeError, Domain, build_domain, media_type
 from .domains.bundle import bundle_type, is_bundle, pack_bundle
 from .errors import MmdomainError
@@ -66,6 +69,12 @@ def normalise_record(record: dict[str, Any], where: str, media_token: str = "<im
         raise ShardError(f"{where}: no assistant turn to learn from")
     known = (media_token, *other_tokens)
     markers = sum(t["content"].count(token) for t in turns for token in known)
+    dates = None
+    if "dates" in record:  # acquisitions of one place: media in date order, each marker followed by its date
+        try:
+            media, dates = order_by_dates(media, record["dates"])
+        except ValueError as exc:
+            raise ShardError(f"{where}: {exc}") from None
     # Media without a marker of ours, while a user turn holds one of another kind (``<audio>`` while sharding for
     # ``<image>``): prepending ours would give "<image> <audio> ...", trained on without a word. Elsewhere such words
     # are plain text (an answer about the HTML <video> element, a caption), and a sample whose markers fit is fine.
@@ -82,6 +91,9 @@ def normalise_record(record: dict[str, Any], where: str, media_token: str = "<im
     elif markers != len(media):
         raise ShardError(f"{where}: {markers} {' / '.join(repr(t) for t in (media_token, *other_tokens))} markers but {len(media)} media files; they must match one to one")
     out: dict[str, Any] = {"conversations": turns, "media": media}
+    if dates is not None:
+        mark_with_dates(turns, re.compile("|".join(re.escape(t) for t in sorted(known, key=len, reverse=True))), dates)
+        out["dates"] = dates
     if "choices" in record:
         choices = [str(c) for c in record["choices"]]
         answer = turns[-1]["content"]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .band_stats import ensure_band_stats
 from .builder import base_identities, build_model, check_handoff, load_handoff, load_weights, write_model
 from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, read_marker, step_directory
 from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards
@@ -83,6 +84,7 @@ def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
     problems = input_problems(recipe)
     if problems:
         raise RecipeError("the run cannot start:\n  " + "\n  ".join(problems))
+    ensure_band_stats(recipe)  # a missing stats: file is computed from the training shards, a stale one refused
     run = open_run(recipe)
     try:
         return _train(recipe, run.run_dir, run.resume_from, accept_changes, started)

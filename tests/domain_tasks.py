@@ -214,7 +214,42 @@ def write_multiband_task(root: Path, n_train: int, n_test: int, seed: int = 0) -
             (root / kind / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain: dict, channels: int, steps: int = 300) -> float:
+FLOOD_WORDS = "which acquisition shows the flood ? earlier later".split()
+
+
+def write_flood_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """Two acquisitions of one place, one flooded (water: low NIR and SWIR) and one dry (forest, crop or urban): "which
+    acquisition shows the flood ?" -> earlier / later. Each JSONL line lists the two files in a random order;
+    ``root/dated`` gives their dates, ``root/undated`` does not (the naive path: a set of images, time unknown)."""
+    from datetime import date, timedelta
+
+    rng = np.random.default_rng(seed)
+    media = root / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        dated, undated = [], []
+        for i in range(n):
+            name = f"{split}-{i:05d}"
+            flood_later = bool(rng.integers(2))
+            first = date(2019, 1, 1) + timedelta(days=int(rng.integers(0, 1000)))
+            second = first + timedelta(days=int(rng.integers(20, 400)))
+            tiles = [multiband_tile(rng, 0 if not flood_later else int(rng.integers(1, 4))),
+                     multiband_tile(rng, 0 if flood_later else int(rng.integers(1, 4)))]
+            files = [f"{name}-{c}.tif" for c in rng.permutation(["a", "b"])]  # names say nothing of the order
+            for tile, file in zip(tiles, files):
+                write_geotiff(media / file, tile)
+            order = rng.permutation(2)
+            row = {"id": name, "media": [files[k] for k in order], "question": "which acquisition shows the flood ?",
+                   "answer": "later" if flood_later else "earlier", "choices": ["earlier", "later"]}
+            dated.append({**row, "dates": [[first, second][k].isoformat() for k in order]})
+            undated.append(row)
+        for kind, rows in (("dated", dated), ("undated", undated)):
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            (root / kind / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain: dict, channels: int, steps: int = 300,
+               patch_size: int = 8, max_length: int = 128) -> float:
     """make-shards with ``domain``, train connector + the tiny LLM (encoder frozen), return held-out accuracy."""
     from mmdomain.domains import build_domain
     from mmdomain.recipe import validate_recipe
@@ -224,11 +259,11 @@ def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain:
     shards = out / "shards"
     for split in ("train", "test"):
         make_shards(jsonl_dir / f"{split}.jsonl", media, shards, prefix=split, samples_per_shard=500,
-                    domain=build_domain(domain["name"], domain.get("options")))
+                    domain=build_domain(domain["name"], domain.get("options"), raw=True))  # statistics come from the shards
     recipe = validate_recipe({
         "stage": "instruct",
-        "model": {"encoder": {"name": "tiny-vit", "options": {"image_size": SIZE, "patch_size": 8, "dim": 64, "depth": 2, "channels": channels}},
-                  "connector": {"name": "mlp"}, "llm": {"path": llm_dir}, "domain": domain, "max_length": 128},
+        "model": {"encoder": {"name": "tiny-vit", "options": {"image_size": SIZE, "patch_size": patch_size, "dim": 64, "depth": 2, "channels": channels}},
+                  "connector": {"name": "mlp"}, "llm": {"path": llm_dir}, "domain": domain, "max_length": max_length},
         "trainable": {"connector": True, "llm": "full"},
         "data": {"train": str(shards / "train-*.tar"), "eval": str(shards / "test-*.tar"), "shuffle_buffer": 500},
         "optim": {"lr": 1e-3, "warmup_steps": 20, "max_steps": steps, "batch_size": 32},
