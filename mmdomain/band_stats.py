@@ -39,9 +39,9 @@ def _members(shards: list[str], max_samples: int) -> Iterator[tuple[str, bytes]]
 
 
 def shard_fingerprint(shards: list[str]) -> list[list[Any]]:
-    """Each shard's file name, size and modification time (seconds): a shard rewritten with other tiles of the same shape
-    keeps its size, so the time counts too. Names without folders, so shards moved together with their stats still match."""
-    return [[Path(p).name, (st := Path(p).stat()).st_size, int(st.st_mtime)] for p in shards]
+    """Each shard's file name and size (as the feature cache and resume record shards): shards copied or moved
+    elsewhere (a local disk on a cluster) still match, without folders or file times."""
+    return [[Path(p).name, Path(p).stat().st_size] for p in shards]
 
 
 def _band_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -83,9 +83,9 @@ def ensure_band_stats(recipe: Any) -> None:
     """Before a run builds its domains: every remote-sensing ``stats:`` file the recipe names exists and still describes
     ``data.train``. A missing file is computed from the training shards and written (one log line says so).
 
-    A stale file (the shards or the band options changed since it was written) is refused rather than recomputed: the
-    file is named by this recipe and by the checkpoints of runs already trained with it, whose inputs would silently
-    change if it were rewritten under them."""
+    A file made for other band options is refused: its numbers belong to other bands. One made from other shards than
+    ``data.train`` names now (a later stage on its own data, shards rebuilt) is used as it is, with a warning: the
+    checkpoints of runs already trained with it depend on these numbers, so it is never rewritten under them."""
     for index, kind in enumerate(recipe.model.kinds()):
         options = kind.domain.options
         if kind.domain.name != "remote_sensing" or not isinstance(options.get("stats"), str):
@@ -102,8 +102,8 @@ def ensure_band_stats(recipe: Any) -> None:
 
 
 def check_band_stats(path: Path, options: dict[str, Any], shards: list[str], where: str) -> None:
-    """Refuse statistics recorded for other shards or other band options (files without a record, written by hand or by
-    an older mmdomain, are taken as they are)."""
+    """Refuse statistics recorded for other band options; warn when they came from other shards (files without a
+    record, written by hand or by an older mmdomain, are taken as they are)."""
     recorded = json.loads(path.read_text())
     renew = (f"renew them with `mmdomain data stats RECIPE --out {path}` (or delete the file: the next run computes it); to keep "
              f"the old numbers for the runs trained with them, write the new ones elsewhere and point {where} there")
@@ -111,9 +111,10 @@ def check_band_stats(path: Path, options: dict[str, Any], shards: list[str], whe
         raise BandStatsError(f"{where}: {path} was computed for the band options {recorded['options']}, but the recipe now has "
                              f"{_band_options(options)}; {renew}")
     if "shards" in recorded:
-        now = shard_fingerprint(shards)
-        if recorded["shards"] != now:
-            before = {s[0] for s in recorded["shards"]}
-            changed = sorted({s[0] for s in now} ^ before | {s[0] for s in now if s not in recorded["shards"] and s[0] in before})
-            raise BandStatsError(f"{where}: {path} was computed from {len(recorded['shards'])} training shards that have changed "
-                                 f"since ({len(now)} now; differing: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); {renew}")
+        before = {s[0]: s[1:] for s in recorded["shards"]}
+        now = {s[0]: s[1:] for s in shard_fingerprint(shards)}
+        differing = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
+        if differing:
+            log.warning("%s: %s was computed from %d training shards, and data.train now names %d (differing: %s); using it as it "
+                        "is. If the data changed, %s", where, path, len(before), len(now),
+                        ", ".join(differing[:5]) + (" ..." if len(differing) > 5 else ""), renew)
