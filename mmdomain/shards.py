@@ -222,16 +222,16 @@ def _media_member(i: int, entry: Any, domain: Domain, where: str, media_root: Pa
     if files is None:
         rel = entry
         path = media_root / rel
-        ext = media_type(path.name)
+        ext = _file_type(path)
         if ext not in domain.media_types():
             raise ShardError(f"{where}: media {rel!r} has type .{ext}; the {domain.name} domain allows "
                              f"{', '.join(domain.media_types())} (choose the domain with --domain or --recipe)")
         if not path.is_file():
             raise ShardError(f"{where}: media file {str(path)!r} does not exist; paths in the JSONL are relative to --media "
                              f"({media_root}): check both")
-        name, data = path.name, path.read_bytes()
+        name, data = path.name if ext == media_type(path.name) else f"{path.name}.{ext}", path.read_bytes()
     else:
-        types = sorted({media_type(f) for f in files})
+        types = sorted({_file_type(media_root / f) for f in files})
         if len(types) != 1:
             raise ShardError(f"{where}: media {label} mixes file types ({', '.join('.' + t for t in types)}); one item's files "
                              "must share one type")
@@ -250,6 +250,16 @@ def _media_member(i: int, entry: Any, domain: Domain, where: str, media_root: Pa
         raise ShardError(f"{where}: media {label}: {reason}") from None
 
 
+def _file_type(path: Path) -> str:
+    """A file's media type from its extension; a file without one (scanners write ``IM000001``) that holds the DICOM
+    preamble's ``DICM`` marker is a DICOM."""
+    if "." not in path.name and path.is_file():
+        with path.open("rb") as f:
+            if f.read(132)[128:132] == b"DICM":
+                return "dcm"
+    return media_type(path.name)
+
+
 def _bundle_files(entry: Any, where: str, media_root: Path) -> list[str] | None:
     """The files of a bundle entry (a list of paths, or a folder's visible files sorted by name), relative to
     ``media_root``; None for a single file."""
@@ -261,7 +271,9 @@ def _bundle_files(entry: Any, where: str, media_root: Path) -> list[str] | None:
         folder = media_root / _inside_media(entry, where, media_root)
         if not folder.is_dir():
             return None
-        files = [str(PurePath(entry) / p.name) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        # Hidden files (.DS_Store) and a DICOMDIR (the archive's index, not an image) are not part of the item.
+        files = [str(PurePath(entry) / p.name) for p in sorted(folder.iterdir())
+                 if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"]
         if not files:
             raise ShardError(f"{where}: media folder {str(folder)!r} holds no files")
         return files

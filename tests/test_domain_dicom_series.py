@@ -171,3 +171,19 @@ def test_slices_without_position_or_instance_number_are_refused(tmp_path):
     ds.save_as(tmp_path / "media" / "bare" / "h.dcm", enforce_file_format=True)
     with pytest.raises(ShardError, match=r"cannot be ordered: file 'bare/g.dcm' lacks ImagePositionPatient.*file 'bare/h.dcm' lacks InstanceNumber"):
         _shard_items(tmp_path, [{"id": "b", "image": "bare"}])
+
+
+def test_a_scanner_folder_without_extensions_and_with_a_dicomdir_is_one_series(tmp_path):
+    """Scanners write IM000001-style names without an extension and put a DICOMDIR beside them: the files are told
+    DICOM by their preamble, the index is left out, and a lone extensionless DICOM is taken too."""
+    from pydicom.uid import generate_uid
+
+    volume = write_series(tmp_path / "media" / "IMAGES", ["IM000003", "IM000001", "IM000002"], [20.0, 0.0, 10.0], series_uid=generate_uid())
+    (tmp_path / "media" / "IMAGES" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    items = _shard_items(tmp_path, [{"id": "scan", "image": "IMAGES"}, {"id": "one", "image": "IMAGES/IM000002"}])
+    member, data = items["scan"]
+    assert member.endswith(".dcm.tar")
+    views = build_domain("medical", {"window": WINDOW, "nifti": {"mode": "even", "count": 3}}).decode(member, data)
+    assert [float(np.abs(v - _windowed(volume[p])).max()) < 1e-5 for v, p in zip(views, [0.0, 10.0, 20.0])] == [True] * 3
+    assert items["one"][0].endswith(".dcm") and np.allclose(build_domain("medical", {"window": WINDOW}).decode(*items["one"])[0],
+                                                            _windowed(volume[10.0]), atol=1e-5)
