@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from connectors import create_connector
 from tqdm import tqdm
 
 from .data import FailureBudget, SampleFormat, expand_shards, iter_records
 from .domains import build_domain
 from .errors import MmdomainError
-from .media import cached_sizing, sized_by_length
+from .media import cached_sizing, frames_read, sized_by_length
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def feature_key(spec: Any, encoder: torch.nn.Module, transform: Any) -> str:
     """Hash of the encoder spec, its weights as loaded, the domain and the preprocessing."""
     h = hashlib.sha256()
     # Clips stored trimmed to their own frames (model.audio_tokens: by_length) are other features than padded windows.
-    trimmed = {"audio_tokens": "by_length"} if _trims(spec, encoder) else {}
+    # How far past a clip they reach follows the connector's spans (frames_read), so its spec is part of the key then.
+    trimmed = {"audio_tokens": "by_length", "connector": spec.connector.model_dump(mode="json")} if _trims(spec, encoder) else {}
     h.update(json.dumps({"encoder": spec.encoder.model_dump(mode="json"), "domain": spec.domain.model_dump(mode="json"),
                          "transform": repr(transform), **trimmed}, sort_keys=True).encode())
     for name, tensor in sorted(encoder.state_dict().items()):
@@ -92,6 +94,8 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
     encoder.to(device)
     key = feature_key(recipe.model, encoder, transform)
     trims = _trims(recipe.model, encoder)
+    # Only its token counts are used (which frames each output reads); out_dim does not change them.
+    connector = create_connector(recipe.model.connector.name, in_dim=encoder.info.embed_dim, out_dim=1, **recipe.model.connector.options) if trims else None
     manifest: dict[str, Any] = {}
     splits = {"train": recipe.data.train, **({"eval": recipe.data.eval} if recipe.data.eval else {})}
     for split, pattern in splits.items():
@@ -118,7 +122,8 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
                         feats.append(encoder(values).float().cpu())
             feats = list(torch.cat(feats)) if feats else []
             if lengths is not None:
-                feats = [f[: encoder.info.num_tokens_for_samples(int(n))] for f, n in zip(feats, lengths)]
+                full = encoder.info.num_tokens()
+                feats = [f[: frames_read(connector, encoder.info.num_tokens_for_samples(int(n)), full)] for f, n in zip(feats, lengths)]
             feats = iter(feats)
             for r in pending:
                 sample = {"conversations": r.conversations, **({"choices": r.choices} if r.choices else {}),
