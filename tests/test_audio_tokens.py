@@ -243,3 +243,35 @@ def test_a_cache_trimmed_for_one_connector_is_refused_by_another(audio_recipe, c
     assert main(["-q", "cache-features", str(audio_recipe / "r.yaml"), "--out", str(audio_recipe / "cache")]) == 0
     assert main(["-q", "run", str(audio_recipe / "r.yaml"), f"data.feature_cache={audio_recipe / 'cache'}", "model.connector.options.k=4"]) == 2
     assert "feature cache" in capsys.readouterr().err
+
+
+def _as_before_the_option(run_dir) -> None:
+    """Make ``run_dir`` look written by an mmdomain without model.audio_tokens (its recipe, specs and file sizes)."""
+    recipe = run_dir / "recipe.yaml"
+    recipe.write_text("".join(line for line in recipe.read_text().splitlines(keepends=True) if "audio_tokens" not in line))
+    for checkpoint in (run_dir / "checkpoints").glob("step-*"):
+        for name, spec_at in (("trainer_state.json", ("recipe", "model")), ("mmdomain_config.json", ("spec",))):
+            data = json.loads((checkpoint / name).read_text())
+            node = data
+            for key in spec_at:
+                node = node[key]
+            del node["audio_tokens"]
+            (checkpoint / name).write_text(json.dumps(data))
+        complete = json.loads((checkpoint / "COMPLETE").read_text())
+        complete["files"] = {f: (checkpoint / f).stat().st_size for f in complete["files"]}
+        (checkpoint / "COMPLETE").write_text(json.dumps(complete))
+
+
+@pytest.mark.parametrize("recipe_file", ["run/recipe.yaml", "r.yaml"])
+def test_a_run_from_before_the_option_resumes_as_it_ran(audio_recipe, recipe_file):
+    # Neither the run's own recipe.yaml nor the user's YAML names audio_tokens: the run resumes padded, as it ran,
+    # instead of being refused as changed to the new default.
+    recipe = json.loads((audio_recipe / "r.yaml").read_text())
+    del recipe["model"]["audio_tokens"]
+    (audio_recipe / "r.yaml").write_text(json.dumps(recipe))
+    assert main(["-q", "run", str(audio_recipe / "r.yaml"), "model.audio_tokens=padded"]) == 0
+    _as_before_the_option(audio_recipe / "run")
+    assert main(["-q", "run", str(audio_recipe / recipe_file), "--resume", "optim.max_steps=3"]) == 0
+    assert "audio_tokens: padded" in (audio_recipe / "run" / "recipe.yaml").read_text()
+    # Naming the new value is a change, refused as any other.
+    assert main(["-q", "run", str(audio_recipe / recipe_file), "--resume", "optim.max_steps=4", "model.audio_tokens=by_length"]) == 2
