@@ -215,6 +215,8 @@ def test_fused_layers_set_the_connector_in_dim_through_the_recipe(tiny_llm_dir):
     ("tiny-vit", {"layers": [-1, -2], "layer": -2}, "not both"),
     ("tiny-vit", {"layers": []}, "list of hidden-state indices"),
     ("tiny-vit", {"layers": [-1, 7]}, "out of range"),
+    ("tiny-vit", {"layers": [-1, "x"]}, r"layers must be a list of hidden-state indices \(whole numbers\), e.g. \[-1, -5\]; got \[-1, 'x'\]"),
+    ("tiny-vit", {"layers": [1.5]}, "whole numbers"),  # was read as layer 1 without a word
     ("tiny-audio", {"layers": [-1, 5]}, "out of range"),
     ("timm:vit_tiny_patch16_224", {"random_init": True, "layers": [-1, -2]}, "multi-layer feature fusion.*not by this encoder family"),
     ("open_clip:ViT-B-32", {"random_init": True, "layers": [-1, -2]}, "multi-layer feature fusion"),
