@@ -36,11 +36,8 @@ class FeatureCacheError(MmdomainError, ValueError):
 def feature_key(spec: Any, encoder: torch.nn.Module, transform: Any) -> str:
     """Hash of the encoder spec, its weights as loaded, the domain and the preprocessing."""
     h = hashlib.sha256()
-    # Clips stored trimmed to their own frames (model.audio_tokens: by_length) are other features than padded windows.
-    # How far past a clip they reach follows the connector's spans (frames_read), so its spec is part of the key then.
-    trimmed = {"audio_tokens": "by_length", "connector": spec.connector.model_dump(mode="json")} if _trims(spec, encoder) else {}
     h.update(json.dumps({"encoder": spec.encoder.model_dump(mode="json"), "domain": spec.domain.model_dump(mode="json"),
-                         "transform": repr(transform), **trimmed}, sort_keys=True).encode())
+                         "transform": repr(transform), **_clip_facts(spec, encoder)}, sort_keys=True).encode())
     for name, tensor in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -50,6 +47,12 @@ def feature_key(spec: Any, encoder: torch.nn.Module, transform: Any) -> str:
 def _trims(spec: Any, encoder: torch.nn.Module) -> bool:
     """Whether clips cost tokens by length here, so the cache stores each clip's own frames only."""
     return sized_by_length(encoder.info, spec.connector, spec.audio_tokens)
+
+
+def _clip_facts(spec: Any, encoder: torch.nn.Module) -> dict[str, Any]:
+    """What else decides the stored frames when clips are trimmed (model.audio_tokens: by_length): they are other
+    features than padded windows, and how far past a clip they reach follows the connector's spans (frames_read)."""
+    return {"model.audio_tokens": "by_length", "model.connector": spec.connector.model_dump(mode="json")} if _trims(spec, encoder) else {}
 
 
 def _encoder_for(recipe: Any) -> tuple[torch.nn.Module, Any, Any]:
@@ -147,6 +150,7 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
         log.info("cached %d %s samples (%d skipped) in %s", total, split, failures.total, out_dir)
     write_manifest(out_dir, manifest)
     meta = {"key": key, "encoder": recipe.model.encoder.model_dump(mode="json"), "domain": recipe.model.domain.model_dump(mode="json"),
+            "clips": _clip_facts(recipe.model, encoder),
             "embed_dim": encoder.info.embed_dim, "tokens_per_item": encoder.info.num_tokens(), "dtype": "float16",
             "splits": {s: m["total"] for s, m in manifest.items()},
             "sources": {split: {"patterns": pattern, "shards": shard_facts(expand_shards(pattern))} for split, pattern in splits.items()}}
@@ -203,6 +207,10 @@ def open_cache(directory: str | Path, model: Any, processor: Any, recipe: Any) -
     if meta["key"] != key:
         mine = {"model.encoder": model.spec.encoder.model_dump(mode="json"), "model.domain": model.spec.domain.model_dump(mode="json")}
         theirs = {"model.encoder": meta["encoder"], "model.domain": meta["domain"]}
+        # Clip trimming is named too (a cache without it holds every clip's full window, as model.audio_tokens: padded).
+        padded = {"model.audio_tokens": "padded"}
+        mine |= _clip_facts(model.spec, model.encoder) or padded
+        theirs |= meta.get("clips") or padded
         changed = [f"{name}: {old!r} in the cache, {new!r} here" for name, old, new in _differences(theirs, mine)]
         what = "; ".join(changed[:3]) if changed else "the same settings, but other encoder weights or preprocessing"
         raise FeatureCacheError(

@@ -147,7 +147,8 @@ def test_the_feature_cache_stores_each_clips_own_frames_and_gives_the_same_loss(
 def test_a_padded_run_refuses_a_cache_made_by_length(audio_recipe, capsys):
     assert main(["-q", "cache-features", str(audio_recipe / "r.yaml"), "--out", str(audio_recipe / "cache")]) == 0
     assert main(["-q", "run", str(audio_recipe / "r.yaml"), f"data.feature_cache={audio_recipe / 'cache'}", "model.audio_tokens=padded"]) == 2
-    assert "feature cache" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "feature cache" in err and "model.audio_tokens: 'by_length' in the cache, 'padded' here" in err
 
 
 def test_a_spec_stored_before_the_option_loads_as_it_ran(tiny_llm_dir):
@@ -242,7 +243,8 @@ def test_a_cache_trimmed_for_one_connector_is_refused_by_another(audio_recipe, c
     # How far past a clip the cache keeps frames follows the connector (k=8 here), so k=4 must not reuse it.
     assert main(["-q", "cache-features", str(audio_recipe / "r.yaml"), "--out", str(audio_recipe / "cache")]) == 0
     assert main(["-q", "run", str(audio_recipe / "r.yaml"), f"data.feature_cache={audio_recipe / 'cache'}", "model.connector.options.k=4"]) == 2
-    assert "feature cache" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "feature cache" in err and "model.connector.options.k: 8 in the cache, 4 here" in err
 
 
 def _as_before_the_option(run_dir) -> None:
