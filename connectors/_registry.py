@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import types
+import typing
 from typing import Any, Callable
 
 from .errors import ConnectorOptionError
@@ -30,7 +32,7 @@ def create_connector(name: str, *, in_dim: int, out_dim: int, **options: Any) ->
 
 def check_connector(name: str, options: dict[str, Any]) -> None:
     """Raise what ``create_connector`` would for an unknown name (KeyError) or option (ConnectorOptionError), with
-    near matches; builds nothing, so a recipe can be checked before anything loads."""
+    near matches, and for a value of the wrong type (a count given as 2.5, "4" or null); builds nothing, so a recipe can be checked before anything loads."""
     if name not in _BUILDERS:
         near = difflib.get_close_matches(name, list(_BUILDERS), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
@@ -47,6 +49,31 @@ def check_connector(name: str, options: dict[str, Any]) -> None:
             near = difflib.get_close_matches(option, accepted, n=1, cutoff=0.6)
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise ConnectorOptionError(f"connector {name!r} has no option {option!r}.{hint} Its options: {', '.join(accepted) or '(none)'}")
+    try:
+        hints = typing.get_type_hints(_BUILDERS[name].__init__ if inspect.isclass(_BUILDERS[name]) else _BUILDERS[name])
+    except Exception:  # noqa: BLE001  (annotations that do not resolve: the builder checks its own options)
+        return
+    for option, value in options.items():
+        wanted = _plain_types(hints.get(option))
+        if wanted and not _is_one_of(value, wanted):
+            said = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in wanted)
+            raise ConnectorOptionError(f"connector {name!r} option {option} must be {said}; got {value!r}")
+
+
+# A YAML 2.5, "4" or null where a count belongs would otherwise reach torch mid-run as a TypeError.
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _plain_types(hint: Any) -> tuple[type, ...]:
+    """The plain classes an annotation allows (``int | None`` -> int, NoneType); () when it is anything else."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return allowed if hint is not None and all(isinstance(a, type) and a in _TYPE_WORDS for a in allowed) else ()
+
+
+def _is_one_of(value: Any, wanted: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # a bool is an int to Python, never a count to a recipe
+        return bool in wanted
+    return isinstance(value, wanted) or (float in wanted and isinstance(value, int))
 
 
 def keeps_prefix(name: str, options: dict[str, Any] | None = None) -> bool:

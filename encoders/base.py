@@ -124,9 +124,10 @@ def resolve_layers(layer: int, layers: list[int] | None, num_layers: int, source
         return [resolve_layer(layer, num_layers, source)[0]], layer
     if layer != -1:
         raise EncoderOptionError(f"{source}: give layer (one hidden state) or layers (several, concatenated), not both; got layer={layer}, layers={layers!r}")
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)) or not layers:
-        raise EncoderOptionError(f"{source}: layers must be a list of hidden-state indices, e.g. [-1, -5]; got {layers!r}")
-    blocks = [resolve_layer(int(one), num_layers, source)[0] for one in layers]
+    whole = isinstance(layers, (list, tuple)) and all(isinstance(one, int) and not isinstance(one, bool) for one in layers)
+    if not whole or not layers:  # int() would read 1.5 as 1 and fail on "x" as a traceback
+        raise EncoderOptionError(f"{source}: layers must be a list of hidden-state indices (whole numbers), e.g. [-1, -5]; got {layers!r}")
+    blocks = [resolve_layer(one, num_layers, source)[0] for one in layers]
     if len(set(blocks)) != len(blocks):
         raise EncoderOptionError(f"{source}: layers {list(layers)} name the same layer twice (the tower has {num_layers}); list each once")
     return blocks, int(layers[blocks.index(max(blocks))])

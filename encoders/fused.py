@@ -127,6 +127,9 @@ def build_fused(encoders: Any = None, mode: Literal["channels", "sequence"] = "c
         embed_dim, tokens = infos[0].embed_dim, sum(counts)
     else:
         if len(set(counts)) > 1:
+            if infos[0].modality == "audio":  # frames in time: no grid to pool, and shorter windows hear less
+                raise EncoderOptionError(f"fuse: mode channels joins frames one to one, but the audio parts give {counts} frames ({named}); "
+                                         "give the parts the same clip length (clip_seconds) and frame rate, or use mode: sequence")
             sides = [_square_side(i) for i in infos]
             if any(s is None for s in sides):
                 raise EncoderOptionError(f"fuse: mode channels needs one token grid, but the parts give {counts} tokens ({named}); "

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from connectors import create_connector
 from tqdm import tqdm
 
 from .data import FailureBudget, SampleFormat, expand_shards, iter_records
 from .domains import build_domain
 from .errors import MmdomainError
-from .media import cached_sizing, sized_by_length
+from .media import cached_sizing, frames_read, sized_by_length
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,8 @@ class FeatureCacheError(MmdomainError, ValueError):
 def feature_key(spec: Any, encoder: torch.nn.Module, transform: Any) -> str:
     """Hash of the encoder spec, its weights as loaded, the domain and the preprocessing."""
     h = hashlib.sha256()
-    # Clips stored trimmed to their own frames (model.audio_tokens: by_length) are other features than padded windows.
-    trimmed = {"audio_tokens": "by_length"} if _trims(spec, encoder) else {}
     h.update(json.dumps({"encoder": spec.encoder.model_dump(mode="json"), "domain": spec.domain.model_dump(mode="json"),
-                         "transform": repr(transform), **trimmed}, sort_keys=True).encode())
+                         "transform": repr(transform), **_clip_facts(spec, encoder)}, sort_keys=True).encode())
     for name, tensor in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -48,6 +47,12 @@ def feature_key(spec: Any, encoder: torch.nn.Module, transform: Any) -> str:
 def _trims(spec: Any, encoder: torch.nn.Module) -> bool:
     """Whether clips cost tokens by length here, so the cache stores each clip's own frames only."""
     return sized_by_length(encoder.info, spec.connector, spec.audio_tokens)
+
+
+def _clip_facts(spec: Any, encoder: torch.nn.Module) -> dict[str, Any]:
+    """What else decides the stored frames when clips are trimmed (model.audio_tokens: by_length): they are other
+    features than padded windows, and how far past a clip they reach follows the connector's spans (frames_read)."""
+    return {"model.audio_tokens": "by_length", "model.connector": spec.connector.model_dump(mode="json")} if _trims(spec, encoder) else {}
 
 
 def _encoder_for(recipe: Any) -> tuple[torch.nn.Module, Any, Any]:
@@ -94,6 +99,8 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
     encoder.to(device)
     key = feature_key(recipe.model, encoder, transform)
     trims = _trims(recipe.model, encoder)
+    # Only its token counts are used (which frames each output reads); out_dim does not change them.
+    connector = create_connector(recipe.model.connector.name, in_dim=encoder.info.embed_dim, out_dim=1, **recipe.model.connector.options) if trims else None
     manifest: dict[str, Any] = {}
     splits = {"train": recipe.data.train, **({"eval": recipe.data.eval} if recipe.data.eval else {})}
     for split, pattern in splits.items():
@@ -120,7 +127,8 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
                         feats.append(encoder(values).float().cpu())
             feats = list(torch.cat(feats)) if feats else []
             if lengths is not None:
-                feats = [f[: encoder.info.num_tokens_for_samples(int(n))] for f, n in zip(feats, lengths)]
+                full = encoder.info.num_tokens()
+                feats = [f[: frames_read(connector, encoder.info.num_tokens_for_samples(int(n)), full)] for f, n in zip(feats, lengths)]
             feats = iter(feats)
             for r in pending:
                 sample = {"conversations": r.conversations, **({"choices": r.choices} if r.choices else {}),
@@ -144,6 +152,7 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
         log.info("cached %d %s samples (%d skipped) in %s", total, split, failures.total, out_dir)
     write_manifest(out_dir, manifest)
     meta = {"key": key, "encoder": recipe.model.encoder.model_dump(mode="json"), "domain": recipe.model.domain.model_dump(mode="json"),
+            "clips": _clip_facts(recipe.model, encoder),
             "embed_dim": encoder.info.embed_dim, "tokens_per_item": encoder.info.num_tokens(), "dtype": "float16",
             "splits": {s: m["total"] for s, m in manifest.items()},
             "sources": {split: {"patterns": pattern, "shards": shard_facts(expand_shards(pattern))} for split, pattern in splits.items()}}
@@ -200,6 +209,10 @@ def open_cache(directory: str | Path, model: Any, processor: Any, recipe: Any) -
     if meta["key"] != key:
         mine = {"model.encoder": model.spec.encoder.model_dump(mode="json"), "model.domain": model.spec.domain.model_dump(mode="json")}
         theirs = {"model.encoder": meta["encoder"], "model.domain": meta["domain"]}
+        # Clip trimming is named too (a cache without it holds every clip's full window, as model.audio_tokens: padded).
+        padded = {"model.audio_tokens": "padded"}
+        mine |= _clip_facts(model.spec, model.encoder) or padded
+        theirs |= meta.get("clips") or padded
         changed = [f"{name}: {old!r} in the cache, {new!r} here" for name, old, new in _differences(theirs, mine)]
         what = "; ".join(changed[:3]) if changed else "the same settings, but other encoder weights or preprocessing"
         raise FeatureCacheError(

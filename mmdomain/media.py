@@ -85,6 +85,16 @@ def audio_sizing(info: Any, connector: Any) -> Callable[[Any], ItemSize]:
     return size
 
 
+def frames_read(connector: Any, frames: int, full: int) -> int:
+    """The encoder frames that the connector's first ``num_output_tokens(frames)`` outputs read: ``frames`` carried to
+    the end of the last output's span (frame_stack's k frames, a Q-Former window), at most ``full``. Past a clip's end
+    those are the encoder's output for the padding, which a feature cache must store for the last token to match."""
+    tokens = connector.num_output_tokens(frames)
+    while frames < full and connector.num_output_tokens(frames + 1) == tokens:
+        frames += 1
+    return frames
+
+
 def cached_sizing(connector: Any) -> Callable[[Any], ItemSize]:
     """``ItemSize`` of cached encoder features ``[tokens, dim]`` stored trimmed to the clip's own frames."""
     return lambda features: ItemSize(int(features.shape[0]), int(connector.num_output_tokens(int(features.shape[0]))))

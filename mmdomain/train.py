@@ -31,7 +31,7 @@ from .preflight import check_models, input_problems
 from .processor import IGNORE
 from .recipe import Recipe, RecipeError
 from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
-from .spec import with_legacy_defaults
+from .spec import LEGACY_DEFAULTS, with_legacy_defaults
 from .stop_requests import StopRequests
 from .train_state import TrainerState, read_trainer_state, restore_training, write_training
 from .train_stream import BatchStream, Position, TrainBatches
@@ -100,10 +100,16 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     opt = recipe.optim
 
     # A resumed run must be the same run: the recipe is compared with the checkpoint's before anything is built.
-    recipe_dict = recipe.model_dump(mode="json")
     saved = read_trainer_state(resume_from) if resume_from is not None else None
     if saved and isinstance(saved.recipe.get("model"), dict):  # a run from before a model field existed ran as its legacy value
+        absent = {field: value for field, value in LEGACY_DEFAULTS.items() if field not in saved.recipe["model"]}
         saved.recipe["model"] = with_legacy_defaults(saved.recipe["model"])
+        # Its recipe.yaml (or the user's YAML) predates the field too: unless the recipe names it, the run goes on as it
+        # ran, not under the field's new default (which would be refused as a change, or train another model).
+        unnamed = {field: value for field, value in absent.items() if field not in recipe.model.model_fields_set}
+        if unnamed:
+            recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update=unnamed)})
+    recipe_dict = recipe.model_dump(mode="json")
     changes = check_resume_changes(resume_from, saved.recipe, recipe_dict, accept_changes) if saved else []
 
     # Model: built from the spec; a previous stage's weights (checked before anything loads), or this run's own

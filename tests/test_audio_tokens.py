@@ -135,7 +135,8 @@ def test_the_feature_cache_stores_each_clips_own_frames_and_gives_the_same_loss(
     full = proc.collate([proc(r.conversations, r.media, key=r.key) for r in raw])
     train, _ = open_cache(audio_recipe / "cache", model, proc, recipe)
     cached = list(iter_records(expand_shards(train), proc.domains, failures=FailureBudget(0)))
-    assert [r.media[0].shape[0] for r in cached] == [25 * (i + 1) for i in range(8)]  # 0.5 s steps of 50 frames/s, not 200 each
+    # 0.5 s steps of 50 frames/s, carried to the end of the last 8-frame stack (frames_read), not 200 each
+    assert [r.media[0].shape[0] for r in cached] == [min(200, 8 * -(-25 * (i + 1) // 8)) for i in range(8)]
     batch = proc.collate([proc(r.conversations, r.media, key=r.key) for r in cached])
     assert torch.equal(batch["input_ids"], full["input_ids"]) and batch["media"][0].tokens.tolist() == full["media"][0].tokens.tolist()
     with torch.no_grad():
@@ -146,7 +147,8 @@ def test_the_feature_cache_stores_each_clips_own_frames_and_gives_the_same_loss(
 def test_a_padded_run_refuses_a_cache_made_by_length(audio_recipe, capsys):
     assert main(["-q", "cache-features", str(audio_recipe / "r.yaml"), "--out", str(audio_recipe / "cache")]) == 0
     assert main(["-q", "run", str(audio_recipe / "r.yaml"), f"data.feature_cache={audio_recipe / 'cache'}", "model.audio_tokens=padded"]) == 2
-    assert "feature cache" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "feature cache" in err and "model.audio_tokens: 'by_length' in the cache, 'padded' here" in err
 
 
 def test_a_spec_stored_before_the_option_loads_as_it_ran(tiny_llm_dir):
@@ -218,3 +220,60 @@ def test_the_window_qformer_keeps_a_prefix_and_the_plain_one_does_not(tiny_llm_d
     sample = proc(conv, [_tone(2.0)], key="short")
     assert _slots(proc, sample) == 10  # 100 frames in windows of 10, one query each; the 30 s window would give 150
     assert torch.isfinite(model(**proc.collate([sample])).loss)
+
+
+def test_cached_clips_give_the_connector_the_same_tokens_as_the_encoder_does(audio_recipe):
+    # 0.5 s steps are 25 frames: frame_stack k=8 reads past each clip's end into the encoder's output for the padding
+    # (its last token stacks frames 24..31 of a 25-frame clip), and a cache must store those frames, not zeros.
+    assert main(["-q", "cache-features", str(audio_recipe / "r.yaml"), "--out", str(audio_recipe / "cache")]) == 0
+    recipe = load_recipe(audio_recipe / "r.yaml")
+    torch.manual_seed(recipe.seed)
+    model, proc = build_model(recipe.model)
+    raw = list(iter_records(expand_shards(recipe.data.train), proc.domains, failures=FailureBudget(0)))
+    full = proc.collate([proc(r.conversations, r.media, key=r.key) for r in raw])
+    train, _ = open_cache(audio_recipe / "cache", model, proc, recipe)
+    cached = proc.collate([proc(r.conversations, r.media, key=r.key) for r in iter_records(expand_shards(train), proc.domains, failures=FailureBudget(0))])
+    with torch.no_grad():
+        direct, from_cache = model.encode(0, full["media"][0]), model.encode(0, cached["media"][0])
+    for item, count in enumerate(full["media"][0].tokens.tolist()):
+        assert torch.allclose(direct[item, :count], from_cache[item, :count], atol=2e-2), f"clip {item}"
+
+
+def test_a_cache_trimmed_for_one_connector_is_refused_by_another(audio_recipe, capsys):
+    # How far past a clip the cache keeps frames follows the connector (k=8 here), so k=4 must not reuse it.
+    assert main(["-q", "cache-features", str(audio_recipe / "r.yaml"), "--out", str(audio_recipe / "cache")]) == 0
+    assert main(["-q", "run", str(audio_recipe / "r.yaml"), f"data.feature_cache={audio_recipe / 'cache'}", "model.connector.options.k=4"]) == 2
+    err = capsys.readouterr().err
+    assert "feature cache" in err and "model.connector.options.k: 8 in the cache, 4 here" in err
+
+
+def _as_before_the_option(run_dir) -> None:
+    """Make ``run_dir`` look written by an mmdomain without model.audio_tokens (its recipe, specs and file sizes)."""
+    recipe = run_dir / "recipe.yaml"
+    recipe.write_text("".join(line for line in recipe.read_text().splitlines(keepends=True) if "audio_tokens" not in line))
+    for checkpoint in (run_dir / "checkpoints").glob("step-*"):
+        for name, spec_at in (("trainer_state.json", ("recipe", "model")), ("mmdomain_config.json", ("spec",))):
+            data = json.loads((checkpoint / name).read_text())
+            node = data
+            for key in spec_at:
+                node = node[key]
+            del node["audio_tokens"]
+            (checkpoint / name).write_text(json.dumps(data))
+        complete = json.loads((checkpoint / "COMPLETE").read_text())
+        complete["files"] = {f: (checkpoint / f).stat().st_size for f in complete["files"]}
+        (checkpoint / "COMPLETE").write_text(json.dumps(complete))
+
+
+@pytest.mark.parametrize("recipe_file", ["run/recipe.yaml", "r.yaml"])
+def test_a_run_from_before_the_option_resumes_as_it_ran(audio_recipe, recipe_file):
+    # Neither the run's own recipe.yaml nor the user's YAML names audio_tokens: the run resumes padded, as it ran,
+    # instead of being refused as changed to the new default.
+    recipe = json.loads((audio_recipe / "r.yaml").read_text())
+    del recipe["model"]["audio_tokens"]
+    (audio_recipe / "r.yaml").write_text(json.dumps(recipe))
+    assert main(["-q", "run", str(audio_recipe / "r.yaml"), "model.audio_tokens=padded"]) == 0
+    _as_before_the_option(audio_recipe / "run")
+    assert main(["-q", "run", str(audio_recipe / recipe_file), "--resume", "optim.max_steps=3"]) == 0
+    assert "audio_tokens: padded" in (audio_recipe / "run" / "recipe.yaml").read_text()
+    # Naming the new value is a change, refused as any other.
+    assert main(["-q", "run", str(audio_recipe / recipe_file), "--resume", "optim.max_steps=4", "model.audio_tokens=by_length"]) == 2

@@ -215,6 +215,8 @@ def test_fused_layers_set_the_connector_in_dim_through_the_recipe(tiny_llm_dir):
     ("tiny-vit", {"layers": [-1, -2], "layer": -2}, "not both"),
     ("tiny-vit", {"layers": []}, "list of hidden-state indices"),
     ("tiny-vit", {"layers": [-1, 7]}, "out of range"),
+    ("tiny-vit", {"layers": [-1, "x"]}, r"layers must be a list of hidden-state indices \(whole numbers\), e.g. \[-1, -5\]; got \[-1, 'x'\]"),
+    ("tiny-vit", {"layers": [1.5]}, "whole numbers"),  # was read as layer 1 without a word
     ("tiny-audio", {"layers": [-1, 5]}, "out of range"),
     ("timm:vit_tiny_patch16_224", {"random_init": True, "layers": [-1, -2]}, "multi-layer feature fusion.*not by this encoder family"),
     ("open_clip:ViT-B-32", {"random_init": True, "layers": [-1, -2]}, "multi-layer feature fusion"),
@@ -266,3 +268,19 @@ def test_run_refuses_a_grid_that_does_not_fit_in_one_line_before_training(tiny_l
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mmdomain run: error: c_abstractor grid=12 is larger than the encoder's 4x4 token grid; set grid to at most 4")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("avg_pool", {"grid": 2.5}, r"avg_pool' option grid must be an integer or null; got 2.5"),
+    ("perceiver", {"num_queries": "4"}, r"perceiver' option num_queries must be an integer; got '4'"),
+    ("c_abstractor", {"grid": None}, r"c_abstractor' option grid must be an integer; got None"),
+    ("qformer", {"window": 2.5}, r"qformer' option window must be an integer or null; got 2.5"),
+    ("frame_stack", {"k": True}, r"frame_stack' option k must be an integer; got True"),
+])
+def test_options_of_the_wrong_type_are_refused_naming_the_option(name, options, match):
+    # A YAML 2.5 or "4" reached torch as a TypeError mid-run ("internal error"); it is the user's to fix.
+    from connectors import ConnectorOptionError, check_connector
+
+    with pytest.raises(ConnectorOptionError, match=match):
+        check_connector(name, options)
+    check_connector("qformer", {"window": None, "num_queries": 2})  # null where the option allows it

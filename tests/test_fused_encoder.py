@@ -85,3 +85,12 @@ def test_a_recipe_with_a_fused_encoder_trains_saves_and_reloads(tmp_path, tiny_l
     batch = proc.collate([proc(conv, [Image.open(tmp_path / "media" / "0.png")], key="k")])
     with torch.no_grad():
         assert torch.equal(model.eval()(**batch, return_logits=True).logits, again.eval()(**batch, return_logits=True).logits)
+
+
+def test_audio_parts_of_different_lengths_are_not_pooled_as_image_grids():
+    # 100 and 25 frames happen to be squares, but audio frames are a time line: pooling them as 10 x 10 and 5 x 5
+    # grids would average unrelated moments, and the 0.5 s part hears only the first 0.5 s of the clip.
+    two, half = ({"name": "tiny-audio", "options": {"clip_seconds": s}} for s in (2.0, 0.5))
+    with pytest.raises(EncoderError, match=r"audio parts .* \[100, 25\] frames"):
+        create_encoder("fuse", encoders=[two, half])
+    assert create_encoder("fuse", encoders=[two, {"name": "tiny-audio", "options": {"clip_seconds": 2.0, "dim": 32}}]).info.num_tokens() == 100
