@@ -67,5 +67,5 @@ class MedicalDomain:
         if kind == "dcm":
             return strip_dicom(name, data, self.options)
         if kind in ("nii", "nii.gz"):
-            return strip_nifti(name, data, kind == "nii.gz")
+            return strip_nifti(name, data, kind == "nii.gz", self.options.max_nifti_bytes)
         return self.generic.prepare_for_shard(name, data)

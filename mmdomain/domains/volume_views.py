@@ -12,7 +12,11 @@ from .windowing import WindowChoice, apply_window
 
 class NiftiSlices(BaseModel):
     """Which 2-D slices of a volume become images: ``middle``, ``index``, ``even`` (``count`` evenly spaced slices,
-    each its own media item) or ``neighbours`` (2.5D: slices ``index ± neighbours`` stacked as channels)."""
+    each its own media item) or ``neighbours`` (2.5D: slices ``index ± neighbours`` stacked as channels).
+
+    ``orientation``: ``canonical`` (default) reorients a NIfTI to RAS+ first, so axis 0 runs towards the patient's
+    right, 1 anterior, 2 superior whatever voxel order the file stored (a flipped or permuted affine no longer
+    mirrors the picture); ``as_stored`` takes the voxels in file order, as before."""
 
     model_config = ConfigDict(extra="forbid")
     axis: int = Field(2, ge=0, le=2)
@@ -20,6 +24,7 @@ class NiftiSlices(BaseModel):
     index: int | None = None
     count: int = Field(3, ge=1)
     neighbours: int = Field(1, ge=1)
+    orientation: Literal["canonical", "as_stored"] = "canonical"
 
 
 def pick_slices(name: str, volume: np.ndarray, spec: NiftiSlices) -> list[np.ndarray]:
