@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from . import frame_stack, linear, mlp, pixel_shuffle  # noqa: F401  (registers the built-in connectors)
+from . import depth_pool, frame_stack, linear, mlp, pixel_shuffle  # noqa: F401  (registers the built-in connectors)
 from ._registry import create_connector, list_connectors, register_connector
 from .base import Connector
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from encoders import encode_slices
+
 from .data import FailureBudget, SampleFormat, expand_shards, iter_records
 from .domains import build_domain
 from .errors import MmdomainError
@@ -90,7 +92,8 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
             """Encode the pending records' media in batches and write each record with its features."""
             items = [transform(m) for r in pending for m in r.media]
             with torch.no_grad():
-                feats = [encoder(torch.stack(items[i : i + batch_size]).to(device)).float().cpu() for i in range(0, len(items), batch_size)]
+                feats = [encode_slices(encoder, torch.stack(items[i : i + batch_size]).to(device)).float().cpu()
+                         for i in range(0, len(items), batch_size)]
             feats = iter(torch.cat(feats)) if feats else iter(())
             for r in pending:
                 sample = {"conversations": r.conversations, **({"choices": r.choices} if r.choices else {}),

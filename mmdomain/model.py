@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders import encode_slices
+
 from .media import MediaBatch
 from .processor import IGNORE
 from .spec import ModelSpec
@@ -86,11 +88,12 @@ class MultimodalLM(nn.Module):
 
     def encode(self, kind: int, batch: MediaBatch) -> torch.Tensor:
         """Items of media kind ``kind`` -> ``[items, tokens_per_item, hidden]`` connector outputs. An ``encoded``
-        batch holds the encoder's output already (a feature cache) and goes straight to the connector."""
+        batch holds the encoder's output already (a feature cache) and goes straight to the connector. A volume's
+        slices reach the connector as their own axis, ``[items, slices, tokens, dim]``."""
         encoder, connector, _ = self.kind_parts()[kind]
         features = batch.values
-        if not batch.encoded:
-            features = encoder(features.to(next(encoder.parameters()).dtype))
+        if not batch.encoded:  # volumes [n, slices, C, H, W] go through the 2-D encoder slice by slice
+            features = encode_slices(encoder, features.to(next(encoder.parameters()).dtype))
         return connector(features.to(next(connector.parameters()).dtype))
 
     def embed(self, input_ids: torch.Tensor, media: Sequence[MediaBatch | None] | None = None) -> torch.Tensor:

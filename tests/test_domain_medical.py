@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from mmdomain.domains import DecodeError, build_domain
 from mmdomain.domains.medical import PRESETS, Window, apply_window
 
-from .domain_tasks import QUADRANTS, WORDS, ct_slice, train_task, write_ct_task, write_dicom
+from .domain_tasks import QUADRANTS, SIDES, WORDS, ct_slice, train_task, write_ct_task, write_dicom, write_side_task
 
 
 def _decode(path, **options):
@@ -231,3 +231,20 @@ def test_hu_window_makes_the_ct_finding_learnable(tmp_path):
     print(f"CT quadrant task ({len(QUADRANTS)} choices): medical adapter {adapted:.3f}, naive 8-bit path {naive:.3f}")
     assert adapted >= 0.9
     assert naive <= 0.4
+
+
+@pytest.mark.slow
+def test_canonical_orientation_makes_left_and_right_learnable(tmp_path):
+    """The finding is on the patient's left or right; each file stores the volume in one of four voxel orders (x
+    flipped, x and y swapped, both) under an affine that says which. Reoriented to RAS+ the side is always the same
+    rows of the picture; as stored, the same pixels mean left in one file and right in another."""
+    from mmdomain.tiny_models import write_tiny_llm
+
+    write_side_task(tmp_path, 600, 200)
+    llm = str(write_tiny_llm(tmp_path / "llm", WORDS, hidden=128, ffn=256))
+    canonical = train_task(tmp_path, tmp_path / "media", tmp_path / "canonical", llm, domain={"name": "medical"}, channels=1, steps=150)
+    as_stored = train_task(tmp_path, tmp_path / "media", tmp_path / "as_stored", llm, channels=1, steps=150,
+                           domain={"name": "medical", "options": {"nifti": {"orientation": "as_stored"}}})
+    print(f"NIfTI side task ({len(SIDES)} choices): canonical {canonical:.3f}, as stored {as_stored:.3f}")
+    assert canonical >= 0.9
+    assert as_stored <= 0.65

@@ -1,0 +1,110 @@
+"""Volumes as volumes: ``nifti.mode: volume`` decodes one stack of slices per file, the 2-D encoder sees every slice,
+and the ``depth_pool`` connector joins them into the token count the processor reserved."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from connectors import create_connector
+from mmdomain.domains import build_domain
+
+from .domain_tasks import write_side_task
+
+
+def _nifti(volume: np.ndarray) -> bytes:
+    import nibabel as nib
+
+    return gzip.compress(nib.Nifti1Image(volume, np.eye(4)).to_bytes())
+
+
+def test_volume_mode_decodes_one_evenly_resampled_stack():
+    volume = np.stack([np.full((6, 5), float(z)) for z in range(9)], axis=-1).astype(np.float32)
+    volume[0, 0, :] = 100  # the window's top, so each slice's value shows through a min-max window
+    (stack,) = build_domain("medical", {"window": "minmax", "nifti": {"mode": "volume", "count": 4}}).decode("v.nii.gz", _nifti(volume))
+    assert stack.shape == (4, 6, 5)
+    assert np.allclose(stack[:, 1, 1] * 100, [0, 3, 5, 8])  # first to last slice, nearest ones (np.round: 2.67 -> 3, 5.33 -> 5)
+    (windows,) = build_domain("medical", {"window": ["minmax", "brain"], "nifti": {"mode": "volume", "count": 4}}).decode("v.nii.gz", _nifti(volume))
+    assert windows.shape == (4, 6, 5, 2)
+    # A 2-D image in a volume model is a one-slice volume: the same depth, so it batches with CT volumes.
+    from PIL import Image
+    import io
+
+    png = io.BytesIO()
+    Image.fromarray(np.arange(30, dtype=np.uint8).reshape(6, 5)).save(png, format="PNG")
+    (flat,) = build_domain("medical", {"nifti": {"mode": "volume", "count": 4}}).decode("x.png", png.getvalue())
+    assert flat.shape == (4, 6, 5) and all(np.array_equal(flat[0], s) for s in flat)
+
+
+def test_depth_pool_joins_slices_by_depth_and_reports_its_tokens():
+    connector = create_connector("depth_pool", in_dim=16, out_dim=24, groups=2)
+    slices = torch.randn(3, 5, 7, 16)  # 3 volumes, 5 slices of 7 tokens
+    out = connector(slices)
+    assert out.shape == (3, connector.num_output_tokens(7), 24) == (3, 14, 24)
+    # Depth order matters (a position signal per slice): the same slices in reverse give other tokens.
+    assert not torch.allclose(connector(slices.flip(1)), out, atol=1e-4)
+    # Slab 0 sees only the first slices: changing the last slice leaves its tokens alone.
+    changed = slices.clone()
+    changed[:, -1] += 5
+    assert torch.allclose(connector(changed)[:, :7], out[:, :7]) and not torch.allclose(connector(changed)[:, 7:], out[:, 7:])
+    assert create_connector("depth_pool", in_dim=16, out_dim=24)(torch.randn(2, 7, 16)).shape == (2, 7, 24)  # an image: one slice
+    with pytest.raises(ValueError, match="groups=2 needs at least 2 slices per item; got 1"):
+        connector(torch.randn(2, 7, 16))
+
+
+def test_volume_domain_with_a_slice_blind_connector_is_refused(tiny_llm_dir):
+    from mmdomain.builder import build_model
+    from mmdomain.errors import ModelLoadError
+    from mmdomain.spec import ModelSpec
+
+    spec = ModelSpec.model_validate({"encoder": {"name": "tiny-vit", "options": {"image_size": 32, "channels": 1}}, "llm": {"path": tiny_llm_dir},
+                                     "domain": {"name": "medical", "options": {"nifti": {"mode": "volume", "count": 4}}}})
+    with pytest.raises(ModelLoadError, match=r"model.domain decodes each volume as 4 slices .* model.connector 'mlp' takes one image's tokens; use connector depth_pool"):
+        build_model(spec)
+
+
+def test_volume_path_trains_saves_and_reloads(tiny_llm_dir, tmp_path):
+    """make-shards -> a recipe with nifti.mode volume and depth_pool trains (loss falls); the checkpoint reloads to the
+    same outputs; every item fills exactly the placeholder tokens the processor reserved."""
+    from mmdomain.builder import load_pretrained
+    from mmdomain.data import FailureBudget, iter_records
+    from mmdomain.recipe import validate_recipe
+    from mmdomain.shards import make_shards
+    from mmdomain.train import train
+
+    write_side_task(tmp_path, 48, 8, depth=5)
+    domain = {"name": "medical", "options": {"nifti": {"mode": "volume", "count": 4}}}
+    for split in ("train", "test"):
+        make_shards(tmp_path / f"{split}.jsonl", tmp_path / "media", tmp_path / "shards", prefix=split, domain=build_domain("medical", domain["options"]))
+    recipe = validate_recipe({
+        "stage": "instruct",
+        "model": {"encoder": {"name": "tiny-vit", "options": {"image_size": 32, "patch_size": 8, "dim": 32, "depth": 1, "channels": 1}},
+                  "connector": {"name": "depth_pool", "options": {"groups": 2}}, "llm": {"path": tiny_llm_dir}, "domain": domain, "max_length": 96},
+        "trainable": {"connector": True, "llm": "full"},
+        "data": {"train": str(tmp_path / "shards" / "train-*.tar"), "eval": str(tmp_path / "shards" / "test-*.tar")},
+        "optim": {"lr": 1e-3, "warmup_steps": 2, "max_steps": 12, "batch_size": 8},
+        "output_dir": str(tmp_path / "run"), "log_every": 4,
+    })
+    result = train(recipe)
+    assert result["final_loss"] < result["first_loss"]
+
+    model, processor = load_pretrained(tmp_path / "run")
+    again, _ = load_pretrained(tmp_path / "run")
+    assert processor.tokens_per_item == 2 * 16  # two slabs of a 4 x 4 patch grid
+    (record,) = list(iter_records([str(p) for p in sorted((tmp_path / "shards").glob("test-*.tar"))], processor.domain,
+                                  failures=FailureBudget(0)))[:1]
+    sample = processor(record.conversations, record.media, key=record.key)
+    assert sample.media[0].shape == (1, 4, 1, 32, 32)  # one item of 4 slices
+    assert int((sample.input_ids == processor.media_token_id).sum()) == processor.tokens_per_item
+    batch = processor.collate([sample])
+    model.eval(), again.eval()
+    with torch.no_grad():
+        tokens = model.encode(0, batch["media"][0])
+        assert tokens.shape[:2] == (1, processor.tokens_per_item)
+        logits = model(batch["input_ids"], batch["attention_mask"], media=batch["media"], return_logits=True).logits
+        assert torch.equal(logits, again(batch["input_ids"], batch["attention_mask"], media=batch["media"], return_logits=True).logits)
+    stored = json.loads((sorted((tmp_path / "run").glob("**/mmdomain_config.json"))[-1]).read_text())
+    assert stored["tokens_per_item"] == [processor.tokens_per_item]
