@@ -142,9 +142,9 @@ def side_volume(rng: np.random.Generator, side: int, depth: int = 5, finding_sli
     return volume
 
 
-def write_side_task(root: Path, n_train: int, n_test: int, seed: int = 0, **volume: int | None) -> None:
+def write_side_task(root: Path, n_train: int, n_test: int, seed: int = 0, depth: int = 5, finding_slices: tuple[int, ...] | None = None) -> None:
     """``root/{train,test}.jsonl`` plus ``root/media/*.nii.gz``: "where is the finding ?" -> left / right, each file in
-    one of ``VOXEL_ORDERS`` at random (``volume``: ``side_volume``'s depth and finding_slice)."""
+    one of ``VOXEL_ORDERS`` at random; the finding is centred on the middle slice, or on one of ``finding_slices``."""
     import gzip
 
     import nibabel as nib
@@ -158,7 +158,8 @@ def write_side_task(root: Path, n_train: int, n_test: int, seed: int = 0, **volu
         for i in range(n):
             side = int(rng.integers(2))
             reorder, affine = VOXEL_ORDERS[orders[int(rng.integers(len(orders)))]]
-            stored = np.round(reorder(side_volume(rng, side, **volume))).astype(np.int16)
+            at = None if finding_slices is None else finding_slices[int(rng.integers(len(finding_slices)))]
+            stored = np.round(reorder(side_volume(rng, side, depth, at))).astype(np.int16)
             name = f"{split}-{i:05d}.nii.gz"
             (media / name).write_bytes(gzip.compress(nib.Nifti1Image(stored, affine).to_bytes(), compresslevel=1))
             rows.append({"id": f"{split}-{i:05d}", "image": name, "question": "where is the finding ?", "answer": SIDES[side], "choices": SIDES})
@@ -209,7 +210,8 @@ def write_multiband_task(root: Path, n_train: int, n_test: int, seed: int = 0) -
             (root / kind / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain: dict, channels: int, steps: int = 300) -> float:
+def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain: dict, channels: int, steps: int = 300,
+               connector: dict | None = None) -> float:
     """make-shards with ``domain``, train connector + the tiny LLM (encoder frozen), return held-out accuracy."""
     from mmdomain.domains import build_domain
     from mmdomain.recipe import validate_recipe
@@ -223,7 +225,7 @@ def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain:
     recipe = validate_recipe({
         "stage": "instruct",
         "model": {"encoder": {"name": "tiny-vit", "options": {"image_size": SIZE, "patch_size": 8, "dim": 64, "depth": 2, "channels": channels}},
-                  "connector": {"name": "mlp"}, "llm": {"path": llm_dir}, "domain": domain, "max_length": 128},
+                  "connector": connector or {"name": "mlp"}, "llm": {"path": llm_dir}, "domain": domain, "max_length": 128},
         "trainable": {"connector": True, "llm": "full"},
         "data": {"train": str(shards / "train-*.tar"), "eval": str(shards / "test-*.tar"), "shuffle_buffer": 500},
         "optim": {"lr": 1e-3, "warmup_steps": 20, "max_steps": steps, "batch_size": 32},
