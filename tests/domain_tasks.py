@@ -127,8 +127,8 @@ VOXEL_ORDERS = {
 
 def side_volume(rng: np.random.Generator, side: int, depth: int = 5, finding_slice: int | None = None) -> np.ndarray:
     """A RAS+ volume ``[x, y, z]`` (x towards the patient's right): a round body of textured tissue and a bright
-    finding in the patient's left (``side`` 0, low x) or right half, at a random front-back position, centred on
-    ``finding_slice`` (the middle one by default) and fading over the slices next to it."""
+    finding in the patient's left (``side`` 0, low x) or right half, at a random front-back position, in slice
+    ``finding_slice`` (the middle one by default) only."""
     x, y = np.mgrid[0:SIZE, 0:SIZE]
     body = (x - 31.5) ** 2 + (y - 31.5) ** 2 < 30**2
     centre = depth // 2 if finding_slice is None else finding_slice
@@ -137,7 +137,7 @@ def side_volume(rng: np.random.Generator, side: int, depth: int = 5, finding_sli
     volume = np.zeros((SIZE, SIZE, depth), np.float32)
     for z in range(depth):
         tissue = 100 + 10 * _smooth(rng) + 5 * rng.normal(size=(SIZE, SIZE))
-        tissue += 80 * np.exp(-((z - centre) ** 2) / 0.5) * _blob(cx, cy, 4.0)
+        tissue += 80 * np.exp(-((z - centre) ** 2) / 0.25) * _blob(cx, cy, 4.0)  # 1.5 one slice away: invisible there
         volume[..., z] = np.where(body, tissue, 0.0)
     return volume
 
