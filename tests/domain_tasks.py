@@ -211,7 +211,7 @@ def write_multiband_task(root: Path, n_train: int, n_test: int, seed: int = 0) -
 
 
 def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain: dict, channels: int, steps: int = 300,
-               connector: dict | None = None) -> float:
+               connector: dict | None = None, max_length: int = 128) -> float:
     """make-shards with ``domain``, train connector + the tiny LLM (encoder frozen), return held-out accuracy."""
     from mmdomain.domains import build_domain
     from mmdomain.recipe import validate_recipe
@@ -225,7 +225,7 @@ def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain:
     recipe = validate_recipe({
         "stage": "instruct",
         "model": {"encoder": {"name": "tiny-vit", "options": {"image_size": SIZE, "patch_size": 8, "dim": 64, "depth": 2, "channels": channels}},
-                  "connector": connector or {"name": "mlp"}, "llm": {"path": llm_dir}, "domain": domain, "max_length": 128},
+                  "connector": connector or {"name": "mlp"}, "llm": {"path": llm_dir}, "domain": domain, "max_length": max_length},
         "trainable": {"connector": True, "llm": "full"},
         "data": {"train": str(shards / "train-*.tar"), "eval": str(shards / "test-*.tar"), "shuffle_buffer": 500},
         "optim": {"lr": 1e-3, "warmup_steps": 20, "max_steps": steps, "batch_size": 32},
