@@ -5,8 +5,9 @@
 """
 from __future__ import annotations
 
-from . import depth_pool, frame_stack, linear, mlp, pixel_shuffle  # noqa: F401  (registers the built-in connectors)
-from ._registry import create_connector, list_connectors, register_connector
+from . import avg_pool, c_abstractor, depth_pool, frame_stack, ldp, linear, mlp, perceiver, pixel_shuffle, qformer  # noqa: F401  (registers the built-in connectors)
+from ._registry import check_connector, create_connector, keeps_prefix, list_connectors, register_connector
 from .base import Connector
+from .errors import ConnectorOptionError
 
-__all__ = ["Connector", "create_connector", "list_connectors", "register_connector"]
+__all__ = ["Connector", "ConnectorOptionError", "check_connector", "create_connector", "keeps_prefix", "list_connectors", "register_connector"]

@@ -12,6 +12,13 @@ class Connector(Protocol):
 
     ``num_output_tokens(n)`` tells the processor how many placeholder tokens one media item needs, so a
     token-changing connector (pixel shuffle, resampler, Q-Former) needs no change anywhere else.
+
+    A connector may also set ``keeps_prefix = True`` when output token ``j`` depends only on input tokens before
+    ``(j + 1) * n / num_output_tokens(n)`` (per-token maps, frame stacking, windowed queries): then the first
+    ``num_output_tokens(m)`` outputs for a padded input describe its first ``m`` tokens, and a short audio clip can
+    cost tokens in proportion to its length (a static method ``keeps_prefix(options)`` says it when it depends on
+    the options, as the windowed Q-Former's does). Connectors that mix all positions (resamplers, pooling grids)
+    leave it unset and every item costs the full count.
     """
 
     in_dim: int

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ._registry import register_connector
+from .errors import ConnectorOptionError
 from .mlp import MLPConnector
 
 
@@ -34,8 +35,9 @@ class DepthPoolConnector(nn.Module):
     def __init__(self, *, in_dim: int, out_dim: int, groups: int = 1, depth: int = 2, position_pairs: int = 8) -> None:
         super().__init__()
         if groups < 1 or depth < 1 or position_pairs < 1:
-            raise ValueError(f"depth_pool needs groups, depth and position_pairs >= 1, got {groups}, {depth}, {position_pairs}")
+            raise ConnectorOptionError(f"depth_pool needs groups, depth and position_pairs >= 1, got {groups}, {depth}, {position_pairs}")
         self.in_dim, self.out_dim, self.groups, self.position_pairs = in_dim, out_dim, groups, position_pairs
+        self.min_slices = groups  # each slab needs a slice of its own
         self.position = nn.Linear(2 * position_pairs, in_dim)
         self.norm = nn.LayerNorm(in_dim)
         self.score = nn.Linear(in_dim, 1)
@@ -51,7 +53,8 @@ class DepthPoolConnector(nn.Module):
         x = tokens[:, None] if tokens.ndim == 3 else tokens
         b, s, n, d = x.shape
         if s < self.groups:
-            raise ValueError(f"depth_pool with groups={self.groups} needs at least {self.groups} slices per item; got {s}")
+            raise ConnectorOptionError(f"depth_pool with groups={self.groups} needs at least {self.groups} slices per item; got {s} "
+                                       "(lower groups, or raise the domain's nifti.count)")
         x = self.norm(x + self.position(depth_features(s, self.position_pairs).to(x))[None, :, None])
         scores = self.score(x)  # [B, S, N, 1]
         slab = (torch.arange(s, device=x.device) * self.groups) // s  # the slab of each slice, contiguous

@@ -11,15 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_connector
+from .errors import ConnectorOptionError
 from .mlp import MLPConnector
 
 
 @register_connector("frame_stack")
 class FrameStackConnector(nn.Module):
+    keeps_prefix = True  # output token j stacks input frames jk..jk+k-1 only: a clip's prefix maps to a prefix
+
     def __init__(self, *, in_dim: int, out_dim: int, k: int = 8, depth: int = 2) -> None:
         super().__init__()
         if k < 1 or depth < 1:
-            raise ValueError(f"frame_stack needs k >= 1 and depth >= 1, got k={k}, depth={depth}")
+            raise ConnectorOptionError(f"frame_stack needs k >= 1 and depth >= 1, got k={k}, depth={depth}")
         self.in_dim, self.out_dim, self.k = in_dim, out_dim, k
         self.mlp = MLPConnector(in_dim=in_dim * k, out_dim=out_dim, depth=depth)
 

@@ -9,6 +9,8 @@ from ._registry import register_connector
 
 @register_connector("linear")
 class LinearConnector(nn.Module):
+    keeps_prefix = True  # output token j is a function of input token j only: a clip's prefix maps to a prefix
+
     def __init__(self, *, in_dim: int, out_dim: int, bias: bool = True) -> None:
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim

@@ -1,13 +1,13 @@
 """``pixel_shuffle``: merge each ``factor x factor`` block of grid tokens into one, then an MLP (InternVL / Idefics3)."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ._registry import register_connector
+from .errors import ConnectorOptionError
 from .mlp import MLPConnector
+from .token_grid import square_side
 
 
 @register_connector("pixel_shuffle")
@@ -21,12 +21,10 @@ class PixelShuffleConnector(nn.Module):
         self.mlp = MLPConnector(in_dim=in_dim * factor * factor, out_dim=out_dim, depth=depth)
 
     def _side(self, n: int) -> int:
-        side = math.isqrt(n)
-        if side * side != n or side % self.factor:
-            raise ValueError(
-                f"pixel_shuffle needs a square token grid whose side divides by factor={self.factor}; got {n} tokens "
-                "(drop the CLS token with keep_cls=False, or change the input size)"
-            )
+        side = square_side(n, "pixel_shuffle")
+        if side % self.factor:
+            raise ConnectorOptionError(f"pixel_shuffle factor={self.factor} does not divide the encoder's {side}x{side} token grid; "
+                             f"use a factor that divides {side}, or change the input size")
         return side
 
     def num_output_tokens(self, num_input_tokens: int) -> int:

@@ -69,3 +69,5 @@ register_encoder("tiny-vit", lazy("encoders.testing", "build_tiny_vit"),
                  description="tiny random-init ViT with fixed sin-cos positions, for tests and the CPU demo")
 register_encoder("tiny-audio", lazy("encoders.testing", "build_tiny_audio"),
                  description="tiny random-init audio encoder (log-mel, conv, transformer; unit-scale init), for tests and CPU tries")
+register_encoder("fuse", lazy("encoders.fused", "build_fused"), locate=lazy("encoders.fused", "locate_fused"),
+                 description="several encoders for one media kind: encoders: [{name, options}, ...], mode: channels (Eagle) or sequence")

@@ -42,6 +42,13 @@ class EncoderInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
     """The local file or directory the weights were loaded from; None for a random-init encoder."""
+    time_ordered: bool = False
+    """Audio: the output tokens are evenly spaced frames in time order (Whisper, wav2vec2), so the first
+    ``num_tokens_for_samples(n)`` of them cover the first ``n`` input samples; False where tokens mix time with
+    frequency (CLAP's patch grid)."""
+    layers: tuple[int, ...] | None = None
+    """With multi-layer fusion (the ``layers`` option): the hidden-state indices whose features are concatenated on
+    the channel axis, in that order (``embed_dim`` is then their sum); ``layer`` is the deepest of them."""
 
     def grid(self, input_size: tuple[int, ...] | None = None) -> tuple[int, ...]:
         size = tuple(input_size) if input_size is not None else self.input_size
@@ -57,6 +64,14 @@ class EncoderInfo:
             return self.exact_tokens
         return math.prod(self.grid(input_size)) + self.num_prefix_tokens
 
+    def num_tokens_for_samples(self, samples: int) -> int:
+        """Output tokens that cover the first ``samples`` input samples (at least one, at most the full count): what
+        a clip shorter than ``input_size`` really needs. Only for ``time_ordered`` encoders."""
+        if not self.time_ordered:
+            raise ValueError(f"{self.source} does not output tokens in time order; its clips always cost {self.num_tokens()} tokens")
+        full = self.num_tokens()
+        return max(1, min(full, math.ceil(full * samples / self.input_size[0])))
+
     @property
     def tokens_per_second(self) -> float | None:
         """For audio encoders: output tokens per second of input."""
@@ -70,7 +85,13 @@ class EncoderInfo:
 
 @runtime_checkable
 class Encoder(Protocol):
-    """An ``nn.Module`` with ``info`` whose ``forward(x)`` returns ``[B, info.num_tokens(), info.embed_dim]``."""
+    """An ``nn.Module`` with ``info`` whose ``forward(x)`` returns ``[B, info.num_tokens(), info.embed_dim]``.
+
+    Optional, for training part of the encoder (the last k blocks, LoRA on its blocks): ``layer_blocks()``, the
+    blocks ``forward`` runs, input to output (the units ``layer`` counts), and ``output_norm()``, the norm applied
+    after the last of them, or None when ``forward`` applies none (a ``layer`` before the last, or a tower whose
+    final norm only pools). Every encoder in this package has both.
+    """
 
     info: EncoderInfo
 
@@ -99,6 +120,33 @@ def resolve_layer(layer: int, num_layers: int, source: str) -> tuple[int, bool]:
             f"use 1..{num_layers} or -1..-{num_layers} (-1 is the last, -2 the one before, as in LLaVA)"
         )
     return index - 1, index == num_layers
+
+
+def resolve_layers(layer: int, layers: list[int] | None, num_layers: int, source: str) -> tuple[list[int], int]:
+    """The 0-based blocks whose outputs an encoder returns, concatenated on the channel axis in this order, and the
+    hidden-state index of the deepest (``EncoderInfo.layer``; the tower is built up to it).
+
+    ``layers`` (multi-layer feature fusion, as LLaVA-OneVision and Eagle) lists hidden-state indices in the ``layer``
+    convention; None means the one ``layer``. The final norm applies when the deepest block is the tower's last."""
+    if layers is None:
+        return [resolve_layer(layer, num_layers, source)[0]], layer
+    if layer != -1:
+        raise EncoderOptionError(f"{source}: give layer (one hidden state) or layers (several, concatenated), not both; got layer={layer}, layers={layers!r}")
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)) or not layers:
+        raise EncoderOptionError(f"{source}: layers must be a list of hidden-state indices, e.g. [-1, -5]; got {layers!r}")
+    blocks = [resolve_layer(int(one), num_layers, source)[0] for one in layers]
+    if len(set(blocks)) != len(blocks):
+        raise EncoderOptionError(f"{source}: layers {list(layers)} name the same layer twice (the tower has {num_layers}); list each once")
+    return blocks, int(layers[blocks.index(max(blocks))])
+
+
+def layers_refused(source: str, layers: Any) -> None:
+    """For encoder families that offer one layer only: refuse ``layers`` naming what does offer it."""
+    if layers is not None:
+        raise EncoderOptionError(
+            f"{source}: layers={layers!r} (multi-layer feature fusion) is offered by hf: vision towers and the tiny test encoders, "
+            "not by this encoder family yet; use one layer (layer=-2), or an hf: tower for fused layers"
+        )
 
 
 def random_init_refused(source: str, reason: str, how_to_give_weights: str) -> RandomInitError:

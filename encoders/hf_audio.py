@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._hf_loading import known_model_type, load_pruned
-from .base import EncoderInfo, check_random_init, declared_license, random_init_refused, resolve_layer
+from .base import EncoderInfo, check_random_init, declared_license, layers_refused, random_init_refused, resolve_layer
 from .errors import EncoderNotFoundError, EncoderOptionError, UnknownEncoderError
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,18 @@ class HFAudioEncoder(nn.Module):
         self.model, self.info, self.features = model, info, features
         self._is_last, self._kind, self._normalize = is_last, kind, normalize
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_lengths(self) -> bool:
+        """wav2vec2-family towers use each clip's length (statistics over the clip, a padding mask where the model
+        takes one); Whisper is trained on zero-padded 30 s windows and CLAP crops, so they take none."""
+        return self._kind == "wav2vec"
+
+    def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         n = self.info.input_size[0]
         if waveform.shape[-1] != n:  # the processor already fits clips; direct callers get the same rule
             waveform = F.pad(waveform, (0, n - waveform.shape[-1])) if waveform.shape[-1] < n else waveform[..., :n]
         dtype = next(self.model.parameters()).dtype
+        extra: dict[str, Any] = {}
         if self._kind == "whisper":
             inputs = {"input_features": self.features(waveform).to(dtype)}
         elif self._kind == "clap":
@@ -69,17 +76,49 @@ class HFAudioEncoder(nn.Module):
                              is_longer=feats["is_longer"].to(waveform.device)).last_hidden_state
             return out.flatten(2).transpose(1, 2)  # [B, D, F, T] map -> [B, F*T, D] tokens
         else:
-            if self._normalize:  # wav2vec2's feature extractor: zero mean, unit variance per clip
-                waveform = (waveform - waveform.mean(-1, keepdim=True)) / (waveform.var(-1, keepdim=True) + 1e-7).sqrt()
+            valid = None
+            if lengths is not None:
+                valid = torch.arange(n, device=waveform.device)[None, :] < lengths.to(waveform.device)[:, None]
+            if self._normalize:  # wav2vec2's feature extractor: zero mean, unit variance per clip (over the clip itself)
+                w = valid.float() if valid is not None else torch.ones_like(waveform)
+                count = w.sum(-1, keepdim=True).clamp(min=1)
+                mean = (waveform * w).sum(-1, keepdim=True) / count
+                var = ((waveform - mean) ** 2 * w).sum(-1, keepdim=True) / count
+                waveform = (waveform - mean) / (var + 1e-7).sqrt() * w  # padding stays zero, as the extractor pads
             inputs = {"input_values": waveform.to(dtype)}
+            # transformers: only layer-norm feature encoders were trained with a padding mask; group-norm ones
+            # (wav2vec2-base) expect zero padding and no mask.
+            if valid is not None and getattr(self.model.config, "feat_extract_norm", "group") == "layer":
+                extra["attention_mask"] = valid.long()
         if self._is_last:
-            return self.model(**inputs).last_hidden_state
-        return self.model(**inputs, output_hidden_states=True).hidden_states[-1]
+            return self.model(**inputs, **extra).last_hidden_state
+        return self.model(**inputs, **extra, output_hidden_states=True).hidden_states[-1]
+
+    def layer_blocks(self) -> list[nn.Module]:
+        """The layers ``forward`` runs, input to output: Whisper's ``layers``, the wav2vec2 family's ``encoder.layers``,
+        CLAP's HTSAT stages (``audio_encoder.layers``)."""
+        for path in ("layers", "encoder.layers", "audio_encoder.layers"):
+            try:
+                return list(self.model.get_submodule(path))
+            except AttributeError:
+                continue
+        raise AttributeError(f"{self.info.source}: no layer list found in {type(self.model).__name__}")
+
+    def output_norm(self) -> nn.Module | None:
+        if not self._is_last:
+            return None
+        if self._kind == "whisper":
+            return self.model.layer_norm
+        if self._kind == "clap":
+            return self.model.audio_encoder.norm
+        # The wav2vec2 family normalises after its layers only in the stable-layer-norm variant (before them otherwise).
+        return self.model.encoder.layer_norm if getattr(self.model.config, "do_stable_layer_norm", False) else None
 
 
-def locate_hf_audio(spec: str, *, random_init: bool = False, **_: Any) -> tuple[Path | None, str]:
+def locate_hf_audio(spec: str, *, random_init: bool = False, layers: Any = None, **_: Any) -> tuple[Path | None, str]:
     """(local directory or None, model type) for ``hf_audio:<spec>``, or the EncoderError building it would raise;
     reads only config.json, so a recipe's encoder can be checked before anything loads."""
+    layers_refused(f"hf_audio:{spec}", layers)
     path = Path(spec).expanduser()
     source = f"hf_audio:{spec}"
     if path.is_dir():
@@ -105,13 +144,13 @@ def locate_hf_audio(spec: str, *, random_init: bool = False, **_: Any) -> tuple[
 
 
 def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, random_init: bool = False, layer: int = -1,
-                           clip_seconds: float | None = None, license: str | None = None) -> HFAudioEncoder:
+                           layers: Any = None, clip_seconds: float | None = None, license: str | None = None) -> HFAudioEncoder:
     """``hf_audio:/models/whisper-small`` (the encoder half is kept) or ``hf_audio:wav2vec2`` / ``hubert`` /
     ``whisper`` with ``random_init=True`` and ``config={...}`` for a random-init model. ``clip_seconds`` sets the
     wav2vec2-family clip length (Whisper's is fixed by its positions: 30 s for released models)."""
     import transformers
 
-    found, model_type = locate_hf_audio(spec, random_init=random_init)
+    found, model_type = locate_hf_audio(spec, random_init=random_init, layers=layers)
     local = found is not None
     path = found or Path(spec)
     source = f"hf_audio:{spec}"
@@ -167,7 +206,7 @@ def build_hf_audio_encoder(spec: str, *, config: dict[str, Any] | None = None, r
         modality="audio", embed_dim=dim, input_size=(samples,), patch_size=(max(1, samples // tokens),), channels=1,
         mean=(0.0,), std=(1.0,), source=source,
         license=declared_license(license, local),
-        layer=layer, sample_rate=sample_rate, exact_tokens=tokens, weights=str(path) if local else None,
+        layer=layer, sample_rate=sample_rate, exact_tokens=tokens, weights=str(path) if local else None, time_ordered=True,
     )
     return HFAudioEncoder(model, info, is_last, kind, normalize, features)
 

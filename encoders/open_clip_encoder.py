@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._checkpoint import describe_key_mismatch, existing_weights_file, read_state_dict
-from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderInfo, as_pair, check_random_init, declared_license, fit_channels,
+from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderInfo, as_pair, check_random_init, declared_license, fit_channels, layers_refused,
                    random_init_refused, resolve_layer)
 from .errors import EncoderNotFoundError, UnknownEncoderError, WeightsMismatchError
 
@@ -38,6 +38,20 @@ class OpenClipEncoder(nn.Module):
         if self._keep_cls and prefix is not None:
             tokens = torch.cat([prefix[0], tokens], dim=1)
         return tokens
+
+    def layer_blocks(self) -> list[nn.Module]:
+        """The residual blocks ``forward`` runs, input to output (a timm trunk's units as its feature_info names them)."""
+        trunk = getattr(self.visual, "trunk", None)
+        if trunk is not None:
+            return [trunk.get_submodule(f["module"]) for f in list(trunk.feature_info)[: self._block_index + 1]]
+        return list(self.visual.transformer.resblocks)[: self._block_index + 1]
+
+    def output_norm(self) -> nn.Module | None:
+        if not self._is_last:
+            return None
+        trunk = getattr(self.visual, "trunk", None)
+        norm = getattr(trunk, "norm", None) if trunk is not None else getattr(self.visual, "ln_post", None)
+        return norm if isinstance(norm, nn.Module) and any(True for _ in norm.parameters()) else None
 
 
 def _model_config(spec: str) -> tuple[dict[str, Any], dict[str, Any], Path | None]:
@@ -68,10 +82,11 @@ def _model_config(spec: str) -> tuple[dict[str, Any], dict[str, Any], Path | Non
     return copy.deepcopy(cfg), dict(cfg.get("preprocess_cfg", {})), None
 
 
-def locate_open_clip(spec: str, *, weights: str | None = None, random_init: bool = False,
+def locate_open_clip(spec: str, *, weights: str | None = None, random_init: bool = False, layers: Any = None,
                      **_: Any) -> tuple[dict[str, Any], dict[str, Any], Path | None]:
     """(model config, preprocess config, weights file or None for a random tower) of ``open_clip:<spec>``, or the
     EncoderError building it would raise; reads configs only, so a recipe's encoder can be checked before it loads."""
+    layers_refused(f"open_clip:{spec}", layers)
     model_cfg, preprocess_cfg, found = _model_config(spec)
     source = f"open_clip:{spec}"
     check_random_init(source, random_init, weights is not None or found is not None)
@@ -88,6 +103,7 @@ def build_open_clip_encoder(
     weights: str | None = None,
     random_init: bool = False,
     layer: int = -1,
+    layers: Any = None,
     keep_cls: bool = False,
     vision_cfg: dict[str, Any] | None = None,
     license: str | None = None,
@@ -99,7 +115,7 @@ def build_open_clip_encoder(
     """
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
-    model_cfg, preprocess_cfg, weights_path = locate_open_clip(spec, weights=weights, random_init=random_init)
+    model_cfg, preprocess_cfg, weights_path = locate_open_clip(spec, weights=weights, random_init=random_init, layers=layers)
     source = f"open_clip:{spec}"
     vcfg = dict(model_cfg["vision_cfg"], **(vision_cfg or {}))
     vcfg["timm_model_pretrained"] = False  # a timm trunk must never fetch its own weights

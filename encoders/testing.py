@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import EncoderInfo, as_pair, resolve_layer
+from .base import EncoderInfo, as_pair, resolve_layers
 from .errors import EncoderOptionError
 
 
@@ -54,13 +54,25 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def fuse_taps(blocks: nn.ModuleList, x: torch.Tensor, final_norm: nn.Module, taps: list[int]) -> torch.Tensor:
+    """Run ``blocks``; return the outputs of blocks ``taps`` concatenated on the channel axis (one tap: that output).
+    ``final_norm`` (an Identity unless the tower's last block is built) applies to the last block's output only."""
+    outputs = []
+    for block in blocks:
+        x = block(x)
+        outputs.append(x)
+    outputs[-1] = final_norm(outputs[-1])
+    return torch.cat([outputs[i] for i in taps], dim=-1) if len(taps) > 1 else outputs[taps[0]]
+
+
 class TinyViT(nn.Module):
     """A pre-norm ViT with a CLS token and fixed sin-cos positions; patch embedding at unit output scale."""
 
-    def __init__(self, info: EncoderInfo, depth: int, heads: int, keep_cls: bool) -> None:
+    def __init__(self, info: EncoderInfo, dim: int, taps: list[int], heads: int, keep_cls: bool) -> None:
         super().__init__()
         self.info = info
-        dim, (ph, pw) = info.embed_dim, info.patch_size
+        self._taps = taps  # blocks whose outputs are returned, concatenated on the channel axis
+        ph, pw = info.patch_size
         self.patch_embed = nn.Conv2d(info.channels, dim, kernel_size=(ph, pw), stride=(ph, pw))
         # Scale the random patch kernel so patch features come out near unit std, like the position embedding.
         nn.init.normal_(self.patch_embed.weight, std=1.0 / math.sqrt(info.channels * ph * pw))
@@ -68,7 +80,7 @@ class TinyViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         gh, gw = info.grid()
         self.register_buffer("pos_embed", sincos_2d(gh, gw, dim)[None], persistent=False)
-        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(max(taps) + 1))  # later blocks are never built
         self.norm = nn.LayerNorm(dim) if info.extra.get("final_norm") else nn.Identity()
         self._keep_cls = keep_cls
 
@@ -77,10 +89,15 @@ class TinyViT(nn.Module):
         if x.shape[1] != self.pos_embed.shape[1]:
             raise ValueError(f"input gives {x.shape[1]} patches; this encoder is built for {self.pos_embed.shape[1]} ({self.info.input_size} px)")
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x + self.pos_embed], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        x = self.norm(x)
+        x = fuse_taps(self.blocks, x, self.norm, self._taps)
         return x if self._keep_cls else x[:, 1:]
+
+    def layer_blocks(self) -> list[nn.Module]:
+        """The transformer blocks ``forward`` runs, input to output."""
+        return list(self.blocks)
+
+    def output_norm(self) -> nn.Module | None:
+        return None if isinstance(self.norm, nn.Identity) else self.norm
 
 
 def build_tiny_vit(
@@ -92,15 +109,16 @@ def build_tiny_vit(
     heads: int = 4,
     channels: int = 3,
     layer: int = -1,
+    layers: list[int] | None = None,
     keep_cls: bool = False,
 ) -> TinyViT:
-    """``tiny-vit``: a ~0.1 M-parameter random ViT. Layers after ``layer`` are never built."""
+    """``tiny-vit``: a ~0.1 M-parameter random ViT. Layers after ``layer`` (the deepest of ``layers``) are never built."""
     if dim % 4 or dim % heads:
         raise EncoderOptionError(f"tiny-vit: dim={dim} must be divisible by 4 (sin-cos positions) and by heads={heads}")
-    block_index, is_last = resolve_layer(layer, depth, "tiny-vit")
+    taps, deepest = resolve_layers(layer, layers, depth, "tiny-vit")
     info = EncoderInfo(
         modality="image",
-        embed_dim=dim,
+        embed_dim=dim * len(taps),
         input_size=as_pair(image_size),
         patch_size=as_pair(patch_size),
         channels=channels,
@@ -108,11 +126,12 @@ def build_tiny_vit(
         std=(0.25,) * channels,
         source="tiny-vit",
         license="n/a (random init)",
-        layer=layer,
+        layer=deepest,
+        layers=tuple(layers) if layers is not None else None,
         num_prefix_tokens=1 if keep_cls else 0,
-        extra={"final_norm": is_last},
+        extra={"final_norm": max(taps) == depth - 1},
     )
-    return TinyViT(info, depth=block_index + 1, heads=heads, keep_cls=keep_cls)
+    return TinyViT(info, dim=dim, taps=taps, heads=heads, keep_cls=keep_cls)
 
 
 def mel_filters(n_mels: int, n_fft: int, sample_rate: int) -> torch.Tensor:
@@ -135,17 +154,16 @@ class TinyAudio(nn.Module):
     like the positions, so frozen at random init the tokens still differ with the sound (Whisper's std 0.02 convs
     under unit-scale positions make every clip look nearly alike)."""
 
-    def __init__(self, info: EncoderInfo, n_mels: int, hop: int, depth: int, heads: int) -> None:
+    def __init__(self, info: EncoderInfo, n_mels: int, hop: int, dim: int, taps: list[int], heads: int) -> None:
         super().__init__()
-        self.info, self.hop, self.n_fft = info, hop, int(2.5 * hop)
+        self.info, self.hop, self.n_fft, self._taps = info, hop, int(2.5 * hop), taps
         self.register_buffer("filters", mel_filters(n_mels, self.n_fft, int(info.sample_rate)), persistent=False)
         self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
-        dim = info.embed_dim
         self.conv = nn.Conv1d(n_mels, dim, kernel_size=3, stride=2, padding=1)
         nn.init.normal_(self.conv.weight, std=1.0 / math.sqrt(n_mels * 3))  # standardised mels in -> unit-std tokens out
         nn.init.zeros_(self.conv.bias)
         self.register_buffer("pos_embed", sincos_1d(int(info.exact_tokens), dim)[None], persistent=False)
-        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(max(taps) + 1))  # later blocks are never built
         self.norm = nn.LayerNorm(dim) if info.extra.get("final_norm") else nn.Identity()
 
     def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -162,9 +180,14 @@ class TinyAudio(nn.Module):
         if waveform.shape[-1] != n:  # the processor already fits clips; direct callers get the same rule
             waveform = F.pad(waveform, (0, n - waveform.shape[-1])) if waveform.shape[-1] < n else waveform[..., :n]
         x = self.conv(self.log_mel(waveform).to(self.conv.weight.dtype)).transpose(1, 2) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return fuse_taps(self.blocks, x, self.norm, self._taps)
+
+    def layer_blocks(self) -> list[nn.Module]:
+        """The transformer blocks ``forward`` runs, input to output."""
+        return list(self.blocks)
+
+    def output_norm(self) -> nn.Module | None:
+        return None if isinstance(self.norm, nn.Identity) else self.norm
 
 
 def build_tiny_audio(
@@ -176,6 +199,7 @@ def build_tiny_audio(
     depth: int = 2,
     heads: int = 4,
     layer: int = -1,
+    layers: list[int] | None = None,
 ) -> TinyAudio:
     """``tiny-audio``: a ~0.1 M-parameter random audio encoder (log-mel + conv + transformer), 50 tokens per second
     at 16 kHz; use it with the ``audio`` domain and, to cut tokens, the ``frame_stack`` connector."""
@@ -187,11 +211,11 @@ def build_tiny_audio(
     samples = round(clip_seconds * sample_rate)
     if samples < 2 * hop:
         raise EncoderOptionError(f"tiny-audio: clip_seconds={clip_seconds} is shorter than one token (20 ms)")
-    block_index, is_last = resolve_layer(layer, depth, "tiny-audio")
+    taps, deepest = resolve_layers(layer, layers, depth, "tiny-audio")
     tokens = (samples // hop + 1) // 2  # frames (one per hop, the centred STFT's last dropped), halved by the stride-2 conv
     info = EncoderInfo(
         modality="audio",
-        embed_dim=dim,
+        embed_dim=dim * len(taps),
         input_size=(samples,),
         patch_size=(2 * hop,),
         channels=1,
@@ -199,9 +223,11 @@ def build_tiny_audio(
         std=(1.0,),
         source="tiny-audio",
         license="n/a (random init)",
-        layer=layer,
+        layer=deepest,
+        layers=tuple(layers) if layers is not None else None,
         sample_rate=sample_rate,
         exact_tokens=tokens,
-        extra={"final_norm": is_last},
+        extra={"final_norm": max(taps) == depth - 1},
+        time_ordered=True,
     )
-    return TinyAudio(info, n_mels=n_mels, hop=hop, depth=block_index + 1, heads=heads)
+    return TinyAudio(info, n_mels=n_mels, hop=hop, dim=dim, taps=taps, heads=heads)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ._checkpoint import describe_key_mismatch, diagnose_weights, existing_weights_file
-from .base import EncoderInfo, as_pair, check_random_init, declared_license, fit_channels, random_init_refused, resolve_layer
+from .base import EncoderInfo, as_pair, check_random_init, declared_license, fit_channels, layers_refused, random_init_refused, resolve_layer
 from .errors import UnknownEncoderError, UnknownOptionError, WeightsFileError, WeightsMismatchError
 
 # Options of build_timm_encoder that reach timm.create_model under another name.
@@ -41,13 +41,23 @@ class TimmEncoder(nn.Module):
         tokens = out.flatten(2).transpose(1, 2)
         return torch.cat([prefix, tokens], dim=1) if prefix is not None else tokens
 
+    def layer_blocks(self) -> list[nn.Module]:
+        """The blocks (stages for a CNN) ``forward`` runs, input to output: timm's ``feature_info`` names each unit
+        ``layer`` counts (``blocks.3`` for a ViT, ``stages.2`` for a ConvNeXt)."""
+        return [self.model.get_submodule(f["module"]) for f in list(self.model.feature_info)[: self._block_index + 1]]
 
-def locate_timm_weights(arch: str, *, weights: str | None = None, random_init: bool = False, **_: Any) -> Path | None:
+    def output_norm(self) -> nn.Module | None:
+        norm = getattr(self.model, "norm", None) if self._is_last else None  # forward_intermediates(norm=...) applies model.norm
+        return norm if norm is not None and any(True for _ in norm.parameters()) else None
+
+
+def locate_timm_weights(arch: str, *, weights: str | None = None, random_init: bool = False, layers: Any = None, **_: Any) -> Path | None:
     """The checked local weights file of ``timm:<arch>`` (None for a deliberately random tower), or the EncoderError
     building it would raise; builds nothing, so a recipe's encoder can be checked before anything loads."""
     import timm
 
     source = f"timm:{arch}"
+    layers_refused(source, layers)
     if not timm.is_model(arch):
         near = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
         raise UnknownEncoderError(f"timm has no architecture {arch!r}" + (f"; similar: {', '.join(near)}" if near else ""))
@@ -71,6 +81,7 @@ def build_timm_encoder(
     weights: str | None = None,
     random_init: bool = False,
     layer: int = -1,
+    layers: Any = None,
     keep_cls: bool = False,
     in_chans: int = 3,
     image_size: int | tuple[int, int] | None = None,
@@ -87,7 +98,7 @@ def build_timm_encoder(
     import timm
 
     source = f"timm:{arch}"
-    path = locate_timm_weights(arch, weights=weights, random_init=random_init)
+    path = locate_timm_weights(arch, weights=weights, random_init=random_init, layers=layers)
     kwargs: dict[str, Any] = dict(num_classes=0, in_chans=in_chans, **model_kwargs)
     if image_size is not None:
         kwargs["img_size"] = as_pair(image_size)

@@ -18,13 +18,14 @@ from encoders import audio_transform, create_encoder, image_transform, volume_tr
 
 from .checkpoint import CheckpointWriter, read_json, read_tensors, resolve_checkpoint, verify
 from .domains import build_domain
+from .encoder_adaptation import add_encoder_lora
 from .errors import CheckpointError, ModelLoadError
 from .identity import describe_llm, encoder_difference, encoder_identity, llm_difference, llm_identity
 from .llm import add_media_token, apply_lora, load_llm, load_tokenizer
-from .media import MediaKind
+from .media import MediaKind, audio_sizing, sized_by_length
 from .model import MediaKindModule, MultimodalLM, head_transform
 from .processor import MultimodalProcessor
-from .spec import PRIMARY, ModelSpec
+from .spec import PRIMARY, ModelSpec, with_legacy_defaults
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,12 @@ TOKENIZER = "tokenizer"
 
 def build_model(spec: ModelSpec, *, tokenizer_dir: str | Path | None = None) -> tuple[MultimodalLM, MultimodalProcessor]:
     """Build (model, processor) from a spec: encoders frozen, LLM frozen (LoRA adapters trainable), connectors
-    trainable. Each connector's ``in_dim`` comes from its encoder and ``out_dim`` from the LLM's embedding width."""
+    trainable. Each connector's ``in_dim`` comes from its encoder and ``out_dim`` from the LLM's embedding width.
+    An encoder with ``lora`` gets its adapters here, so a checkpoint's spec alone rebuilds the same model."""
     encoders = [create_encoder(kind.encoder.name, **kind.encoder.options) for kind in spec.kinds()]
+    for index, (kind, encoder) in enumerate(zip(spec.kinds(), encoders)):
+        if kind.encoder.lora is not None:
+            add_encoder_lora(encoder, kind.encoder.lora, "model.encoder" if index == 0 else f"model.extra_kinds[{index - 1}].encoder")
     domains = [build_domain(kind.domain.name, kind.domain.options, enc.info) for kind, enc in zip(spec.kinds(), encoders)]
     llm, tokenizer = load_llm(spec.llm)
     if tokenizer_dir is not None:  # a checkpoint's own tokenizer (it already holds the media tokens)
@@ -55,8 +60,9 @@ def build_model(spec: ModelSpec, *, tokenizer_dir: str | Path | None = None) -> 
         modules.append(module)
         aliases = ("image", encoder.info.modality) if kind.name == PRIMARY else ()
         where = "model.domain" if index == 0 else f"model.extra_kinds[{index - 1}].domain"
+        sizing = audio_sizing(encoder.info, connector) if sized_by_length(encoder.info, kind.connector, spec.audio_tokens) else None
         kinds.append(MediaKind(kind.name, kind.token, module.token_id, module.tokens_per_item, media_transform(encoder.info, domain, where),
-                               domain, aliases=tuple(a for a in aliases if a != kind.name)))
+                               domain, aliases=tuple(a for a in aliases if a != kind.name), sizing=sizing))
     llm.requires_grad_(False)
     if spec.llm.lora is not None:
         llm = apply_lora(llm, spec.llm.lora)
@@ -87,6 +93,9 @@ def check_slices(domain: Any, name: str, connector: nn.Module, where: str) -> No
         raise ModelLoadError(f"{where}.domain decodes each volume as {depth} slices (nifti.mode: volume), but {where}.connector "
                              f"{name!r} takes one image's tokens; use connector depth_pool (groups: slabs of slices to keep), or a "
                              "2-D nifti.mode (middle, even, neighbours)")
+    if depth is not None and depth < getattr(connector, "min_slices", 1):
+        raise ModelLoadError(f"{where}.connector {name!r} needs at least {connector.min_slices} slices per item, but {where}.domain "
+                             f"decodes {depth} (nifti.count); raise nifti.count or lower the connector's groups")
 
 
 @torch.no_grad()
@@ -210,7 +219,7 @@ def load_pretrained(path: str | Path) -> tuple[MultimodalLM, MultimodalProcessor
     """(model, processor) from a checkpoint directory or a run directory (its newest complete checkpoint)."""
     directory = resolve_checkpoint(path)
     config = read_model_config(directory)
-    spec = ModelSpec.model_validate(config["spec"])
+    spec = ModelSpec.model_validate(with_legacy_defaults(config["spec"]))
     check_bases(config, spec, directory, "checkpoint")
     tokenizer_dir = directory / TOKENIZER
     model, processor = build_model(spec, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None)
@@ -261,9 +270,10 @@ def check_handoff(spec: ModelSpec, path: str | Path) -> Path:
     kinds (encoders, connectors, domains) and the same base models. Returns the checkpoint directory."""
     directory = resolve_checkpoint(path)
     config = read_model_config(directory)
-    previous = ModelSpec.model_validate(config["spec"])
+    previous = ModelSpec.model_validate(with_legacy_defaults(config["spec"]))
     for part in ("encoder", "connector", "extra_kinds"):
-        if getattr(previous, part) != getattr(spec, part):
+        # Encoder adapters may be added in a later stage (align frozen, then instruct with encoder LoRA), as the LLM's.
+        if _without_adapters(getattr(previous, part)) != _without_adapters(getattr(spec, part)):
             raise CheckpointError(
                 f"init_from {directory}: its {part} is {_dump(getattr(previous, part))} but this recipe's is "
                 f"{_dump(getattr(spec, part))}; stages must share the {part}"
@@ -271,8 +281,19 @@ def check_handoff(spec: ModelSpec, path: str | Path) -> Path:
     if previous.domain != spec.domain:  # legitimate at times (a cap raised, tiling added), never silently
         log.warning("init_from %s: media were decoded with domain %s there and %s here; the weights it carries learnt from "
                     "the former", directory, previous.domain.model_dump(), spec.domain.model_dump())
+    if previous.audio_tokens != spec.audio_tokens and any(kind.domain.name == "audio" for kind in spec.kinds()):
+        log.warning("init_from %s: its clips cost tokens %s, here %s (model.audio_tokens); the connector it carries "
+                    "learnt from the former", directory, previous.audio_tokens, spec.audio_tokens)
     check_bases(config, spec, directory, "init_from")
     return directory
+
+
+def _without_adapters(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_without_adapters(kind) for kind in value]
+    if hasattr(value, "encoder"):  # a media kind
+        return value.model_copy(update={"encoder": _without_adapters(value.encoder)})
+    return value.model_copy(update={"lora": None}) if hasattr(value, "lora") else value
 
 
 def _dump(value: Any) -> Any:
@@ -294,7 +315,9 @@ def load_handoff(model: MultimodalLM, directory: Path) -> list[str]:
         target = own.get(_canonical(name))
         (unknown.append(name) if target is None else mapped.__setitem__(target, tensor))
     if unknown:
-        raise CheckpointError(f"init_from {directory}: {len(unknown)} stored weights have no place in this model (first: {unknown[:3]})")
+        adapters = "; its encoder has LoRA adapters (model.encoder.lora there): give this stage the same model.encoder.lora" \
+            if any("lora_" in n and "encoder." in n for n in unknown) else ""
+        raise CheckpointError(f"init_from {directory}: {len(unknown)} stored weights have no place in this model (first: {unknown[:3]}){adapters}")
     _check_shapes(directory / WEIGHTS, {k: (v, own_state[k]) for k, v in mapped.items()})
     model.load_state_dict(mapped, strict=False)
     model.restored |= {k for k in mapped if ".connector." not in f".{k}"}

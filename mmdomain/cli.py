@@ -410,11 +410,12 @@ def is_user_error(exc: BaseException) -> bool:
     """Errors about the user's input or machine (fixable there), as opposed to a defect in mmdomain."""
     from pydantic import ValidationError
 
+    from connectors import ConnectorOptionError
     from encoders import EncoderError
 
     from .errors import MmdomainError
 
-    return isinstance(exc, (MmdomainError, EncoderError, OSError, KeyError, ValidationError)) or _missing_extra(exc) is not None
+    return isinstance(exc, (MmdomainError, EncoderError, ConnectorOptionError, OSError, KeyError, ValidationError)) or _missing_extra(exc) is not None
 
 
 def describe_error(exc: BaseException) -> str:

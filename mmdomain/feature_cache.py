@@ -23,6 +23,7 @@ from encoders import encode_slices
 from .data import FailureBudget, SampleFormat, expand_shards, iter_records
 from .domains import build_domain
 from .errors import MmdomainError
+from .media import cached_sizing, sized_by_length
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,19 @@ class FeatureCacheError(MmdomainError, ValueError):
 def feature_key(spec: Any, encoder: torch.nn.Module, transform: Any) -> str:
     """Hash of the encoder spec, its weights as loaded, the domain and the preprocessing."""
     h = hashlib.sha256()
+    # Clips stored trimmed to their own frames (model.audio_tokens: by_length) are other features than padded windows.
+    trimmed = {"audio_tokens": "by_length"} if _trims(spec, encoder) else {}
     h.update(json.dumps({"encoder": spec.encoder.model_dump(mode="json"), "domain": spec.domain.model_dump(mode="json"),
-                         "transform": repr(transform)}, sort_keys=True).encode())
+                         "transform": repr(transform), **trimmed}, sort_keys=True).encode())
     for name, tensor in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:20]
+
+
+def _trims(spec: Any, encoder: torch.nn.Module) -> bool:
+    """Whether clips cost tokens by length here, so the cache stores each clip's own frames only."""
+    return sized_by_length(encoder.info, spec.connector, spec.audio_tokens)
 
 
 def _encoder_for(recipe: Any) -> tuple[torch.nn.Module, Any, Any]:
@@ -63,23 +71,31 @@ def _encoder_for(recipe: Any) -> tuple[torch.nn.Module, Any, Any]:
 
 
 def check_cacheable(recipe: Any) -> None:
-    if recipe.trainable.encoder or any(p.startswith("encoder.") or p.startswith("*") for p in recipe.trainable.params):
-        raise FeatureCacheError("the recipe trains the encoder, so its features change every step: a feature cache cannot serve it")
+    # Any trained part (the last blocks, LoRA adapters, norms) changes the features as much as training it whole.
+    encoder = recipe.trainable.encoder
+    if recipe.trainable.encoder_trains or any(p.startswith("encoder.") or p.startswith("*") for p in recipe.trainable.params):
+        what = "the encoder" if encoder is True or not recipe.trainable.encoder_trains else \
+            f"part of the encoder ({encoder.model_dump(exclude_defaults=True)})"
+        raise FeatureCacheError(f"the recipe trains {what}, so its features change every step: a feature cache cannot serve it; "
+                                "drop data.feature_cache (or freeze the encoder: trainable.encoder: false)")
     if recipe.model.extra_kinds:
         raise FeatureCacheError("feature caching covers models with one media kind; this recipe has model.extra_kinds")
 
 
 def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
     """Write ``{out_dir}/train-*.tar`` (and ``eval-*.tar`` when the recipe has eval shards) plus feature_cache.json."""
+    from .band_stats import ensure_band_stats
     from .shards import ShardWriter, write_manifest
 
     check_cacheable(recipe)
+    ensure_band_stats(recipe)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META).unlink(missing_ok=True)  # shards are about to change: an interrupted rebuild must not look complete
     encoder, domain, transform = _encoder_for(recipe)
     encoder.to(device)
     key = feature_key(recipe.model, encoder, transform)
+    trims = _trims(recipe.model, encoder)
     manifest: dict[str, Any] = {}
     splits = {"train": recipe.data.train, **({"eval": recipe.data.eval} if recipe.data.eval else {})}
     for split, pattern in splits.items():
@@ -90,11 +106,24 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
 
         def flush(writer: ShardWriter) -> None:
             """Encode the pending records' media in batches and write each record with its features."""
-            items = [transform(m) for r in pending for m in r.media]
+            raw = [m for r in pending for m in r.media]
+            items = [transform(m) for m in raw]
+            # As the model encodes them: clips that cost tokens by length pass their lengths to encoders that mask
+            # padding, and only each clip's own frames are kept.
+            window = encoder.info.input_size[0]
+            lengths = torch.tensor([min(int(m.shape[-1]), window) for m in raw]) if trims else None
             with torch.no_grad():
-                feats = [encode_slices(encoder, torch.stack(items[i : i + batch_size]).to(device)).float().cpu()
-                         for i in range(0, len(items), batch_size)]
-            feats = iter(torch.cat(feats)) if feats else iter(())
+                feats = []
+                for i in range(0, len(items), batch_size):
+                    values = torch.stack(items[i : i + batch_size]).to(device)
+                    if lengths is not None and getattr(encoder, "takes_lengths", False):
+                        feats.append(encoder(values, lengths=lengths[i : i + batch_size].to(device)).float().cpu())
+                    else:
+                        feats.append(encode_slices(encoder, values).float().cpu())
+            feats = list(torch.cat(feats)) if feats else []
+            if lengths is not None:
+                feats = [f[: encoder.info.num_tokens_for_samples(int(n))] for f, n in zip(feats, lengths)]
+            feats = iter(feats)
             for r in pending:
                 sample = {"conversations": r.conversations, **({"choices": r.choices} if r.choices else {}),
                           **({"answer_type": r.answer_type} if r.answer_type else {})}
@@ -187,5 +216,5 @@ def open_cache(directory: str | Path, model: Any, processor: Any, recipe: Any) -
                                     "split; rebuild the cache with data.eval set, or set data.eval=null to train without evaluation")
         _check_source(directory, meta, "eval", recipe.data.eval)
         eval_patterns = str(directory / "eval-*.tar")
-    processor.use_cached_features()
+    processor.use_cached_features(meta["tokens_per_item"], cached_sizing(model.connector) if _trims(model.spec, model.encoder) else None)
     return str(directory / "train-*.tar"), eval_patterns

@@ -67,6 +67,9 @@ def encoder_identity(spec: EncoderSpec) -> dict[str, Any]:
     """Identity of an encoder's local weights: a ``weights=`` file, or a model directory named in ``family:dir``.
     A random-init encoder has no base (its weights travel inside the checkpoint)."""
     identity: dict[str, Any] = {"name": spec.name}
+    if spec.fused_parts():
+        identity["parts"] = [encoder_identity(part) for part in spec.fused_parts()]
+        return identity
     _, sep, rest = spec.name.partition(":")
     directory = Path(rest).expanduser() if sep else None
     if directory is not None and directory.is_dir():
@@ -103,6 +106,15 @@ def llm_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | Non
 
 def encoder_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
     """Why the encoder ``current`` is not ``stored``, or None when it is the same one."""
+    if "parts" in stored or "parts" in current:  # a fused encoder: each part in turn
+        old, new = stored.get("parts", []), current.get("parts", [])
+        if len(old) != len(new):
+            return f"it fuses {len(new)} encoders, the checkpoint's fused {len(old)}"
+        for i, (a, b) in enumerate(zip(old, new)):
+            why = encoder_difference(a, b)
+            if why:
+                return f"its part {i} ({b.get('name')}): {why}"
+        return None
     if stored.get("config_sha256") and current.get("config_sha256") and stored["config_sha256"] != current["config_sha256"]:
         return "its configuration differs"
     if stored.get("weights") and current.get("weights") and stored["weights"] != current["weights"]:

@@ -8,9 +8,16 @@ listed in the same order (the primary one first), so position ``k`` means the sa
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
+
+
+class ItemSize(NamedTuple):
+    """One item's valid input length (audio samples before padding, or cached encoder tokens) and LLM token count."""
+
+    length: int
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -18,7 +25,8 @@ class MediaKind:
     """What the processor knows about a media kind: content parts of type ``name`` (and ``aliases``) and ``token``
     markers become ``tokens_per_item`` placeholder ids ``token_id``; ``transform`` fits a decoded item to the
     encoder; ``domain`` decodes media files. ``encoded``: items are the encoder's output already (a feature cache),
-    so the model skips the encoder for this kind."""
+    so the model skips the encoder for this kind. ``sizing``: for kinds whose items differ in cost (short audio
+    clips), the ``ItemSize`` of one raw item; None when every item costs ``tokens_per_item``."""
 
     name: str
     token: str
@@ -28,6 +36,7 @@ class MediaKind:
     domain: Any = None
     aliases: tuple[str, ...] = ()
     encoded: bool = False
+    sizing: Callable[[Any], ItemSize] | None = None
 
     def with_changes(self, **changes: Any) -> "MediaKind":
         return replace(self, **changes)
@@ -38,13 +47,44 @@ class MediaBatch:
     """Every item of one media kind in a batch, in the order their placeholder blocks appear (row by row).
 
     ``values`` is ``[items, ...]``: pixels ``[n, C, H, W]``, waveforms ``[n, samples]``, or, when ``encoded``, the
-    encoder's output ``[n, tokens, dim]`` read from a feature cache."""
+    encoder's output ``[n, tokens, dim]`` read from a feature cache. ``lengths`` and ``tokens`` (one entry per item)
+    are set for kinds whose items differ in cost: the valid input length inside the padded values (the encoder may
+    mask the rest), and how many of the connector's outputs the item's placeholder block holds (the first ones)."""
 
     values: torch.Tensor
     encoded: bool = False
+    lengths: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MediaBatch":
-        return MediaBatch(self.values.to(device, non_blocking=non_blocking), self.encoded)
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return MediaBatch(move(self.values), self.encoded, move(self.lengths), move(self.tokens))
+
+
+def sized_by_length(info: Any, connector: Any, audio_tokens: str) -> bool:
+    """Whether clips of this kind cost tokens in proportion to their length (``model.audio_tokens: by_length``):
+    only when the encoder's tokens are frames in time order and the connector (a ``ConnectorSpec``) keeps a prefix
+    a prefix."""
+    from connectors import keeps_prefix
+
+    return audio_tokens == "by_length" and bool(getattr(info, "time_ordered", False)) and keeps_prefix(connector.name, connector.options)
+
+
+def audio_sizing(info: Any, connector: Any) -> Callable[[Any], ItemSize]:
+    """``ItemSize`` of a decoded clip (a 1-D waveform at the encoder's rate): its samples, up to the encoder's window,
+    and the connector tokens that cover them."""
+    window = int(info.input_size[0])
+
+    def size(clip: Any) -> ItemSize:
+        samples = min(int(clip.shape[-1]), window)
+        return ItemSize(samples, int(connector.num_output_tokens(info.num_tokens_for_samples(samples))))
+
+    return size
+
+
+def cached_sizing(connector: Any) -> Callable[[Any], ItemSize]:
+    """``ItemSize`` of cached encoder features ``[tokens, dim]`` stored trimmed to the clip's own frames."""
+    return lambda features: ItemSize(int(features.shape[0]), int(connector.num_output_tokens(int(features.shape[0]))))

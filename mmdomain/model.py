@@ -84,16 +84,28 @@ class MultimodalLM(nn.Module):
         for encoder, _, _ in self.kind_parts():
             if not any(p.requires_grad for p in encoder.parameters()):
                 encoder.eval()
+            elif mode:
+                # Partly trained (last blocks, LoRA, norms): each frozen piece (the patch embedding, the earlier blocks)
+                # stays in eval mode for the same reason.
+                for module in encoder.modules():
+                    weights = list(module.parameters())
+                    if weights and not any(p.requires_grad for p in weights):
+                        module.eval()
         return self
 
     def encode(self, kind: int, batch: MediaBatch) -> torch.Tensor:
-        """Items of media kind ``kind`` -> ``[items, tokens_per_item, hidden]`` connector outputs. An ``encoded``
+        """Items of media kind ``kind`` -> ``[items, tokens_per_item, hidden]`` connector outputs (items with their own
+        ``batch.tokens`` use only the first ones; ``embed`` picks them). An ``encoded``
         batch holds the encoder's output already (a feature cache) and goes straight to the connector. A volume's
         slices reach the connector as their own axis, ``[items, slices, tokens, dim]``."""
         encoder, connector, _ = self.kind_parts()[kind]
         features = batch.values
-        if not batch.encoded:  # volumes [n, slices, C, H, W] go through the 2-D encoder slice by slice
-            features = encode_slices(encoder, features.to(next(encoder.parameters()).dtype))
+        if not batch.encoded:
+            values = features.to(next(encoder.parameters()).dtype)
+            # Encoders that can mask padding (wav2vec2 with layer-norm features) are told where each clip ends.
+            lengths = batch.lengths if getattr(encoder, "takes_lengths", False) else None
+            # Volumes [n, slices, C, H, W] go through the 2-D encoder slice by slice.
+            features = encode_slices(encoder, values) if lengths is None else encoder(values, lengths=lengths)
         return connector(features.to(next(connector.parameters()).dtype))
 
     def embed(self, input_ids: torch.Tensor, media: Sequence[MediaBatch | None] | None = None) -> torch.Tensor:
@@ -112,7 +124,15 @@ class MultimodalLM(nn.Module):
                     raise ValueError(f"input_ids hold {n_slots} placeholder tokens (id {token_id}) but no media of that kind were given")
                 continue
             tokens = self.encode(kind, batch)
-            if tokens.shape[0] * tokens.shape[1] != n_slots:
+            if batch.tokens is not None:  # items of their own length (short clips) fill the first tokens of their block
+                counts = batch.tokens.to(tokens.device)
+                if int(counts.max()) > tokens.shape[1]:
+                    raise ValueError(f"a media item claims {int(counts.max())} tokens; the connector gives {tokens.shape[1]} per item")
+                if int(counts.sum()) != n_slots:
+                    raise ValueError(f"input_ids hold {n_slots} media placeholder tokens (id {token_id}) but the {len(counts)} media items "
+                                     f"fill {int(counts.sum())}; build inputs with this model's processor")
+                tokens = tokens[torch.arange(tokens.shape[1], device=tokens.device)[None, :] < counts[:, None]]
+            elif tokens.shape[0] * tokens.shape[1] != n_slots:
                 raise ValueError(
                     f"input_ids hold {n_slots} media placeholder tokens (id {token_id}) but {tokens.shape[0]} media items x "
                     f"{tokens.shape[1]} connector tokens were given; build inputs with this model's processor so each item "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from connectors import check_connector
 from encoders import check_encoder
 
 from .llm import check_local_dir, load_tokenizer
@@ -15,10 +16,12 @@ from .spec import ModelSpec
 
 
 def check_models(spec: ModelSpec) -> None:
-    """Every encoder's name, options and local files (as ``create_encoder`` would refuse them), the LLM directory, and
-    a tokenizer that reproduces text. Reads configs, headers and the tokenizer; loads no weights."""
+    """Every encoder's name, options and local files (as ``create_encoder`` would refuse them), every connector's name
+    and option names, the LLM directory, and a tokenizer that reproduces text. Reads configs, headers and the
+    tokenizer; loads no weights."""
     for kind in spec.kinds():
         check_encoder(kind.encoder.name, dict(kind.encoder.options))  # its errors name the encoder, e.g. hf:/models/x
+        check_connector(kind.connector.name, dict(kind.connector.options))
     load_tokenizer(check_local_dir(spec.llm.path, "model.llm.path"))
 
 

@@ -8,7 +8,8 @@ Template: the tokenizer's own chat template when it has one. Otherwise the plain
     ...
 
 A media item is written in text as ``media_token`` (``<image>`` by default, LLaVA's marker) and, after
-tokenisation, expanded to exactly ``tokens_per_item`` copies of its id, the number the connector produces.
+tokenisation, expanded to exactly ``tokens_per_item`` copies of its id, the number the connector produces (for a
+kind with ``sizing``, e.g. audio clips shorter than the encoder's window, the item's own count).
 Further media kinds (``ModelSpec.extra_kinds``, e.g. ``<audio>``) have their own token, count and transform;
 media passed as a list are matched to markers of any kind in order of appearance.
 Only assistant replies (through their end-of-turn token or EOS) are supervised; every other label is -100.
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import MmdomainError
-from .media import MediaBatch, MediaKind
+from .media import ItemSize, MediaBatch, MediaKind
 
 IGNORE = -100
 
@@ -40,6 +41,8 @@ class ProcessedSample:
     """Per media kind (in the processor's kind order), this sample's items stacked ``[n, ...]``, or None."""
     key: str
     truncated_tokens: int = 0
+    sizes: tuple[torch.Tensor | None, ...] = ()
+    """Per media kind with ``sizing``, ``[n, 2]`` (valid length, LLM tokens) of this sample's items; else None."""
 
 
 class MultimodalProcessor:
@@ -98,13 +101,16 @@ class MultimodalProcessor:
         if not add_generation_prompt and not spans:
             raise SampleError(f"sample {key}: no assistant turn to supervise; a training sample needs at least one")
         ids, labels = self._tokenize(text, spans, key)
-        ids, labels = self._expand(ids, labels)
+        sizes = [[self._size(item, kind, key) for kind_index, item in items if kind_index == k] if kind.sizing else None
+                 for k, kind in enumerate(self.kinds)]
+        ids, labels = self._expand(ids, labels, sizes)
         ids, labels, cut = self._truncate(ids, labels, key, add_generation_prompt)
         stacks = []
         for k, kind in enumerate(self.kinds):
             mine = [self._transform(item, kind) for kind_index, item in items if kind_index == k]
             stacks.append(torch.stack(mine) if mine else None)
-        return ProcessedSample(torch.tensor(ids), torch.tensor(labels), tuple(stacks), key, cut)
+        measured = tuple(torch.tensor(s, dtype=torch.long).reshape(-1, 2) if s else None for s in sizes)
+        return ProcessedSample(torch.tensor(ids), torch.tensor(labels), tuple(stacks), key, cut, measured)
 
     def collate(self, samples: Sequence[ProcessedSample], padding_side: str = "right") -> dict[str, Any]:
         """Pad to the longest sample; media are concatenated in sample order (the order the model splices them)."""
@@ -168,7 +174,13 @@ class MultimodalProcessor:
         batches: list[MediaBatch | None] = []
         for k, kind in enumerate(self.kinds):
             present = [s.media[k] for s in samples if s.media[k] is not None]
-            batches.append(MediaBatch(torch.cat(present), encoded=kind.encoded) if present else None)
+            if not present:
+                batches.append(None)
+                continue
+            sizes = [s.sizes[k] for s in samples if s.media[k] is not None] if kind.sizing else None
+            sizes = torch.cat(sizes) if sizes and all(x is not None for x in sizes) else None
+            batches.append(MediaBatch(torch.cat(present), encoded=kind.encoded, lengths=None if sizes is None else sizes[:, 0],
+                                      tokens=None if sizes is None else sizes[:, 1]))
         return batches
 
     # -- steps --------------------------------------------------------------------------------------------------
@@ -261,10 +273,14 @@ class MultimodalProcessor:
             raise SampleError(f"sample {key}: the assistant replies map to no tokens; check the tokenizer and template")
         return ids, labels
 
-    def _expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    def _expand(self, ids: list[int], labels: list[int], sizes: list[list[ItemSize] | None]) -> tuple[list[int], list[int]]:
+        """Each media marker id becomes its item's block of placeholder ids (sized items in marker order)."""
+        sized = {kind.token_id: iter(s) for kind, s in zip(self.kinds, sizes) if s is not None}
         out_ids, out_labels = [], []
         for tok_id, label in zip(ids, labels):
             count = self._count_of_id.get(tok_id)
+            if tok_id in sized:
+                count = next(sized[tok_id]).tokens
             if count is not None:
                 out_ids += [tok_id] * count
                 out_labels += [IGNORE] * count
@@ -290,6 +306,13 @@ class MultimodalProcessor:
         return ids, labels, cut
 
     @staticmethod
+    def _size(item: Any, kind: MediaKind, key: str) -> ItemSize:
+        try:
+            return kind.sizing(item)
+        except (TypeError, ValueError) as exc:
+            raise SampleError(f"sample {key}: a {kind.name} item cannot be measured ({exc})") from None
+
+    @staticmethod
     def _transform(item: Any, kind: MediaKind) -> torch.Tensor:
         if kind.transform is None:
             if not isinstance(item, torch.Tensor):
@@ -305,15 +328,19 @@ class MultimodalProcessor:
 
         return decode_media(self.domains, conversation, named, self.media_token)
 
-    def use_cached_features(self) -> None:
+    def use_cached_features(self, encoder_tokens: int, sizing: Callable[[Any], ItemSize] | None = None) -> None:
         """Primary media now arrive as encoder features (``.npy`` members of a feature cache): decoded by the generic
-        domain, turned into float tensors, and batched as ``encoded`` so the model skips its encoder."""
+        domain, turned into float tensors, and batched as ``encoded`` so the model skips its encoder. With ``sizing``
+        the cache holds each clip's own frames only: they are padded back to ``encoder_tokens`` and sized by it."""
         from .domains import build_domain
 
         def to_tensor(array: Any) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(array, dtype=np.float32))
+            features = torch.as_tensor(np.asarray(array, dtype=np.float32))
+            if features.shape[-2] < encoder_tokens:  # the token axis: [tokens, dim], or [slices, tokens, dim] for a volume
+                features = torch.nn.functional.pad(features, (0, 0, 0, encoder_tokens - features.shape[-2]))
+            return features
 
-        self.kinds[0] = self.kinds[0].with_changes(transform=to_tensor, domain=build_domain("generic"), encoded=True)
+        self.kinds[0] = self.kinds[0].with_changes(transform=to_tensor, domain=build_domain("generic"), encoded=True, sizing=sizing)
 
     @property
     def domains(self) -> dict[str, Any]:

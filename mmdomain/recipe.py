@@ -5,7 +5,8 @@ A recipe names every component by registry name (never an importable Python path
     stage: align                 # align | instruct | (any label; it only names the run)
     model: {encoder: ..., connector: ..., llm: ...}     # mmdomain.spec.ModelSpec
     init_from: runs/align        # previous stage's run directory or checkpoint (optional)
-    trainable: {encoder: false, connector: true, llm: false | lora | full, params: [globs]}
+    trainable: {encoder: false | true | lora | {last_blocks: k, lora: true, norms: true}, connector: true,
+                llm: false | lora | full, params: [globs]}
     lr: {connector: 1.0e-3, encoder: ..., llm: ...}      # per-module learning rates (default optim.lr)
     data: {train: "shards/train-*.tar", eval: ..., ...}
     optim: {lr, warmup_steps, max_steps | epochs, batch_size, grad_accum, clip_grad_norm, precision, ...}
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MmdomainError
 from .spec import ModelSpec
@@ -36,13 +37,68 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Trainable(_Strict):
-    """What trains. Switches per module, plus extra parameter-name globs (e.g. ``llm.*lm_head*``)."""
+class EncoderParts(_Strict):
+    """The parts of the encoder that train, any combination; the rest stays frozen. Their LR is ``lr.encoder``."""
 
-    encoder: bool = False
+    last_blocks: int | None = Field(None, ge=1, description="the last k blocks the encoder runs (the units `layer` counts), "
+                                    "plus the norm it applies after them, if any")
+    lora: bool = Field(False, description="the LoRA adapters of model.encoder.lora (the adapters' shape lives there, as the "
+                       "LLM's does in model.llm.lora: a checkpoint rebuilds the model from `model` alone)")
+    norms: bool = Field(False, description="every LayerNorm / GroupNorm / RMSNorm of the encoder (BatchNorm stays frozen)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_is_a_switch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("lora"), dict):
+            raise ValueError(f"lora here is true or false; the adapters' shape goes in model.encoder.lora: {data['lora']} (a "
+                             "checkpoint rebuilds the model from `model`), and trainable.encoder: {lora: true} trains them")
+        return data
+
+    @model_validator(mode="after")
+    def _trains_something(self) -> "EncoderParts":
+        if not (self.last_blocks or self.lora or self.norms):
+            raise ValueError("trains no part of the encoder: give last_blocks: k, lora: true or norms: true, or write "
+                             "trainable.encoder: false")
+        return self
+
+
+def _part_error(err: Any) -> str:
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(where, list(EncoderParts.model_fields), n=1, cutoff=0.6)
+        return f"{where}: unknown part" + (f"; did you mean {near[0]!r}?" if near else f" (parts: {', '.join(EncoderParts.model_fields)})")
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+class Trainable(_Strict):
+    """What trains. Switches per module, plus extra parameter-name globs (e.g. ``llm.*lm_head*``). The encoder trains
+    whole (``true``), not at all (``false``), or in parts (``{last_blocks: 2, norms: true}``; ``lora`` is short for
+    ``{lora: true}``); a switch covers the encoder of every media kind."""
+
+    encoder: bool | EncoderParts = False
     connector: bool = True
     llm: Literal[False, "lora", "full"] = False
     params: list[str] = Field(default_factory=list)
+
+    @field_validator("encoder", mode="before")
+    @classmethod
+    def _encoder_parts(cls, value: Any) -> Any:
+        # Validated here, so a mistake gets one line naming the part (pydantic would report a failure per union branch).
+        value = {"lora": True} if value == "lora" else value
+        if isinstance(value, dict):
+            try:
+                return EncoderParts.model_validate(value)
+            except ValidationError as exc:
+                raise ValueError("; ".join(_part_error(err) for err in exc.errors())) from None
+        if isinstance(value, str):
+            raise ValueError(f"is true, false, lora or parts such as {{last_blocks: 2, norms: true}}; got {value!r}")
+        return value
+
+    @property
+    def encoder_trains(self) -> bool:
+        """Whether any encoder weight trains through the switch (``params`` globs aside)."""
+        return self.encoder is not False
 
 
 # AdamW moves every weight by about ``lr`` per step, so an LR above 1 is always a typo (1e9 once "trained" to
@@ -138,6 +194,16 @@ class Recipe(_Strict):
                              "directly loses updates; keep dtype float32 and set optim.precision: bf16 for bf16 compute")
         if self.model.llm.lora is not None and self.trainable.llm != "lora":
             raise ValueError(f"model.llm.lora is set but trainable.llm is {self.trainable.llm!r}; set trainable.llm: lora")
+        encoder = self.trainable.encoder
+        wants_lora = isinstance(encoder, EncoderParts) and encoder.lora
+        with_lora = [where for where, kind in zip(["model.encoder", *(f"model.extra_kinds[{i}].encoder" for i in range(len(self.model.extra_kinds)))],
+                                                  self.model.kinds()) if kind.encoder.lora is not None]
+        if wants_lora and not with_lora:
+            raise ValueError("trainable.encoder trains LoRA adapters but model.encoder.lora is not set; add model.encoder.lora: {r: 8, alpha: 16}")
+        if with_lora and not wants_lora:
+            now = "true (the whole encoder)" if encoder is True else repr(encoder if encoder is False else encoder.model_dump(exclude_defaults=True))
+            raise ValueError(f"{with_lora[0]}.lora is set but trainable.encoder is {now}; set trainable.encoder: lora (or "
+                             "{lora: true, ...} with other parts), or remove the adapters")
         return self
 
 
@@ -208,7 +274,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = dotted.split(".")
         for part in parts[:-1]:
             child = node.get(part)
-            if child is None:
+            # A switch that is off opens into its parts: trainable.encoder.last_blocks=2 on `encoder: false`.
+            if child is None or child is False:
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 raise RecipeError(f"override {item!r}: {part!r} is not a mapping")

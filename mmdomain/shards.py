@@ -6,6 +6,11 @@ Accepted JSONL lines (one sample each):
 - ``{"image": "a.png", "question": "...", "answer": "...", "choices": [...]?}``;
 - ``{"image": "a.png", "caption": "..."}`` (the user turn is ``<image> {caption_prompt}``).
 Optional fields kept for evaluation: ``id`` (the sample key), ``choices``, ``answer_type`` (closed/open).
+``dates`` (one ISO date per media item: acquisitions of one place) puts the media in date order and writes each
+marker as ``<image> (2021-05-01)``.
+
+A media entry may also be a list of files or a folder: one item made of several files (a DICOM series, a band set),
+stored as one bundle member ``{key}.{i}.{ext}.tar`` where the domain takes that type (``domains/bundle.py``).
 
 A sample becomes ``{key}.json`` plus ``{key}.{i}.{ext}`` per media item, stored as the original file bytes once the
 domain has checked them (``prepare_for_shard``: the format matches the extension, the size fits ``max_pixels``, a
@@ -23,7 +28,9 @@ import tarfile
 from pathlib import Path, PurePath
 from typing import Any, Iterable
 
+from .acquisition_dates import mark_with_dates, order_by_dates
 from .domains import MARKER_LIKE, DecodeError, Domain, build_domain, media_type
+from .domains.bundle import bundle_type, is_bundle, pack_bundle
 from .errors import MmdomainError
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,12 @@ def normalise_record(record: dict[str, Any], where: str, media_token: str = "<im
         raise ShardError(f"{where}: no assistant turn to learn from")
     known = (media_token, *other_tokens)
     markers = sum(t["content"].count(token) for t in turns for token in known)
+    dates = None
+    if "dates" in record:  # acquisitions of one place: media in date order, each marker followed by its date
+        try:
+            media, dates = order_by_dates(media, record["dates"])
+        except ValueError as exc:
+            raise ShardError(f"{where}: {exc}") from None
     # Media without a marker of ours, while a user turn holds one of another kind (``<audio>`` while sharding for
     # ``<image>``): prepending ours would give "<image> <audio> ...", trained on without a word. Elsewhere such words
     # are plain text (an answer about the HTML <video> element, a caption), and a sample whose markers fit is fine.
@@ -78,6 +91,9 @@ def normalise_record(record: dict[str, Any], where: str, media_token: str = "<im
     elif markers != len(media):
         raise ShardError(f"{where}: {markers} {' / '.join(repr(t) for t in (media_token, *other_tokens))} markers but {len(media)} media files; they must match one to one")
     out: dict[str, Any] = {"conversations": turns, "media": media}
+    if dates is not None:
+        mark_with_dates(turns, re.compile("|".join(re.escape(t) for t in sorted(known, key=len, reverse=True))), dates)
+        out["dates"] = dates
     if "choices" in record:
         choices = [str(c) for c in record["choices"]]
         answer = turns[-1]["content"]
@@ -183,22 +199,8 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
                 raise ShardError(f"{where}: sample id {key!r} appears twice; ids must be unique")
             keys.add(key)
             blobs = []
-            for i, (rel, kind) in enumerate(zip(sample.pop("media"), kinds)):
-                path = media_root / _inside_media(rel, where, media_root)
-                ext = media_type(path.name)
-                domain_of = domains[kind]
-                if ext not in domain_of.media_types():
-                    raise ShardError(f"{where}: media {rel!r} has type .{ext}; the {domain_of.name} domain allows "
-                                     f"{', '.join(domain_of.media_types())} (choose the domain with --domain or --recipe)")
-                if not path.is_file():
-                    raise ShardError(f"{where}: media file {str(path)!r} does not exist; paths in the JSONL are relative to --media "
-                                     f"({media_root}): check both")
-                try:
-                    blobs.append((f"{i}.{ext}", domain_of.prepare_for_shard(path.name, path.read_bytes())))
-                except DecodeError as exc:
-                    # The domain names the member by its file name; here the JSONL path says it better, once.
-                    reason = str(exc).removeprefix(f"member {path.name!r}: ")
-                    raise ShardError(f"{where}: media {rel!r}: {reason}") from None
+            for i, (entry, kind) in enumerate(zip(sample.pop("media"), kinds)):
+                blobs.append(_media_member(i, entry, domains[kind], where, media_root))
             writer.write(key, [("json", json.dumps(sample).encode()), *blobs])
     shards = writer.shards
     if not shards:
@@ -210,6 +212,78 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
     write_manifest(out_dir, {prefix: manifest})
     log.info("wrote %d samples in %d shards to %s", manifest["total"], len(shards), out_dir)
     return manifest
+
+
+def _media_member(i: int, entry: Any, domain: Domain, where: str, media_root: Path) -> tuple[str, bytes]:
+    """``(suffix, bytes)`` for media entry ``i``: a file as its domain stores it, or a list of files / a folder as one
+    bundle (bundle.py) when the domain takes bundles of that file type."""
+    files = _bundle_files(entry, where, media_root)
+    label = repr(entry) if isinstance(entry, str) else f"[{entry[0]!r}, ... ({len(entry)} files)]"
+    if files is None:
+        rel = entry
+        path = media_root / rel
+        ext = _file_type(path)
+        if ext not in domain.media_types():
+            raise ShardError(f"{where}: media {rel!r} has type .{ext}; the {domain.name} domain allows "
+                             f"{', '.join(domain.media_types())} (choose the domain with --domain or --recipe)")
+        if not path.is_file():
+            raise ShardError(f"{where}: media file {str(path)!r} does not exist; paths in the JSONL are relative to --media "
+                             f"({media_root}): check both")
+        name, data = path.name if ext == media_type(path.name) else f"{path.name}.{ext}", path.read_bytes()
+    else:
+        types = sorted({_file_type(media_root / f) for f in files})
+        if len(types) != 1:
+            raise ShardError(f"{where}: media {label} mixes file types ({', '.join('.' + t for t in types)}); one item's files "
+                             "must share one type")
+        ext = bundle_type(types[0])
+        if ext not in domain.media_types():
+            takes = [t for t in domain.media_types() if is_bundle(t)]
+            raise ShardError(f"{where}: media {label} is several .{types[0]} files as one item, which the {domain.name} domain "
+                             + (f"takes only for {', '.join('.' + t.removesuffix('.tar') for t in takes)}" if takes else "does not take")
+                             + "; list the files as separate media items (one marker each) or choose the domain with --domain or --recipe")
+        name, data = f"{i}.{ext}", pack_bundle([(f, (media_root / f).read_bytes()) for f in files])
+    try:
+        return f"{i}.{ext}", domain.prepare_for_shard(name, data)
+    except DecodeError as exc:
+        # The domain names the member by its file name; here the JSONL path says it better, once.
+        reason = str(exc).removeprefix(f"member {name!r}: ")
+        raise ShardError(f"{where}: media {label}: {reason}") from None
+
+
+def _file_type(path: Path) -> str:
+    """A file's media type from its extension; a file without one (scanners write ``IM000001``) that holds the DICOM
+    preamble's ``DICM`` marker is a DICOM."""
+    if "." not in path.name and path.is_file():
+        with path.open("rb") as f:
+            if f.read(132)[128:132] == b"DICM":
+                return "dcm"
+    return media_type(path.name)
+
+
+def _bundle_files(entry: Any, where: str, media_root: Path) -> list[str] | None:
+    """The files of a bundle entry (a list of paths, or a folder's visible files sorted by name), relative to
+    ``media_root``; None for a single file."""
+    if isinstance(entry, list):
+        if not entry:
+            raise ShardError(f"{where}: an empty list of media files; give at least one path")
+        files = [_inside_media(f, where, media_root) for f in entry]
+    else:
+        folder = media_root / _inside_media(entry, where, media_root)
+        if not folder.is_dir():
+            return None
+        # Hidden files (.DS_Store) and a DICOMDIR (the archive's index, not an image) are not part of the item.
+        files = [str(PurePath(entry) / p.name) for p in sorted(folder.iterdir())
+                 if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"]
+        if not files:
+            raise ShardError(f"{where}: media folder {str(folder)!r} holds no files")
+        return files
+    for f in files:
+        if not (media_root / f).is_file():
+            raise ShardError(f"{where}: media file {str(media_root / f)!r} does not exist; paths in the JSONL are relative to "
+                             f"--media ({media_root}): check both")
+    if len(set(files)) != len(files):
+        raise ShardError(f"{where}: the media list names a file twice")
+    return files
 
 
 def _inside_media(rel: Any, where: str, media_root: Path) -> str:

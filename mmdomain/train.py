@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .band_stats import ensure_band_stats
 from .builder import base_identities, build_model, check_handoff, load_handoff, load_weights, write_model
 from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, read_marker, step_directory
 from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards
@@ -30,10 +31,12 @@ from .preflight import check_models, input_problems
 from .processor import IGNORE
 from .recipe import Recipe, RecipeError
 from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
+from .spec import with_legacy_defaults
 from .stop_requests import StopRequests
 from .train_state import TrainerState, read_trainer_state, restore_training, write_training
 from .train_stream import BatchStream, Position, TrainBatches
 from .trainability import apply_trainable, param_groups, trainable_table
+from .update_audit import UpdateAudit
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
     problems = input_problems(recipe)
     if problems:
         raise RecipeError("the run cannot start:\n  " + "\n  ".join(problems))
+    ensure_band_stats(recipe)  # a missing stats: file is computed from the training shards, a stale one refused
     run = open_run(recipe)
     try:
         return _train(recipe, run.run_dir, run.resume_from, accept_changes, started)
@@ -98,6 +102,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     # A resumed run must be the same run: the recipe is compared with the checkpoint's before anything is built.
     recipe_dict = recipe.model_dump(mode="json")
     saved = read_trainer_state(resume_from) if resume_from is not None else None
+    if saved and isinstance(saved.recipe.get("model"), dict):  # a run from before a model field existed ran as its legacy value
+        saved.recipe["model"] = with_legacy_defaults(saved.recipe["model"])
     changes = check_resume_changes(resume_from, saved.recipe, recipe_dict, accept_changes) if saved else []
 
     # Model: built from the spec; a previous stage's weights (checked before anything loads), or this run's own
@@ -108,8 +114,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         log.info("init_from %s: loaded %d tensors", handoff, len(load_handoff(model, handoff)))
     if resume_from is not None:
         load_weights(model, resume_from)
-    apply_trainable(model, recipe.trainable)
-    log.info("what trains (stage %s):\n%s", recipe.stage, trainable_table(model))
+    declared = apply_trainable(model, recipe.trainable)
+    log.info("what trains (stage %s):\n%s", recipe.stage, trainable_table(model, recipe.trainable))
     model.to(device).train()
 
     # Data: media shards, or a feature cache made by the same frozen encoder from the same shards (checked).
@@ -187,7 +193,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         metrics.write(step=step, event="checkpoint", path=str(target))
         return target
 
-    # Steps.
+    # Steps. The audit fingerprints the weights as the first step of this session finds them (restored ones included).
+    audit = UpdateAudit(model, declared)
     zero_grad_warned = False
     with StopRequests() as stop:
         for step in tqdm(range(state.step + 1, steps + 1), desc=recipe.stage, initial=state.step, total=steps, dynamic_ncols=True):
@@ -215,6 +222,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
             lr_used = optimizer.param_groups[0]["lr"]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            audit.after_step(step, max(group["lr"] for group in optimizer.param_groups))
 
             state.step = step
             state.first_loss = step_loss if state.first_loss is None else state.first_loss
@@ -248,6 +256,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
                                      f"{' (the final evaluation did not run)' if step == steps else ''}. Continue with "
                                      f"`mmdomain run {run_dir} --resume`", stop.signal_number)
     stream.close()
+    audit.finish()
 
     report = run_eval(model, processor, recipe, eval_patterns, layout, device=device, path=run_dir / "eval_predictions.jsonl")
     if report is not None:

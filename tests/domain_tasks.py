@@ -69,6 +69,56 @@ def write_dicom(path: Path, hu: np.ndarray, *, monochrome1: bool, intercept: flo
     ds.save_as(path, enforce_file_format=True)
 
 
+def write_enhanced_ct(path: Path, hu_frames: list[np.ndarray], *, rescales: list[tuple[float, float]] | None = None,
+                      shared_rescale: tuple[float, float] | None = None, window: tuple[float, float] | None = None,
+                      patient: str = "Anon^Synthetic") -> None:
+    """An Enhanced CT Image Storage multi-frame file whose rescale (intercept, slope) lives only in the functional
+    groups: one per frame in ``rescales`` (per-frame groups), or ``shared_rescale`` for all. ``window`` (center,
+    width) goes into the shared Frame VOI LUT group. Each frame also carries a Frame Content item with an acquisition
+    datetime and a private tag, as scanners write them, which must not reach shards."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    def group(**values: object) -> Dataset:
+        item = Dataset()
+        for keyword, value in values.items():
+            setattr(item, keyword, value)
+        return item
+
+    per_frame_rescale = rescales or [shared_rescale] * len(hu_frames)
+    stored = [np.round((hu - intercept) / slope) for hu, (intercept, slope) in zip(hu_frames, per_frame_rescale)]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.StudyDate, ds.AcquisitionDateTime = patient, "SYN-" + path.stem, "20240101", "20240101120000"
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = hu_frames[0].shape
+    ds.NumberOfFrames = len(hu_frames)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    shared = group(PixelMeasuresSequence=[group(PixelSpacing=[0.7, 0.7], SliceThickness=1.0)],
+                   PlaneOrientationSequence=[group(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])])
+    if shared_rescale is not None:
+        shared.PixelValueTransformationSequence = [group(RescaleIntercept=shared_rescale[0], RescaleSlope=shared_rescale[1], RescaleType="HU")]
+    if window is not None:
+        shared.FrameVOILUTSequence = [group(WindowCenter=window[0], WindowWidth=window[1], WindowCenterWidthExplanation="Doe^Jane's window")]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for i in range(len(hu_frames)):
+        item = group(FrameContentSequence=[group(FrameAcquisitionDateTime="20240101120000", FrameReferenceDateTime="20240101120000")],
+                     PlanePositionSequence=[group(ImagePositionPatient=[0.0, 0.0, float(i)])])
+        if rescales is not None:
+            item.PixelValueTransformationSequence = [group(RescaleIntercept=rescales[i][0], RescaleSlope=rescales[i][1], RescaleType="HU")]
+        item.private_block(0x0099, "SYNTHETIC", create=True).add_new(0x10, "LO", "SYN-private")  # a private tag inside a frame item
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = np.stack(stored).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
 def naive_png(dicom_path: Path, png_path: Path) -> None:
     """What generic pipelines do: the raw stored array, min-max scaled to 8 bits, no LUT, no photometric."""
     from pydicom import dcmread
@@ -166,6 +216,30 @@ def write_side_task(root: Path, n_train: int, n_test: int, seed: int = 0, depth:
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def write_enhanced_ct_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """``root/enhanced/{train,test}.jsonl`` over ``root/media`` (Enhanced CT, 3 frames, the labelled finding in the
+    middle frame, each frame's rescale only in its per-frame functional group, stored values offset by 2048-3000)
+    and ``root/media_top_level`` (the same files without functional groups: what a top-level-only reader sees)."""
+    from pydicom import dcmread
+
+    rng = np.random.default_rng(seed)
+    for folder in ("media", "media_top_level", "enhanced"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i in range(n):
+            quadrants = [int(q) for q in rng.integers(4, size=3)]
+            name = f"{split}-{i:05d}.dcm"
+            rescales = [(float(rng.choice([-3000.0, -2048.0])), 1.0) for _ in quadrants]
+            write_enhanced_ct(root / "media" / name, [ct_slice(rng, q) for q in quadrants], rescales=rescales)
+            ds = dcmread(root / "media" / name)
+            del ds.PerFrameFunctionalGroupsSequence, ds.SharedFunctionalGroupsSequence
+            ds.save_as(root / "media_top_level" / name, enforce_file_format=True)
+            rows.append({"id": name[:-4], "image": name, "question": "where is the finding ?", "answer": QUADRANTS[quadrants[1]],
+                         "choices": QUADRANTS})
+        (root / "enhanced" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def multiband_tile(rng: np.random.Generator, cover: int) -> np.ndarray:
     """6 bands (B, G, R, NIR, SWIR1, SWIR2) uint16 reflectance x 10000. RGB statistics are the same for every class;
     the class is carried by the NIR level and the SWIR1/SWIR2 balance only."""
@@ -210,8 +284,42 @@ def write_multiband_task(root: Path, n_train: int, n_test: int, seed: int = 0) -
             (root / kind / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+FLOOD_WORDS = "which acquisition shows the flood ? earlier later".split()
+
+
+def write_flood_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """Two acquisitions of one place, one flooded (water: low NIR and SWIR) and one dry (forest, crop or urban): "which
+    acquisition shows the flood ?" -> earlier / later. Each JSONL line lists the two files in a random order;
+    ``root/dated`` gives their dates, ``root/undated`` does not (the naive path: a set of images, time unknown)."""
+    from datetime import date, timedelta
+
+    rng = np.random.default_rng(seed)
+    media = root / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        dated, undated = [], []
+        for i in range(n):
+            name = f"{split}-{i:05d}"
+            flood_later = bool(rng.integers(2))
+            first = date(2019, 1, 1) + timedelta(days=int(rng.integers(0, 1000)))
+            second = first + timedelta(days=int(rng.integers(20, 400)))
+            tiles = [multiband_tile(rng, 0 if not flood_later else int(rng.integers(1, 4))),
+                     multiband_tile(rng, 0 if flood_later else int(rng.integers(1, 4)))]
+            files = [f"{name}-{c}.tif" for c in rng.permutation(["a", "b"])]  # names say nothing of the order
+            for tile, file in zip(tiles, files):
+                write_geotiff(media / file, tile)
+            order = rng.permutation(2)
+            row = {"id": name, "media": [files[k] for k in order], "question": "which acquisition shows the flood ?",
+                   "answer": "later" if flood_later else "earlier", "choices": ["earlier", "later"]}
+            dated.append({**row, "dates": [[first, second][k].isoformat() for k in order]})
+            undated.append(row)
+        for kind, rows in (("dated", dated), ("undated", undated)):
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            (root / kind / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain: dict, channels: int, steps: int = 300,
-               connector: dict | None = None, max_length: int = 128) -> float:
+               patch_size: int = 8, max_length: int = 128, connector: dict | None = None) -> float:
     """make-shards with ``domain``, train connector + the tiny LLM (encoder frozen), return held-out accuracy."""
     from mmdomain.domains import build_domain
     from mmdomain.recipe import validate_recipe
@@ -221,10 +329,10 @@ def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain:
     shards = out / "shards"
     for split in ("train", "test"):
         make_shards(jsonl_dir / f"{split}.jsonl", media, shards, prefix=split, samples_per_shard=500,
-                    domain=build_domain(domain["name"], domain.get("options")))
+                    domain=build_domain(domain["name"], domain.get("options"), raw=True))  # statistics come from the shards
     recipe = validate_recipe({
         "stage": "instruct",
-        "model": {"encoder": {"name": "tiny-vit", "options": {"image_size": SIZE, "patch_size": 8, "dim": 64, "depth": 2, "channels": channels}},
+        "model": {"encoder": {"name": "tiny-vit", "options": {"image_size": SIZE, "patch_size": patch_size, "dim": 64, "depth": 2, "channels": channels}},
                   "connector": connector or {"name": "mlp"}, "llm": {"path": llm_dir}, "domain": domain, "max_length": max_length},
         "trainable": {"connector": True, "llm": "full"},
         "data": {"train": str(shards / "train-*.tar"), "eval": str(shards / "test-*.tar"), "shuffle_buffer": 500},

@@ -106,3 +106,16 @@ def test_the_printed_follow_up_command_keeps_the_overrides_and_works(setup, caps
     command = shlex.split(hint.removeprefix("# train from it: "))
     assert command[2] == str(setup / "run wide" / "recipe.yaml") and f"output_dir={setup / 'run wide'}-cached" in command
     assert main(["-q", *command[1:]]) == 0
+
+
+@pytest.mark.parametrize("parts", [{"last_blocks": 1}, "lora", {"norms": True}, True])
+def test_a_cache_refuses_every_way_of_training_the_encoder(parts):
+    """The last blocks, LoRA adapters or norms change the features as training the whole encoder does."""
+    from mmdomain.feature_cache import check_cacheable
+    from mmdomain.recipe import validate_recipe
+
+    encoder = {"name": "tiny-vit", **({"lora": {"r": 4}} if parts == "lora" else {})}
+    recipe = validate_recipe({"model": {"encoder": encoder, "llm": {"path": "llm"}}, "data": {"train": "x", "feature_cache": "c"},
+                              "optim": {"max_steps": 1}, "output_dir": "o", "trainable": {"encoder": parts}})
+    with pytest.raises(FeatureCacheError, match="trains (part of )?the encoder.*a feature cache cannot serve it"):
+        check_cacheable(recipe)

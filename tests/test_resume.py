@@ -80,11 +80,12 @@ def _assert_same(resumed: dict, reference: dict) -> None:
 
 @pytest.fixture(scope="module")
 def references(task):
-    """Uninterrupted runs: stage 1 (connector), and stage 2 (LoRA with dropout, so the random stream matters)."""
+    """Uninterrupted runs: stage 1 (connector), stage 2 (LoRA with dropout, so the random stream matters), and stage 2
+    adapting the encoder too (LoRA on its blocks and its last block whole)."""
     out = {}
     for name, extra in {"align": {}, "align_w2_ga3": {"data__num_workers": 2, "optim__grad_accum": 3},
                         "lora_ga3": _lora(task, optim__grad_accum=3, eval__every_steps=4, eval__max_samples=8),
-                        "lora_w2": _lora(task, data__num_workers=2)}.items():
+                        "lora_w2": _lora(task, data__num_workers=2), "encoder_parts": _encoder_parts(task)}.items():
         proc = _mmdomain("-q", "run", str(task(f"ref_{name}", **extra)))
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = _outcome(task.root / "runs" / f"ref_{name}")
@@ -96,10 +97,16 @@ def _lora(task, **extra):
             "model__llm__lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "data__eval": str(task.root / "shards" / "*.tar"), **extra}
 
 
+def _encoder_parts(task):
+    return _lora(task, model__encoder__lora={"r": 4, "alpha": 8, "dropout": 0.1}, trainable__encoder={"last_blocks": 1, "lora": True})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("combo", ["align", "align_w2_ga3", "lora_ga3", "lora_w2"])
+@pytest.mark.parametrize("combo", ["align", "align_w2_ga3", "lora_ga3", "lora_w2", "encoder_parts"])
 def test_kill_at_a_random_step_then_resume_is_bit_identical(task, references, combo):
     extra = {"align": {}, "align_w2_ga3": {"data__num_workers": 2, "optim__grad_accum": 3}}.get(combo)
+    if combo == "encoder_parts":
+        extra = _encoder_parts(task)
     if extra is None:
         extra = _lora(task, **({"optim__grad_accum": 3, "eval__every_steps": 4, "eval__max_samples": 8} if combo == "lora_ga3"
                                else {"data__num_workers": 2}))
@@ -114,6 +121,8 @@ def test_kill_at_a_random_step_then_resume_is_bit_identical(task, references, co
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     outcome = _outcome(run_dir)
     _assert_same(outcome, references[combo])
+    if combo == "encoder_parts":  # the encoder's adapters and last block are among what resumed bit for bit
+        assert {"encoder.blocks.0.qkv.lora_A.default.weight", "encoder.blocks.1.qkv.base_layer.weight"} <= set(outcome["weights"])
     assert json.loads((run_dir / "result.json").read_text())["resumed_at"] == ([saved[-1]] if saved else [])
 
 

@@ -64,6 +64,9 @@ def test_volume_domain_with_a_slice_blind_connector_is_refused(tiny_llm_dir):
                                      "domain": {"name": "medical", "options": {"nifti": {"mode": "volume", "count": 4}}}})
     with pytest.raises(ModelLoadError, match=r"model.domain decodes each volume as 4 slices .* model.connector 'mlp' takes one image's tokens; use connector depth_pool"):
         build_model(spec)
+    too_many = spec.model_copy(update={"connector": spec.connector.model_copy(update={"name": "depth_pool", "options": {"groups": 5}})})
+    with pytest.raises(ModelLoadError, match=r"model.connector 'depth_pool' needs at least 5 slices per item, but model.domain decodes 4 \(nifti.count\)"):
+        build_model(too_many)
 
 
 VOLUME_DOMAIN = {"name": "medical", "options": {"nifti": {"mode": "volume", "count": 4}}}

@@ -17,8 +17,10 @@ class DecodeError(MmdomainError, ValueError):
 
 
 def media_type(name: str) -> str:
-    """``scan.nii.gz`` -> ``nii.gz``; ``0.PNG`` -> ``png``."""
-    lower = name.lower()
+    """``scan.nii.gz`` -> ``nii.gz``; ``0.PNG`` -> ``png``; a bundle ``0.dcm.tar`` -> ``dcm.tar`` (see bundle.py)."""
+    lower = name.lower().rsplit("/", 1)[-1]
+    if lower.endswith(".tar") and lower.count(".") >= 2:
+        return f"{media_type(lower[:-4])}.tar"
     return "nii.gz" if lower.endswith(".nii.gz") else lower.rsplit(".", 1)[-1]
 
 

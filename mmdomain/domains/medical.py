@@ -1,4 +1,5 @@
-"""Medical media: DICOM (``dicom.py``) and NIfTI (``nifti.py``) decoded as a radiologist would see them, plus PNG/JPEG.
+"""Medical media: DICOM (``dicom.py``; a series as one item: ``dicom_series.py``) and NIfTI (``nifti.py``) decoded as a
+radiologist would see them, plus PNG/JPEG.
 
 Privacy: no DICOM header value is ever logged or written by mmdomain; shards hold identity-free copies (see the
 DICOM and NIfTI modules for what each keeps).
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .base import media_type
 from .dicom import decode_dicom, strip_dicom
+from .dicom_series import decode_series, prepare_series
 from .generic import GenericDomain, GenericOptions
 from .nifti import decode_nifti, strip_nifti
 from .volume_views import NiftiSlices, as_volume
@@ -28,8 +30,10 @@ class MedicalOptions(BaseModel):
     frame: Literal["middle"] | int = "middle"
     max_pixels: int = Field(64_000_000, ge=1, description="DICOM rows x columns x frames x samples, or PNG/JPEG/WebP/BMP width x height "
                                                            "x frames (.npy: elements), allowed; checked from the header")
+    max_slices: int = Field(2048, ge=1, description="files allowed in one DICOM series item (a list of files or a folder)")
     max_nifti_bytes: int = Field(1 << 31, ge=1, description="decompressed NIfTI size allowed, checked from the header")
     nifti: NiftiSlices = Field(default_factory=NiftiSlices)
+    """Which views of a volume become images: of a NIfTI, and of a DICOM series (slices along axis 2, in position order)."""
     phi_allow: list[str] = Field(default_factory=list, description="extra DICOM keywords allowed into shards")
 
     @model_validator(mode="after")
@@ -52,7 +56,7 @@ class MedicalDomain:
         self.generic = GenericDomain(GenericOptions(max_pixels=options.max_pixels))  # one cap for every file type of the domain
 
     def media_types(self) -> list[str]:
-        return sorted({"dcm", "nii", "nii.gz", *self.generic.media_types()})
+        return sorted({"dcm", "dcm.tar", "nii", "nii.gz", *self.generic.media_types()})
 
     @property
     def volume_depth(self) -> int | None:
@@ -61,6 +65,8 @@ class MedicalDomain:
 
     def decode(self, name: str, data: bytes) -> list[np.ndarray]:
         kind = media_type(name)
+        if kind == "dcm.tar":  # a series given as a list of files or a folder (a bundle); volume mode gives one stack
+            return decode_series(name, data, self.options)
         if kind in ("nii", "nii.gz"):
             return decode_nifti(name, data, kind == "nii.gz", self.options)
         images = [decode_dicom(name, data, self.options)] if kind == "dcm" else self.generic.decode(name, data)
@@ -72,6 +78,8 @@ class MedicalDomain:
         kind = media_type(name)
         if kind == "dcm":
             return strip_dicom(name, data, self.options)
+        if kind == "dcm.tar":
+            return prepare_series(name, data, self.options)
         if kind in ("nii", "nii.gz"):
             return strip_nifti(name, data, kind == "nii.gz", self.options.max_nifti_bytes)
         return self.generic.prepare_for_shard(name, data)

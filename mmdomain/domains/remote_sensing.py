@@ -6,6 +6,9 @@ Two ways to feed more than three bands to an encoder:
   repeats the pretrained RGB kernel over the C channels and rescales it by 3/C, so pretrained weights stay useful);
 - ``mode: composite`` maps three chosen bands to RGB (each stretched over mean +- 2 std, or its 2-98 percentiles)
   for an unchanged RGB encoder.
+SAR bands (``band_kinds``) are read in dB with robust statistics (sar.py); a band set of single-band files at mixed
+resolutions (``tif.tar``, e.g. a Sentinel-2 product) is resampled onto its finest grid (sentinel2.py). Statistics of
+the selected bands are computed from the shards (``band_statistics``; ../band_stats.py for recipes and runs).
 """
 from __future__ import annotations
 
@@ -20,7 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .base import PIXELS_FIX, DecodeError, guarded, media_type
 from .generic import GenericDomain, GenericOptions
+from .bundle import is_bundle
+from .sentinel2 import read_band_set
+from .sar import UNIT_WINDOW_DB, RobustAccumulator, linear_to_db, median_filter
 
+# A GeoTIFF, or a band set of single-band GeoTIFFs (sentinel2.py) stored as one bundle.
+TIFF_TYPES = ("tif", "tiff", "tif.tar", "tiff.tar")
 _ITEM = re.compile(r'<Item name="DESCRIPTION" sample="(\d+)"[^>]*>([^<]*)</Item>')
 
 
@@ -51,11 +59,20 @@ class RemoteSensingOptions(BaseModel):
     bands: list[int | str] | None = Field(None, description="bands to keep, by 0-based index or name; default all")
     band_names: list[str] | None = Field(None, description="names of the file's bands in order; default the GeoTIFF's band descriptions")
     mode: Literal["bands", "composite"] = "bands"
-    stats: BandStats | str | None = Field(None, description="per selected band mean/std, or the JSON written by `mmdomain data stats`")
+    stats: BandStats | str | None = Field(None, description="per selected band mean/std, or the JSON written by `mmdomain data stats` "
+                                                            "(a run computes a missing file from its training shards)")
     nodata: float | None = Field(None, description="nodata value; default the file's GDAL_NODATA tag")
+    band_kinds: list[Literal["optical", "sar_linear", "sar_db"]] | None = Field(
+        None, description="per selected band: optical (as stored), sar_linear (backscatter in linear power, turned into dB) or "
+                          "sar_db (already dB); SAR bands get robust statistics (median, 1.4826 MAD) in dB; default all optical")
+    sar_floor_db: float = Field(-50.0, description="linear SAR power at or below 10^(floor/10) (zeros included) becomes this dB value")
+    speckle_filter: int | None = Field(None, ge=3, le=15, description="odd k: a k x k median filter on SAR bands (in dB) before "
+                                                                     "statistics and standardisation; default none")
     gsd: float | None = Field(None, gt=0, description="ground sampling distance of the files (m/pixel)")
     target_gsd: float | None = Field(None, gt=0, description="resample to this GSD before tiling (needs gsd)")
     tile: Tiling | None = None
+    nearest_bands: list[str] = Field(["SCL"], description="band set (tif.tar) bands resampled by nearest neighbour, not "
+                                                          "bilinear: class maps such as Sentinel-2's scene classification")
     max_pixels: int = Field(1 << 28, ge=1, description="TIFF height x width x bands, or PNG/JPEG/WebP/BMP width x height x "
                                                        "frames (.npy: elements), allowed; checked from the header before reading")
 
@@ -63,6 +80,10 @@ class RemoteSensingOptions(BaseModel):
     def _consistent(self) -> "RemoteSensingOptions":
         if self.mode == "composite" and (self.bands is None or len(self.bands) != 3):
             raise ValueError("mode: composite needs exactly three bands, e.g. bands: [3, 2, 1] (red, green, blue)")
+        if self.band_kinds is not None and self.bands is not None and len(self.band_kinds) != len(self.bands):
+            raise ValueError(f"band_kinds names {len(self.band_kinds)} kinds for {len(self.bands)} bands; give one per selected band")
+        if self.speckle_filter is not None and self.speckle_filter % 2 == 0:
+            raise ValueError(f"speckle_filter must be odd (a window centred on its pixel), got {self.speckle_filter}")
         if self.target_gsd is not None and self.gsd is None:
             raise ValueError("target_gsd needs gsd (the files' ground sampling distance)")
         return self
@@ -71,7 +92,8 @@ class RemoteSensingOptions(BaseModel):
         if isinstance(self.stats, str):
             path = Path(self.stats).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"band statistics {str(path)!r} do not exist; write them with `mmdomain data stats RECIPE --out {path}`")
+                raise FileNotFoundError(f"band statistics {str(path)!r} do not exist; write them with `mmdomain data stats RECIPE --out {path}` "
+                                        "(a training run computes them itself when they are missing)")
             data = json.loads(path.read_text())
             return BandStats(mean=data["mean"], std=data["std"])
         return self.stats
@@ -88,10 +110,10 @@ class RemoteSensingDomain:
         self.output = "standardized" if (options.mode == "bands" and self.stats is not None) else "unit"
 
     def media_types(self) -> list[str]:
-        return sorted({"tif", "tiff", *self.generic.media_types()})
+        return sorted({*TIFF_TYPES, *self.generic.media_types()})
 
     def decode(self, name: str, data: bytes) -> list[np.ndarray]:
-        if media_type(name) not in ("tif", "tiff"):
+        if media_type(name) not in TIFF_TYPES:
             return self.generic.decode(name, data)
         bands, valid = self.read_bands(name, data)
         if self.options.mode == "composite":
@@ -103,11 +125,27 @@ class RemoteSensingDomain:
             image[~valid] = 0.0  # nodata sits at the band mean
         else:
             image = bands / _dtype_scale(self._dtype)
+            low, high = UNIT_WINDOW_DB
+            for c in self.sar_bands(bands.shape[-1]):  # dB is no fraction of a dtype's range: a fixed window instead
+                image[..., c] = np.clip((bands[..., c] - low) / (high - low), 0, 1)
             image[~valid] = 0.0
         return self._tiles(self._resample(image.astype(np.float32)))
 
     def read_bands(self, name: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-        """Selected bands ``[H, W, C]`` as float32 in the file's units, and the mask of valid (not nodata) pixels."""
+        """Selected bands ``[H, W, C]`` as float32 in the file's units (dB for SAR), and the mask of valid (not nodata)
+        pixels. A band set (``tif.tar``: one file per band, any resolutions) comes resampled onto its finest grid."""
+        if is_bundle(media_type(name)):
+            array, valid, names, self._dtype = read_band_set(name, data, self._read_file, self.options.nearest_bands,
+                                                                  self.options.max_pixels)
+        else:
+            array, valid, names, self._dtype = self._read_file(name, data)
+        names = self.options.band_names or names
+        index = self._band_index(name, names, array.shape[-1])
+        bands, valid = array[..., index], valid[..., index]
+        return self._sar_to_db(name, bands, valid), valid
+
+    def _read_file(self, name: str, data: bytes) -> tuple[np.ndarray, np.ndarray, list[str] | None, np.dtype]:
+        """One GeoTIFF: all bands ``[H, W, C]`` float32, valid mask, band descriptions, stored dtype."""
         import tifffile
 
         with guarded(name, lambda d: tifffile.TiffFile(io.BytesIO(d)), data) as tif:
@@ -118,19 +156,35 @@ class RemoteSensingDomain:
             tags = {t.code: t.value for t in page.tags.values()}
             array = guarded(name, lambda s: s.asarray(), series)
             axes = series.axes
-        self._dtype = array.dtype
         band_axis = next((axes.index(a) for a in "SCQI" if a in axes), None)
         if array.ndim == 2:
             array = array[..., None]
         elif band_axis is not None:
             array = np.moveaxis(array, band_axis, -1)
-        names = self.options.band_names or _band_descriptions(tags.get(42112), array.shape[-1])
-        index = self._band_index(name, names, array.shape[-1])
-        bands = array[..., index].astype(np.float32)
+        dtype = array.dtype
+        array = array.astype(np.float32)
         nodata = self.options.nodata if self.options.nodata is not None else _nodata(tags.get(42113))
-        valid = np.ones(bands.shape, bool) if nodata is None else ~np.isclose(bands, nodata)
-        valid &= np.isfinite(bands)
-        return bands, valid
+        valid = np.ones(array.shape, bool) if nodata is None else ~np.isclose(array, nodata)
+        valid &= np.isfinite(array)
+        return array, valid, _band_descriptions(tags.get(42112), array.shape[-1]), dtype
+
+    def sar_bands(self, count: int) -> list[int]:
+        """Positions of the SAR bands among ``count`` selected bands."""
+        kinds = self.options.band_kinds or []
+        return [c for c, kind in enumerate(kinds[:count]) if kind.startswith("sar")]
+
+    def _sar_to_db(self, name: str, bands: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        kinds = self.options.band_kinds
+        if kinds is None:
+            return bands
+        if len(kinds) != bands.shape[-1]:
+            raise DecodeError(f"member {name!r}: band_kinds gives {len(kinds)} kinds for {bands.shape[-1]} bands; give one per selected band")
+        for c, kind in enumerate(kinds):
+            if kind == "sar_linear":
+                bands[..., c] = linear_to_db(bands[..., c], valid[..., c], self.options.sar_floor_db)
+            if kind != "optical" and self.options.speckle_filter:
+                bands[..., c] = median_filter(bands[..., c], valid[..., c], self.options.speckle_filter)
+        return bands
 
     def _band_index(self, name: str, names: list[str] | None, count: int) -> list[int]:
         if self.options.bands is None:
@@ -187,7 +241,7 @@ class RemoteSensingDomain:
         return tiles
 
     def prepare_for_shard(self, name: str, data: bytes) -> bytes:
-        if media_type(name) in ("tif", "tiff"):
+        if media_type(name) in TIFF_TYPES:
             self.read_bands(name, data)  # fail at make-shards time, not mid-training
             return data
         return self.generic.prepare_for_shard(name, data)
@@ -212,18 +266,23 @@ def _nodata(tag: object) -> float | None:
 
 
 def band_statistics(domain: RemoteSensingDomain, members: Iterable[tuple[str, bytes]]) -> dict:
-    """Per selected band mean/std over valid pixels of many files (Chan's parallel update: one pass, stable)."""
+    """Per selected band mean/std over valid pixels of many files (Chan's parallel update: one pass, stable); SAR bands
+    (``band_kinds``) get the median and 1.4826 MAD of their dB values instead, which speckle's outliers hardly move."""
     count = mean = m2 = None
+    robust: dict[int, RobustAccumulator] = {}
     files = 0
     for name, data in members:
-        if media_type(name) not in ("tif", "tiff"):
+        if media_type(name) not in TIFF_TYPES:
             continue
         bands, valid = domain.read_bands(name, data)
         files += 1
+        if count is None:
+            count, mean, m2 = np.zeros(bands.shape[-1]), np.zeros(bands.shape[-1]), np.zeros(bands.shape[-1])
+            robust = {c: RobustAccumulator() for c in domain.sar_bands(bands.shape[-1])}
         for c in range(bands.shape[-1]):
             values = bands[..., c][valid[..., c]].astype(np.float64)
-            if count is None:
-                count, mean, m2 = np.zeros(bands.shape[-1]), np.zeros(bands.shape[-1]), np.zeros(bands.shape[-1])
+            if c in robust:
+                robust[c].add(values)
             n_b = values.size
             if not n_b:
                 continue
@@ -235,5 +294,9 @@ def band_statistics(domain: RemoteSensingDomain, members: Iterable[tuple[str, by
     if not files:
         raise DecodeError("no TIFF media found to compute band statistics from")
     std = np.sqrt(m2 / np.maximum(count - 1, 1))
+    for c, accumulator in robust.items():
+        if accumulator.total:
+            mean[c], std[c] = accumulator.median_and_std()
     return {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist(), "pixels": count.astype(int).tolist(), "files": files,
-            "bands": domain.options.bands, "nodata": domain.options.nodata}
+            "bands": domain.options.bands, "nodata": domain.options.nodata,
+            "units": ["dB (median, 1.4826 MAD)" if c in robust else "file" for c in range(len(mean))]}
