@@ -147,3 +147,17 @@ def test_volume_features_cache_slice_by_slice(tiny_llm_dir, volume_shards, tmp_p
     batch = proc.collate([proc(r.conversations, r.media, key=r.key) for r in cached])
     assert batch["media"][0].encoded and batch["media"][0].values.shape == (8, 4, 16, 32)
     assert abs(model(**batch).loss.item() - full.loss.item()) < 1e-3  # fp16 storage of the features
+
+
+def test_a_dicom_series_in_volume_mode_is_one_stack_in_position_order(tmp_path):
+    """The series helper hands its volume to the same slice views: ``volume`` mode gives one stack, slices in position order."""
+    from pydicom.uid import generate_uid
+
+    from .test_domain_dicom_series import WINDOW, _shard_items, _windowed, write_series
+
+    positions = [30.0, -10.0, 20.0, 0.0, 10.0]
+    volume = write_series(tmp_path / "media" / "series", [f"s{i}.dcm" for i in range(5)], positions, series_uid=generate_uid())
+    member, data = _shard_items(tmp_path, [{"id": "ct", "image": "series"}])["ct"]
+    in_order = [_windowed(volume[p]) for p in sorted(positions)]
+    (stack,) = build_domain("medical", {"window": WINDOW, "nifti": {"mode": "volume", "count": 3}}).decode(member, data)
+    assert stack.shape == (3, 64, 64) and all(np.allclose(stack[k], in_order[i], atol=1e-5) for k, i in enumerate([0, 2, 4]))
