@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from . import avg_pool, c_abstractor, frame_stack, ldp, linear, mlp, perceiver, pixel_shuffle, qformer  # noqa: F401  (registers the built-in connectors)
+from . import avg_pool, c_abstractor, depth_pool, frame_stack, ldp, linear, mlp, perceiver, pixel_shuffle, qformer  # noqa: F401  (registers the built-in connectors)
 from ._registry import check_connector, create_connector, keeps_prefix, list_connectors, register_connector
 from .base import Connector
 from .errors import ConnectorOptionError

@@ -10,12 +10,13 @@ from typing import Any, Callable
 
 from ._checkpoint import diagnose_weights
 from ._registry import REGISTRY, lazy
-from .base import Encoder, EncoderInfo
+from .base import Encoder, EncoderInfo, encode_slices
 from .errors import EncoderError
-from .transforms import AudioTransform, ImageTransform, audio_transform, image_transform
+from .transforms import AudioTransform, ImageTransform, VolumeTransform, audio_transform, image_transform, volume_transform
 
-__all__ = ["AudioTransform", "Encoder", "EncoderError", "EncoderInfo", "ImageTransform", "audio_transform", "check_encoder", "check_options",
-           "create_encoder", "describe_encoders", "diagnose_weights", "image_transform", "list_encoders", "register_encoder"]
+__all__ = ["AudioTransform", "Encoder", "EncoderError", "EncoderInfo", "ImageTransform", "VolumeTransform", "audio_transform", "check_encoder",
+           "check_options", "create_encoder", "describe_encoders", "diagnose_weights", "encode_slices", "image_transform", "list_encoders",
+           "register_encoder", "volume_transform"]
 
 
 def create_encoder(name: str, **options: Any) -> Encoder:

@@ -98,6 +98,14 @@ class Encoder(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+def encode_slices(encoder: Any, x: torch.Tensor) -> torch.Tensor:
+    """Run an encoder on a batch: ``[B, ...]`` -> ``[B, N, D]``; a batch of volumes ``[B, S, C, H, W]`` (one more
+    axis than an image batch) goes through the 2-D encoder as ``B * S`` slices and comes back ``[B, S, N, D]``."""
+    if x.ndim == 5:
+        return encoder(x.flatten(0, 1)).unflatten(0, tuple(x.shape[:2]))
+    return encoder(x)
+
+
 def resolve_layer(layer: int, num_layers: int, source: str) -> tuple[int, bool]:
     """Turn a hidden-state index into a 0-based block index, and say whether it is the last block.
 

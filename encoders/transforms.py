@@ -55,6 +55,27 @@ def image_transform(info: EncoderInfo, resize: str = "squash", normalize: bool =
 
 
 @dataclass(frozen=True)
+class VolumeTransform:
+    """Callable: a stack of ``depth`` slices (``[D, H, W]`` or ``[D, H, W, C]`` array, or a ``[D, ...]`` tensor) ->
+    ``[D, C, H, W]``, each slice fitted by ``slice_transform``. The model runs the 2-D encoder on every slice
+    (``encode_slices``) and a depth-aware connector joins them."""
+
+    slice_transform: ImageTransform
+    depth: int
+
+    def __call__(self, volume: Any) -> torch.Tensor:
+        slices = volume if isinstance(volume, torch.Tensor) else np.asarray(volume)
+        if slices.ndim not in (3, 4) or slices.shape[0] != self.depth:
+            raise ValueError(f"a volume item must be a stack of {self.depth} slices ([D, H, W] or [D, H, W, C]); got shape "
+                             f"{tuple(slices.shape)}")
+        return torch.stack([self.slice_transform(s) for s in slices])
+
+
+def volume_transform(info: EncoderInfo, depth: int, resize: str = "squash", normalize: bool = True) -> VolumeTransform:
+    return VolumeTransform(image_transform(info, resize, normalize), depth)
+
+
+@dataclass(frozen=True)
 class AudioTransform:
     """Callable: mono waveform (array or tensor) at the encoder's rate -> float tensor of exactly ``num_samples``
     (zero-padded at the end, or cropped)."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from connectors import create_connector
-from encoders import audio_transform, create_encoder, image_transform
+from encoders import audio_transform, create_encoder, image_transform, volume_transform
 
 from .checkpoint import CheckpointWriter, read_json, read_tensors, resolve_checkpoint, verify
 from .domains import build_domain
@@ -54,6 +54,7 @@ def build_model(spec: ModelSpec, *, tokenizer_dir: str | Path | None = None) -> 
     modules, kinds = [], []
     for index, (kind, encoder, domain) in enumerate(zip(spec.kinds(), encoders, domains)):
         connector = create_connector(kind.connector.name, in_dim=encoder.info.embed_dim, out_dim=hidden, **kind.connector.options)
+        check_slices(domain, kind.connector.name, connector, "model" if index == 0 else f"model.extra_kinds[{index - 1}]")
         # The connector always trains in fp32 (it is small); its output is cast to the LLM's dtype at the splice.
         module = MediaKindModule(encoder.requires_grad_(False), connector, add_media_token(llm, tokenizer, kind.token))
         modules.append(module)
@@ -78,7 +79,23 @@ def media_transform(info: Any, domain: Any, where: str = "model.domain") -> Any:
         return audio_transform(info)
     if domain.output == "waveform":
         raise ModelLoadError(f"{where} is audio but {info.source} is a {info.modality} encoder; use an audio encoder (hf_audio:DIR, or tiny-audio for a CPU try)")
+    depth = getattr(domain, "volume_depth", None)
+    if depth is not None:
+        return volume_transform(info, depth, normalize=domain.output != "standardized")
     return image_transform(info, normalize=domain.output != "standardized")
+
+
+def check_slices(domain: Any, name: str, connector: nn.Module, where: str) -> None:
+    """A domain that decodes volumes (stacks of slices) needs a connector that joins slices; any other would see one
+    slice's tokens per item and the token counts would not add up."""
+    depth = getattr(domain, "volume_depth", None)
+    if depth is not None and not getattr(connector, "takes_slices", False):
+        raise ModelLoadError(f"{where}.domain decodes each volume as {depth} slices (nifti.mode: volume), but {where}.connector "
+                             f"{name!r} takes one image's tokens; use connector depth_pool (groups: slabs of slices to keep), or a "
+                             "2-D nifti.mode (middle, even, neighbours)")
+    if depth is not None and depth < getattr(connector, "min_slices", 1):
+        raise ModelLoadError(f"{where}.connector {name!r} needs at least {connector.min_slices} slices per item, but {where}.domain "
+                             f"decodes {depth} (nifti.count); raise nifti.count or lower the connector's groups")
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ import torch
 from connectors import create_connector
 from tqdm import tqdm
 
+from encoders import encode_slices
+
 from .data import FailureBudget, SampleFormat, expand_shards, iter_records
 from .domains import build_domain
 from .errors import MmdomainError
@@ -124,7 +126,7 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
                     if lengths is not None and getattr(encoder, "takes_lengths", False):
                         feats.append(encoder(values, lengths=lengths[i : i + batch_size].to(device)).float().cpu())
                     else:
-                        feats.append(encoder(values).float().cpu())
+                        feats.append(encode_slices(encoder, values).float().cpu())
             feats = list(torch.cat(feats)) if feats else []
             if lengths is not None:
                 full = encoder.info.num_tokens()

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders import encode_slices
+
 from .media import MediaBatch
 from .processor import IGNORE
 from .spec import ModelSpec
@@ -94,14 +96,16 @@ class MultimodalLM(nn.Module):
     def encode(self, kind: int, batch: MediaBatch) -> torch.Tensor:
         """Items of media kind ``kind`` -> ``[items, tokens_per_item, hidden]`` connector outputs (items with their own
         ``batch.tokens`` use only the first ones; ``embed`` picks them). An ``encoded``
-        batch holds the encoder's output already (a feature cache) and goes straight to the connector."""
+        batch holds the encoder's output already (a feature cache) and goes straight to the connector. A volume's
+        slices reach the connector as their own axis, ``[items, slices, tokens, dim]``."""
         encoder, connector, _ = self.kind_parts()[kind]
         features = batch.values
         if not batch.encoded:
             values = features.to(next(encoder.parameters()).dtype)
             # Encoders that can mask padding (wav2vec2 with layer-norm features) are told where each clip ends.
             lengths = batch.lengths if getattr(encoder, "takes_lengths", False) else None
-            features = encoder(values) if lengths is None else encoder(values, lengths=lengths)
+            # Volumes [n, slices, C, H, W] go through the 2-D encoder slice by slice.
+            features = encode_slices(encoder, values) if lengths is None else encoder(values, lengths=lengths)
         return connector(features.to(next(connector.parameters()).dtype))
 
     def embed(self, input_ids: torch.Tensor, media: Sequence[MediaBatch | None] | None = None) -> torch.Tensor:

@@ -336,8 +336,8 @@ class MultimodalProcessor:
 
         def to_tensor(array: Any) -> torch.Tensor:
             features = torch.as_tensor(np.asarray(array, dtype=np.float32))
-            if features.shape[0] < encoder_tokens:
-                features = torch.nn.functional.pad(features, (0, 0, 0, encoder_tokens - features.shape[0]))
+            if features.shape[-2] < encoder_tokens:  # the token axis: [tokens, dim], or [slices, tokens, dim] for a volume
+                features = torch.nn.functional.pad(features, (0, 0, 0, encoder_tokens - features.shape[-2]))
             return features
 
         self.kinds[0] = self.kinds[0].with_changes(transform=to_tensor, domain=build_domain("generic"), encoded=True, sizing=sizing)

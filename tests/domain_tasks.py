@@ -1,5 +1,6 @@
-"""Synthetic domain tasks for the "decoding matters" tests: a CT finding visible only in the right HU window, and
-land cover that differs only in non-RGB bands. Each is trained through a recipe twice: with the domain adapter,
+"""Synthetic domain tasks for the "decoding matters" tests: a CT finding visible only in the right HU window, a
+finding on the patient's left or right in NIfTI files stored in several voxel orders, and land cover that differs
+only in non-RGB bands. Each is trained through a recipe twice: with the domain adapter,
 and with the naive path every LLaVA-family codebase takes (an 8-bit RGB/grey picture of the file's raw values)."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 QUADRANTS = ["upper left", "upper right", "lower left", "lower right"]
 COVERS = ["water", "forest", "crop", "urban"]
+SIDES = ["left", "right"]
 WORDS = "where is the finding ? what land cover is this".split() + " ".join(QUADRANTS).split() + COVERS
 SIZE = 64
 
@@ -146,6 +148,74 @@ def write_ct_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
             (root / kind / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+# Voxel orders a NIfTI file may store a RAS volume in, each with the affine that says so. The flips make every order
+# ambiguous to a reader that ignores the affine: a finding at low rows is the patient's left in RAS files and right
+# in LAS ones; at low columns, left in ARS files and right in the flipped-swapped ones.
+def _ras(v: np.ndarray) -> np.ndarray:
+    return v
+
+
+def _las(v: np.ndarray) -> np.ndarray:
+    return v[::-1]
+
+
+def _ars(v: np.ndarray) -> np.ndarray:
+    return v.transpose(1, 0, 2)
+
+
+def _als(v: np.ndarray) -> np.ndarray:
+    return v[::-1].transpose(1, 0, 2)
+
+
+VOXEL_ORDERS = {
+    "RAS": (_ras, np.eye(4)),
+    "LAS": (_las, np.array([[-1, 0, 0, SIZE - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)),
+    "ARS": (_ars, np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)),
+    "ALS": (_als, np.array([[0, -1, 0, SIZE - 1], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)),
+}
+
+
+def side_volume(rng: np.random.Generator, side: int, depth: int = 5, finding_slice: int | None = None) -> np.ndarray:
+    """A RAS+ volume ``[x, y, z]`` (x towards the patient's right): a round body of textured tissue and a bright
+    finding in the patient's left (``side`` 0, low x) or right half, at a random front-back position, in slice
+    ``finding_slice`` (the middle one by default) only."""
+    x, y = np.mgrid[0:SIZE, 0:SIZE]
+    body = (x - 31.5) ** 2 + (y - 31.5) ** 2 < 30**2
+    centre = depth // 2 if finding_slice is None else finding_slice
+    cx = rng.uniform(12, 24) + (28 if side else 0)
+    cy = rng.uniform(14, 50)
+    volume = np.zeros((SIZE, SIZE, depth), np.float32)
+    for z in range(depth):
+        tissue = 100 + 10 * _smooth(rng) + 5 * rng.normal(size=(SIZE, SIZE))
+        tissue += 80 * np.exp(-((z - centre) ** 2) / 0.25) * _blob(cx, cy, 4.0)  # 1.5 one slice away: invisible there
+        volume[..., z] = np.where(body, tissue, 0.0)
+    return volume
+
+
+def write_side_task(root: Path, n_train: int, n_test: int, seed: int = 0, depth: int = 5, finding_slices: tuple[int, ...] | None = None) -> None:
+    """``root/{train,test}.jsonl`` plus ``root/media/*.nii.gz``: "where is the finding ?" -> left / right, each file in
+    one of ``VOXEL_ORDERS`` at random; the finding is centred on the middle slice, or on one of ``finding_slices``."""
+    import gzip
+
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    media = root / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    orders = list(VOXEL_ORDERS)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i in range(n):
+            side = int(rng.integers(2))
+            reorder, affine = VOXEL_ORDERS[orders[int(rng.integers(len(orders)))]]
+            at = None if finding_slices is None else finding_slices[int(rng.integers(len(finding_slices)))]
+            stored = np.round(reorder(side_volume(rng, side, depth, at))).astype(np.int16)
+            name = f"{split}-{i:05d}.nii.gz"
+            (media / name).write_bytes(gzip.compress(nib.Nifti1Image(stored, affine).to_bytes(), compresslevel=1))
+            rows.append({"id": f"{split}-{i:05d}", "image": name, "question": "where is the finding ?", "answer": SIDES[side], "choices": SIDES})
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def write_enhanced_ct_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
     """``root/enhanced/{train,test}.jsonl`` over ``root/media`` (Enhanced CT, 3 frames, the labelled finding in the
     middle frame, each frame's rescale only in its per-frame functional group, stored values offset by 2048-3000)
@@ -249,7 +319,7 @@ def write_flood_task(root: Path, n_train: int, n_test: int, seed: int = 0) -> No
 
 
 def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain: dict, channels: int, steps: int = 300,
-               patch_size: int = 8, max_length: int = 128) -> float:
+               patch_size: int = 8, max_length: int = 128, connector: dict | None = None) -> float:
     """make-shards with ``domain``, train connector + the tiny LLM (encoder frozen), return held-out accuracy."""
     from mmdomain.domains import build_domain
     from mmdomain.recipe import validate_recipe
@@ -263,7 +333,7 @@ def train_task(jsonl_dir: Path, media: Path, out: Path, llm_dir: str, *, domain:
     recipe = validate_recipe({
         "stage": "instruct",
         "model": {"encoder": {"name": "tiny-vit", "options": {"image_size": SIZE, "patch_size": patch_size, "dim": 64, "depth": 2, "channels": channels}},
-                  "connector": {"name": "mlp"}, "llm": {"path": llm_dir}, "domain": domain, "max_length": max_length},
+                  "connector": connector or {"name": "mlp"}, "llm": {"path": llm_dir}, "domain": domain, "max_length": max_length},
         "trainable": {"connector": True, "llm": "full"},
         "data": {"train": str(shards / "train-*.tar"), "eval": str(shards / "test-*.tar"), "shuffle_buffer": 500},
         "optim": {"lr": 1e-3, "warmup_steps": 20, "max_steps": steps, "batch_size": 32},

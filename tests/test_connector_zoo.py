@@ -25,6 +25,7 @@ ZOO = {
     "ldp": ({}, {64: 16, 256: 64}),
     "avg_pool": ({"factor": 2}, {64: 16, 256: 64}),
     "avg_pool_grid": ({"grid": 3}, {64: 9, 256: 9}),
+    "depth_pool": ({"groups": 1}, {64: 64, 256: 256}),  # one image is one slice; volumes in tests/test_volume_path.py
 }
 
 
@@ -49,7 +50,9 @@ def test_output_shape_matches_the_reported_count_for_two_grids(key):
 @pytest.mark.parametrize("key", ZOO)
 def test_gradient_reaches_every_parameter(key):
     connector = _make(key)
-    (connector(torch.randn(2, 64, 32)) ** 2).mean().backward()
+    # A connector that joins slices weighs them against each other: give it several (a single one has no weighing).
+    tokens = torch.randn(2, 3, 64, 32) if getattr(connector, "takes_slices", False) else torch.randn(2, 64, 32)
+    (connector(tokens) ** 2).mean().backward()
     missing = [n for n, p in connector.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"{key}: no gradient reaches {missing}"
 

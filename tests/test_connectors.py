@@ -7,7 +7,8 @@ import torch
 from connectors import Connector, create_connector, list_connectors, register_connector
 
 
-@pytest.mark.parametrize("name,opts,n_in,n_out", [("linear", {}, 64, 64), ("mlp", {"depth": 3}, 64, 64), ("pixel_shuffle", {"factor": 2}, 64, 16)])
+@pytest.mark.parametrize("name,opts,n_in,n_out", [("linear", {}, 64, 64), ("mlp", {"depth": 3}, 64, 64), ("pixel_shuffle", {"factor": 2}, 64, 16),
+                                                  ("depth_pool", {}, 64, 64)])
 def test_connectors_map_tokens_and_report_counts(name, opts, n_in, n_out):
     c = create_connector(name, in_dim=24, out_dim=40, **opts)
     assert isinstance(c, Connector)

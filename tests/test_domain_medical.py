@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from mmdomain.domains import DecodeError, build_domain
 from mmdomain.domains.medical import PRESETS, Window, apply_window
 
-from .domain_tasks import QUADRANTS, WORDS, ct_slice, train_task, write_ct_task, write_dicom
+from .domain_tasks import QUADRANTS, SIDES, WORDS, ct_slice, train_task, write_ct_task, write_dicom, write_side_task
 
 
 def _decode(path, **options):
@@ -91,11 +91,13 @@ def test_nibabel_real_volumes_and_slice_modes(tmp_path):
     import nibabel as nib
     from nibabel.testing import data_path
 
-    anat = f"{data_path}/anatomical.nii"
-    vol = np.asarray(nib.load(anat).dataobj, dtype=np.float32)
+    anat = f"{data_path}/anatomical.nii"  # stored LAS: decoded RAS+ by default, as stored on request
+    vol = np.asarray(nib.as_closest_canonical(nib.load(anat)).dataobj, dtype=np.float32)
     (middle,) = _decode(anat, window="minmax")
     ref = np.take(vol, vol.shape[2] // 2, axis=2)
     assert middle.shape == ref.shape and np.allclose(middle, (ref - ref.min()) / (ref.max() - ref.min()), atol=1e-6)
+    (stored,) = _decode(anat, window="minmax", nifti={"orientation": "as_stored"})
+    assert np.allclose(stored, middle[::-1])
     assert len(_decode(anat, nifti={"mode": "even", "count": 4})) == 4
     (stack,) = _decode(anat, nifti={"mode": "neighbours", "index": 3, "neighbours": 1, "axis": 2})
     assert stack.shape == ref.shape + (3,)
@@ -105,6 +107,66 @@ def test_nibabel_real_volumes_and_slice_modes(tmp_path):
     assert nifti2.ndim == 2
     with pytest.raises(DecodeError, match="exceeds max_nifti_bytes=1000; rejected before decompressing"):
         _decode(f"{data_path}/example4d.nii.gz", max_nifti_bytes=1000)
+
+
+def _nifti_bytes(data: np.ndarray, affine: np.ndarray, compressed: bool = True) -> bytes:
+    import nibabel as nib
+
+    raw = nib.Nifti1Image(data, affine).to_bytes()
+    return gzip.compress(raw) if compressed else raw
+
+
+def test_nifti_decodes_the_same_whatever_voxel_order_the_file_stored():
+    """One RAS volume written three ways: as is, mirrored in x under an affine that says so, and with x and y
+    swapped. Canonical decoding gives the same pictures; as_stored gives each file's own order (the old behaviour)."""
+    rng = np.random.default_rng(0)
+    ras = rng.normal(size=(12, 10, 7)).astype(np.float32)
+    ras[:3, 2:5, :] += 6  # a finding on the patient's left (low x in RAS+)
+    flipped_x = np.array([[-1, 0, 0, 11], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)  # LAS: voxel i is world x = 11 - i
+    swapped_xy = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)  # ARS: axis 0 runs anterior
+    files = {"ras": _nifti_bytes(ras, np.eye(4)), "las": _nifti_bytes(ras[::-1].copy(), flipped_x),
+             "ars": _nifti_bytes(ras.transpose(1, 0, 2).copy(), swapped_xy)}
+    medical = build_domain("medical", {"window": "minmax", "nifti": {"mode": "even", "count": 3}})
+    views = {k: medical.decode(f"{k}.nii.gz", v) for k, v in files.items()}
+    for k in ("las", "ars"):
+        assert all(np.allclose(a, b) for a, b in zip(views[k], views["ras"])), k
+    assert views["ras"][1][:3, 2:5].mean() > 0.8  # the finding stays at low x: the patient's left
+    as_stored = build_domain("medical", {"window": "minmax", "nifti": {"mode": "even", "count": 3, "orientation": "as_stored"}})
+    las, ars = as_stored.decode("las.nii.gz", files["las"]), as_stored.decode("ars.nii.gz", files["ars"])
+    assert np.allclose(las[1], views["ras"][1][::-1]) and np.allclose(ars[1], views["ras"][1].T)
+
+
+def test_nifti_with_a_degenerate_affine_names_the_way_out():
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ones((4, 4, 3), np.float32), None)
+    img.set_sform(np.diag([1.0, 0.0, 1.0, 1.0]), code=2)  # axis 1 maps nowhere: no orientation to reorient by
+    data = gzip.compress(img.to_bytes())
+    with pytest.raises(DecodeError, match=r"member 'z.nii.gz': its affine gives no orientation.*nifti.orientation: as_stored"):
+        build_domain("medical").decode("z.nii.gz", data)
+    (image,) = build_domain("medical", {"nifti": {"orientation": "as_stored"}}).decode("z.nii.gz", data)
+    assert image.shape == (4, 4)
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_nifti_with_a_large_header_extension_opens_and_is_stored_without_it(compressed):
+    """Only the fixed header is parsed for the size check: a 4 kB extension (far past the 540 bytes read first) is
+    no reason to refuse the file. make-shards' copy drops the extension and keeps the picture."""
+    import nibabel as nib
+
+    volume = np.arange(8 * 6 * 5, dtype=np.float32).reshape(8, 6, 5)
+    img = nib.Nifti1Image(volume, np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"Doe^Jane " * 460))  # code 6: a comment, 4 kB
+    name = "x.nii.gz" if compressed else "x.nii"
+    data = img.to_bytes()
+    data = gzip.compress(data) if compressed else data
+    medical = build_domain("medical", {"window": "minmax"})
+    (image,) = medical.decode(name, data)
+    assert np.allclose(image, (volume[..., 2] - volume[..., 2].min()) / np.ptp(volume[..., 2]))
+    stored = medical.prepare_for_shard(name, data)
+    raw = gzip.decompress(stored) if compressed else stored
+    assert b"Doe^Jane" not in raw and len(raw) < len(img.to_bytes()) - 4000
+    assert np.allclose(medical.decode(name, stored)[0], image)
 
 
 def test_nifti_free_text_is_stripped_for_shards(tmp_path):
@@ -169,3 +231,40 @@ def test_hu_window_makes_the_ct_finding_learnable(tmp_path):
     print(f"CT quadrant task ({len(QUADRANTS)} choices): medical adapter {adapted:.3f}, naive 8-bit path {naive:.3f}")
     assert adapted >= 0.9
     assert naive <= 0.4
+
+
+@pytest.mark.slow
+def test_canonical_orientation_makes_left_and_right_learnable(tmp_path):
+    """The finding is on the patient's left or right; each file stores the volume in one of four voxel orders (x
+    flipped, x and y swapped, both) under an affine that says which. Reoriented to RAS+ the side is always the same
+    rows of the picture; as stored, the same pixels mean left in one file and right in another."""
+    from mmdomain.tiny_models import write_tiny_llm
+
+    write_side_task(tmp_path, 600, 200)
+    llm = str(write_tiny_llm(tmp_path / "llm", WORDS, hidden=128, ffn=256))
+    canonical = train_task(tmp_path, tmp_path / "media", tmp_path / "canonical", llm, domain={"name": "medical"}, channels=1, steps=150)
+    as_stored = train_task(tmp_path, tmp_path / "media", tmp_path / "as_stored", llm, channels=1, steps=150,
+                           domain={"name": "medical", "options": {"nifti": {"orientation": "as_stored"}}})
+    print(f"NIfTI side task ({len(SIDES)} choices): canonical {canonical:.3f}, as stored {as_stored:.3f}")
+    assert canonical >= 0.9
+    assert as_stored <= 0.65
+
+
+@pytest.mark.slow
+def test_volume_path_sees_a_finding_off_the_middle_slice(tmp_path):
+    """The finding lies in slice 1 or 3 of 5 and in no other: the middle slice never shows it, while the volume path
+    (all 5 slices through the encoder, joined by depth_pool) does. Both read the volume through one fixed window, as
+    a reader would: the default percentile window, taken over a whole volume, clips this small finding into the
+    tissue's brightest texture, and trained that way the volume path stayed at chance (0.54)."""
+    from mmdomain.tiny_models import write_tiny_llm
+
+    write_side_task(tmp_path, 600, 200, depth=5, finding_slices=(1, 3))
+    llm = str(write_tiny_llm(tmp_path / "llm", WORDS, hidden=128, ffn=256))
+    window = {"center": 100, "width": 240}
+    volume = train_task(tmp_path, tmp_path / "media", tmp_path / "volume", llm, channels=1, steps=150, connector={"name": "depth_pool"},
+                        domain={"name": "medical", "options": {"window": window, "nifti": {"mode": "volume", "count": 5}}})
+    middle = train_task(tmp_path, tmp_path / "media", tmp_path / "middle", llm, channels=1, steps=150,
+                        domain={"name": "medical", "options": {"window": window}})
+    print(f"NIfTI off-middle finding ({len(SIDES)} choices): volume path {volume:.3f}, middle slice {middle:.3f}")
+    assert volume >= 0.85
+    assert middle <= 0.65

@@ -16,7 +16,7 @@ from .dicom import decode_dicom, strip_dicom
 from .dicom_series import decode_series, prepare_series
 from .generic import GenericDomain, GenericOptions
 from .nifti import decode_nifti, strip_nifti
-from .volume_views import NiftiSlices
+from .volume_views import NiftiSlices, as_volume
 from .windowing import PRESETS, Window, WindowChoice, apply_window
 
 __all__ = ["PRESETS", "Window", "WindowChoice", "apply_window", "NiftiSlices", "MedicalOptions", "MedicalDomain"]
@@ -58,15 +58,21 @@ class MedicalDomain:
     def media_types(self) -> list[str]:
         return sorted({"dcm", "dcm.tar", "nii", "nii.gz", *self.generic.media_types()})
 
+    @property
+    def volume_depth(self) -> int | None:
+        """Slices in every item (``nifti.mode: volume``), or None when items are 2-D images."""
+        return self.options.nifti.volume_depth
+
     def decode(self, name: str, data: bytes) -> list[np.ndarray]:
         kind = media_type(name)
-        if kind == "dcm":
-            return [decode_dicom(name, data, self.options)]
-        if kind == "dcm.tar":  # a series given as a list of files or a folder (a bundle)
+        if kind == "dcm.tar":  # a series given as a list of files or a folder (a bundle); volume mode gives one stack
             return decode_series(name, data, self.options)
         if kind in ("nii", "nii.gz"):
             return decode_nifti(name, data, kind == "nii.gz", self.options)
-        return self.generic.decode(name, data)
+        images = [decode_dicom(name, data, self.options)] if kind == "dcm" else self.generic.decode(name, data)
+        if self.volume_depth is not None:  # a 2-D image is a one-slice volume, resampled to the same depth as the rest
+            return [as_volume(image, self.volume_depth) for image in images]
+        return images
 
     def prepare_for_shard(self, name: str, data: bytes) -> bytes:
         kind = media_type(name)
@@ -75,5 +81,5 @@ class MedicalDomain:
         if kind == "dcm.tar":
             return prepare_series(name, data, self.options)
         if kind in ("nii", "nii.gz"):
-            return strip_nifti(name, data, kind == "nii.gz")
+            return strip_nifti(name, data, kind == "nii.gz", self.options.max_nifti_bytes)
         return self.generic.prepare_for_shard(name, data)
