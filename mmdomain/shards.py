@@ -198,9 +198,14 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
             if key in keys:
                 raise ShardError(f"{where}: sample id {key!r} appears twice; ids must be unique")
             keys.add(key)
-            blobs = []
+            blobs, facts = [], []
             for i, (entry, kind) in enumerate(zip(sample.pop("media"), kinds)):
                 blobs.append(_media_member(i, entry, domains[kind], where, media_root))
+                # What a domain knows of a stored item beyond its pixels (a volume's stored orientation), for provenance.
+                describe = getattr(domains[kind], "describe_for_shard", None)
+                facts.append(describe(*blobs[-1]) if describe else None)
+            if any(facts):
+                sample["meta"] = {"media": [f or {} for f in facts]}
             writer.write(key, [("json", json.dumps(sample).encode()), *blobs])
     shards = writer.shards
     if not shards:

@@ -16,6 +16,14 @@ from mmdomain.domains.medical import PRESETS, Window, apply_window
 from .domain_tasks import QUADRANTS, SIDES, WORDS, ct_slice, train_task, write_ct_task, write_dicom, write_side_task
 
 
+def _png_bytes() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _decode(path, **options):
     from pathlib import Path
 
@@ -134,6 +142,22 @@ def test_nifti_decodes_the_same_whatever_voxel_order_the_file_stored():
     as_stored = build_domain("medical", {"window": "minmax", "nifti": {"mode": "even", "count": 3, "orientation": "as_stored"}})
     las, ars = as_stored.decode("las.nii.gz", files["las"]), as_stored.decode("ars.nii.gz", files["ars"])
     assert np.allclose(las[1], views["ras"][1][::-1]) and np.allclose(ars[1], views["ras"][1].T)
+
+
+def test_the_stored_voxel_order_is_recorded_in_the_sample_metadata(tmp_path):
+    """Decoding reorients to RAS+; the order the file stored (and its voxel size) travels in the sample's metadata."""
+    from mmdomain.data import FailureBudget, iter_records
+    from mmdomain.shards import make_shards
+
+    (tmp_path / "media").mkdir()
+    volume = np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32)
+    flipped_x = np.array([[-2.0, 0, 0, 11], [0, 1, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1]])
+    (tmp_path / "media" / "a.nii.gz").write_bytes(_nifti_bytes(volume, flipped_x))
+    (tmp_path / "media" / "b.png").write_bytes(_png_bytes())
+    (tmp_path / "s.jsonl").write_text(json.dumps({"id": "s", "media": ["a.nii.gz", "b.png"], "question": "<image> <image> ?", "answer": "left"}) + "\n")
+    make_shards(tmp_path / "s.jsonl", tmp_path / "media", tmp_path / "shards", domain=build_domain("medical"))
+    (record,) = iter_records([str(tmp_path / "shards" / "train-000000.tar")], build_domain("medical"), failures=FailureBudget(0))
+    assert record.meta == {"media": [{"orientation": "LAS", "voxel_mm": [2.0, 1.0, 3.0]}, {}]}
 
 
 def test_nifti_with_a_degenerate_affine_names_the_way_out():

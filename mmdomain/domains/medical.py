@@ -6,7 +6,7 @@ DICOM and NIfTI modules for what each keeps).
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -15,7 +15,7 @@ from .base import media_type
 from .dicom import decode_dicom, strip_dicom
 from .dicom_series import decode_series, prepare_series
 from .generic import GenericDomain, GenericOptions
-from .nifti import decode_nifti, strip_nifti
+from .nifti import decode_nifti, nifti_facts, strip_nifti
 from .volume_views import NiftiSlices, as_volume
 from .windowing import PRESETS, Window, WindowChoice, apply_window
 
@@ -73,6 +73,14 @@ class MedicalDomain:
         if self.volume_depth is not None:  # a 2-D image is a one-slice volume, resampled to the same depth as the rest
             return [as_volume(image, self.volume_depth) for image in images]
         return images
+
+    def describe_for_shard(self, name: str, stored: bytes) -> dict[str, Any] | None:
+        """A NIfTI's stored voxel order (``LAS``: axis 0 towards the left, ...) and voxel size, recorded in the sample's
+        metadata: decoding reorients to RAS+, so the file's own order would otherwise be known only from its affine."""
+        kind = media_type(name)
+        if kind not in ("nii", "nii.gz"):
+            return None
+        return nifti_facts(name, stored, kind == "nii.gz", self.options.max_nifti_bytes)
 
     def prepare_for_shard(self, name: str, data: bytes) -> bytes:
         kind = media_type(name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -87,6 +87,15 @@ def decode_nifti(name: str, data: bytes, compressed: bool, options: "MedicalOpti
     cal = (float(img.header["cal_min"]), float(img.header["cal_max"]))
     file_window = ((cal[0] + cal[1]) / 2, cal[1] - cal[0]) if cal[1] > cal[0] else None
     return slice_views(name, volume, options.nifti, options.windows, file_window)
+
+
+def nifti_facts(name: str, data: bytes, compressed: bool, max_bytes: int) -> dict[str, Any]:
+    """The stored voxel order as axis codes (nibabel's ``aff2axcodes``: ``RAS``, ``LAS``, ...) and the voxel size in mm."""
+    import nibabel as nib
+
+    img = read_nifti(name, data, compressed, max_bytes)
+    codes = nib.aff2axcodes(img.affine)
+    return {"orientation": "".join(c or "?" for c in codes), "voxel_mm": [round(float(z), 4) for z in img.header.get_zooms()[:3]]}
 
 
 def strip_nifti(name: str, data: bytes, compressed: bool, max_bytes: int) -> bytes:
