@@ -72,7 +72,7 @@ def step_functions(out: Path, names: list[str], batch_size: int, llm: Path):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return float(loss)
+            return float(loss.detach())
 
         steps[name] = (step, model.tokens_per_item, sum(p.numel() for p in model.connector.parameters()))
     return steps
