@@ -126,7 +126,8 @@ def audio_recipe(tmp_path, tiny_llm_dir):
     return tmp_path
 
 
-def test_the_feature_cache_stores_each_clips_own_frames_and_gives_the_same_loss(audio_recipe):
+def _cache_and_pipeline(audio_recipe):
+    """Cache the recipe's features, then (model, processor, the full pipeline's batch, the cached records)."""
     assert main(["-q", "cache-features", str(audio_recipe / "r.yaml"), "--out", str(audio_recipe / "cache")]) == 0
     recipe = load_recipe(audio_recipe / "r.yaml")
     torch.manual_seed(recipe.seed)
@@ -134,7 +135,11 @@ def test_the_feature_cache_stores_each_clips_own_frames_and_gives_the_same_loss(
     raw = list(iter_records(expand_shards(recipe.data.train), proc.domains, failures=FailureBudget(0)))
     full = proc.collate([proc(r.conversations, r.media, key=r.key) for r in raw])
     train, _ = open_cache(audio_recipe / "cache", model, proc, recipe)
-    cached = list(iter_records(expand_shards(train), proc.domains, failures=FailureBudget(0)))
+    return model, proc, full, list(iter_records(expand_shards(train), proc.domains, failures=FailureBudget(0)))
+
+
+def test_the_feature_cache_stores_each_clips_own_frames_and_gives_the_same_loss(audio_recipe):
+    model, proc, full, cached = _cache_and_pipeline(audio_recipe)
     # 0.5 s steps of 50 frames/s, carried to the end of the last 8-frame stack (frames_read), not 200 each
     assert [r.media[0].shape[0] for r in cached] == [min(200, 8 * -(-25 * (i + 1) // 8)) for i in range(8)]
     batch = proc.collate([proc(r.conversations, r.media, key=r.key) for r in cached])
@@ -225,14 +230,8 @@ def test_the_window_qformer_keeps_a_prefix_and_the_plain_one_does_not(tiny_llm_d
 def test_cached_clips_give_the_connector_the_same_tokens_as_the_encoder_does(audio_recipe):
     # 0.5 s steps are 25 frames: frame_stack k=8 reads past each clip's end into the encoder's output for the padding
     # (its last token stacks frames 24..31 of a 25-frame clip), and a cache must store those frames, not zeros.
-    assert main(["-q", "cache-features", str(audio_recipe / "r.yaml"), "--out", str(audio_recipe / "cache")]) == 0
-    recipe = load_recipe(audio_recipe / "r.yaml")
-    torch.manual_seed(recipe.seed)
-    model, proc = build_model(recipe.model)
-    raw = list(iter_records(expand_shards(recipe.data.train), proc.domains, failures=FailureBudget(0)))
-    full = proc.collate([proc(r.conversations, r.media, key=r.key) for r in raw])
-    train, _ = open_cache(audio_recipe / "cache", model, proc, recipe)
-    cached = proc.collate([proc(r.conversations, r.media, key=r.key) for r in iter_records(expand_shards(train), proc.domains, failures=FailureBudget(0))])
+    model, proc, full, records = _cache_and_pipeline(audio_recipe)
+    cached = proc.collate([proc(r.conversations, r.media, key=r.key) for r in records])
     with torch.no_grad():
         direct, from_cache = model.encode(0, full["media"][0]), model.encode(0, cached["media"][0])
     for item, count in enumerate(full["media"][0].tokens.tolist()):
