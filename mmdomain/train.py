@@ -84,7 +84,7 @@ def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
     problems = input_problems(recipe)
     if problems:
         raise RecipeError("the run cannot start:\n  " + "\n  ".join(problems))
-    ensure_band_stats(recipe)  # a missing stats: file is computed from the training shards, a stale one refused
+    ensure_band_stats(recipe)  # a missing stats: file is computed from the training shards; one for other bands is refused
     run = open_run(recipe)
     try:
         return _train(recipe, run.run_dir, run.resume_from, accept_changes, started)
