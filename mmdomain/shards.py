@@ -93,7 +93,9 @@ def normalise_record(record: dict[str, Any], where: str, media_token: str = "<im
     out: dict[str, Any] = {"conversations": turns, "media": media}
     if dates is not None:
         mark_with_dates(turns, re.compile("|".join(re.escape(t) for t in sorted(known, key=len, reverse=True))), dates)
-        out["dates"] = dates
+        # Kept for provenance under another name: the stored sample is normalised again when it is read, and its
+        # markers already carry their dates (a "dates" field would date them twice).
+        out["acquisition_dates"] = dates
     if "choices" in record:
         choices = [str(c) for c in record["choices"]]
         answer = turns[-1]["content"]

@@ -181,11 +181,18 @@ def test_acquisitions_are_put_in_date_order_with_their_dates_in_the_prompt(tmp_p
     sample = json.loads(members["place.json"])
     assert sample["conversations"][0]["content"] == ("<image> (2021-05-01) <image> (2021-11-30T10:00:00Z) <image> (2022-06-01) "
                                                      "did the cover change ?")
-    assert sample["dates"] == ["2021-05-01", "2021-11-30T10:00:00Z", "2022-06-01"]
+    assert sample["acquisition_dates"] == ["2021-05-01", "2021-11-30T10:00:00Z", "2022-06-01"]
     assert [members[f"place.{i}.tif"] for i in range(3)] == [(media / n).read_bytes() for n in ("early.tif", "mid.tif", "late.tif")]
     marked = json.loads(members["marked.json"])
     assert marked["conversations"][0]["content"] == "compare <image> (2021-05-01) with <image> (2022-06-01) : did it change ?"
     assert members["marked.0.tif"] == (media / "early.tif").read_bytes()
+    # Read back for training, each marker carries its date once (the stored sample is normalised again when read).
+    from mmdomain.data import FailureBudget, iter_records
+
+    read = {r.key.split(":")[-1]: r for r in iter_records([str(tmp_path / "shards" / "train-000000.tar")], build_domain("remote_sensing", {}),
+                                                        failures=FailureBudget(0))}
+    assert read["marked"].conversations[0]["content"] == "compare <image> (2021-05-01) with <image> (2022-06-01) : did it change ?"
+    assert read["place"].conversations[0]["content"].count("(2021-05-01)") == 1 and len(read["place"].media) == 3
 
     for dates, message in ((["2022-06-01", "last spring"], r"s.jsonl:1: dates\[1\] 'last spring' is not an ISO date"),
                            (["2022-06-01"], r"s.jsonl:1: 1 dates for 2 media items")):
