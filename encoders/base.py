@@ -98,9 +98,12 @@ class Encoder(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-def encode_slices(encoder: Any, x: torch.Tensor) -> torch.Tensor:
+def encode_slices(encoder: Any, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Run an encoder on a batch: ``[B, ...]`` -> ``[B, N, D]``; a batch of volumes ``[B, S, C, H, W]`` (one more
-    axis than an image batch) goes through the 2-D encoder as ``B * S`` slices and comes back ``[B, S, N, D]``."""
+    axis than an image batch) goes through the 2-D encoder as ``B * S`` slices and comes back ``[B, S, N, D]``.
+    ``lengths`` (each clip's valid samples) reach an encoder that says ``takes_lengths``; others never see them."""
+    if lengths is not None and getattr(encoder, "takes_lengths", False):
+        return encoder(x, lengths=lengths)
     if x.ndim == 5:
         return encoder(x.flatten(0, 1)).unflatten(0, tuple(x.shape[:2]))
     return encoder(x)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import EncoderInfo
+from .base import EncoderInfo, encode_slices
 from .errors import EncoderError, EncoderOptionError
 
 
@@ -81,7 +81,7 @@ class FusedEncoder(nn.Module):
         outs = []
         for part in self.parts:
             fitted = self._fit(x, part)
-            out = part(fitted, lengths=lengths) if lengths is not None and getattr(part, "takes_lengths", False) else part(fitted)
+            out = encode_slices(part, fitted, lengths)
             if self._side is not None and out.shape[1] != self._side**2:  # a finer grid pooled to the common one
                 b, n, d = out.shape
                 grid = out.transpose(1, 2).reshape(b, d, math.isqrt(n), math.isqrt(n))

@@ -123,10 +123,8 @@ def cache_features(recipe: Any, out_dir: str | Path, *, batch_size: int = 32, de
                 feats = []
                 for i in range(0, len(items), batch_size):
                     values = torch.stack(items[i : i + batch_size]).to(device)
-                    if lengths is not None and getattr(encoder, "takes_lengths", False):
-                        feats.append(encoder(values, lengths=lengths[i : i + batch_size].to(device)).float().cpu())
-                    else:
-                        feats.append(encode_slices(encoder, values).float().cpu())
+                    part = lengths[i : i + batch_size].to(device) if lengths is not None else None
+                    feats.append(encode_slices(encoder, values, part).float().cpu())
             feats = list(torch.cat(feats)) if feats else []
             if lengths is not None:
                 full = encoder.info.num_tokens()

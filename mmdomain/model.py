@@ -102,10 +102,9 @@ class MultimodalLM(nn.Module):
         features = batch.values
         if not batch.encoded:
             values = features.to(next(encoder.parameters()).dtype)
-            # Encoders that can mask padding (wav2vec2 with layer-norm features) are told where each clip ends.
-            lengths = batch.lengths if getattr(encoder, "takes_lengths", False) else None
-            # Volumes [n, slices, C, H, W] go through the 2-D encoder slice by slice.
-            features = encode_slices(encoder, values) if lengths is None else encoder(values, lengths=lengths)
+            # Volumes [n, slices, C, H, W] go through the 2-D encoder slice by slice; encoders that can mask padding
+            # (wav2vec2 with layer-norm features) are told where each clip ends.
+            features = encode_slices(encoder, values, batch.lengths)
         return connector(features.to(next(connector.parameters()).dtype))
 
     def embed(self, input_ids: torch.Tensor, media: Sequence[MediaBatch | None] | None = None) -> torch.Tensor:
