@@ -80,7 +80,7 @@ class MedicalDomain:
         kind = media_type(name)
         if kind not in ("nii", "nii.gz"):
             return None
-        return nifti_facts(name, stored, kind == "nii.gz", self.options.max_nifti_bytes)
+        return nifti_facts(name, stored, kind == "nii.gz")
 
     def prepare_for_shard(self, name: str, data: bytes) -> bytes:
         kind = media_type(name)

@@ -89,13 +89,15 @@ def decode_nifti(name: str, data: bytes, compressed: bool, options: "MedicalOpti
     return slice_views(name, volume, options.nifti, options.windows, file_window)
 
 
-def nifti_facts(name: str, data: bytes, compressed: bool, max_bytes: int) -> dict[str, Any]:
-    """The stored voxel order as axis codes (nibabel's ``aff2axcodes``: ``RAS``, ``LAS``, ...) and the voxel size in mm."""
+def nifti_facts(name: str, data: bytes, compressed: bool) -> dict[str, Any]:
+    """The stored voxel order as axis codes (nibabel's ``aff2axcodes``: ``RAS``, ``LAS``, ...) and the voxel size in mm,
+    from the fixed header alone (the affine and voxel sizes live there), so the voxels are not decompressed again."""
     import nibabel as nib
 
-    img = read_nifti(name, data, compressed, max_bytes)
-    codes = nib.aff2axcodes(img.affine)
-    return {"orientation": "".join(c or "?" for c in codes), "voxel_mm": [round(float(z), 4) for z in img.header.get_zooms()[:3]]}
+    head = guarded(name, lambda d: gzip.GzipFile(fileobj=io.BytesIO(d)).read(540), data) if compressed else data[:540]
+    header = fixed_header(name, head)
+    codes = nib.aff2axcodes(header.get_best_affine())
+    return {"orientation": "".join(c or "?" for c in codes), "voxel_mm": [round(float(z), 4) for z in header.get_zooms()[:3]]}
 
 
 def strip_nifti(name: str, data: bytes, compressed: bool, max_bytes: int) -> bytes:
