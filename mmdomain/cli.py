@@ -345,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="default: the training recipe's eval.max_new_tokens")
     p.set_defaults(func=_cmd_generate)
 
+    from .review_cli import add_review_command
+
+    add_review_command(sub)
+
     p = sub.add_parser("tiny-llm", help="write a tiny random LLM whose vocabulary covers every word of your JSONL (a stand-in for trying recipes)")
     p.add_argument("--jsonl", required=True, action="append", help="a samples JSONL, as for make-shards (repeat for several)")
     p.add_argument("--out", required=True, help="folder to write the model to; then give it as model.llm.path")
@@ -398,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Optional libraries of the extras, and the extra that installs each.
 _EXTRAS = {"pydicom": "medical", "nibabel": "medical", "tifffile": "remote-sensing", "soundfile": "audio", "pylibjpeg": "dicom-codecs",
-           "openjpeg": "dicom-codecs", "libjpeg": "dicom-codecs"}
+           "openjpeg": "dicom-codecs", "libjpeg": "dicom-codecs", "fastapi": "serve", "uvicorn": "serve", "starlette": "serve"}
 
 
 def _missing_extra(exc: BaseException) -> str | None:
