@@ -20,14 +20,14 @@ IDENTIFYING = [b"Doe^Jane", b"Doe", b"SYN-", b"20240101"]
 
 
 def write_ct_items(media: Path, n: int, seed: int = 0) -> list[np.ndarray]:
-    """``media/ct-{i}.dcm`` (HU slices; every third MONOCHROME1) and ``media/items.jsonl``; returns the HU arrays."""
+    """``media/ct-{i}.dcm`` (HU slices; every third, from the third on, MONOCHROME1) and ``media/items.jsonl``; returns the HU arrays."""
     rng = np.random.default_rng(seed)
     media.mkdir(parents=True, exist_ok=True)
     slices, rows = [], []
     for i in range(n):
         quadrant = int(rng.integers(4))
         hu = ct_slice(rng, quadrant)
-        write_dicom(media / f"ct-{i}.dcm", hu, monochrome1=i % 3 == 0, intercept=-1024.0, slope=1.0, patient=PATIENT)
+        write_dicom(media / f"ct-{i}.dcm", hu, monochrome1=i % 3 == 2, intercept=-1024.0, slope=1.0, patient=PATIENT)
         slices.append(hu)
         rows.append({"id": f"ct{i}", "image": f"ct-{i}.dcm", "question": "where is the finding ?", "answer": QUADRANTS[quadrant],
                      "choices": QUADRANTS})
@@ -72,7 +72,8 @@ def review_session(checkpoint: Path, shards: str, out: Path, *, mode: str = "pai
 
 
 def windowed(hu: np.ndarray) -> np.ndarray:
-    """The recipe's window applied by hand (the DICOM linear VOI function): what the page must show, in 8 bits."""
+    """The recipe's window applied by hand (the DICOM linear VOI function) to the HU the file stores (whole numbers:
+    intercept -1024, slope 1): what the page must show, in 8 bits."""
     center, width = WINDOW["center"], WINDOW["width"]
-    unit = np.clip((hu - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
+    unit = np.clip((np.round(hu) - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
     return np.round(unit * 255)
