@@ -8,6 +8,7 @@ elsewhere cannot post them), and the page's content security policy lets it load
 import html
 import logging
 import secrets
+import signal
 import socket
 import threading
 from contextlib import contextmanager
@@ -118,30 +119,44 @@ def bind(port: int) -> socket.socket:
 def _server(app: Any) -> Any:
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
-
-
-def serve(app: Any, port: int, on_ready: Any = None) -> None:
-    """Serve until Ctrl-C / SIGTERM (uvicorn finishes the request in flight, so a judgement being written completes)."""
-    sock = bind(port)
-    if on_ready is not None:
-        on_ready(f"http://{HOST}:{sock.getsockname()[1]}/")
-    _server(app).run(sockets=[sock])
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5))
 
 
 @contextmanager
 def serving_in_thread(app: Any, port: int = 0) -> Iterator[str]:
-    """The app served from a background thread (tests, notebooks); yields its URL, stops it on exit."""
+    """The app served from a background thread; yields its URL, stops it on exit (a request in flight, such as a
+    judgement being written, is finished first)."""
     sock = bind(port)
     server = _server(app)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="review-server")
     thread.start()
     try:
         while not server.started and thread.is_alive():
-            threading.Event().wait(0.02)
+            thread.join(0.02)
+        if not thread.is_alive():
+            raise ReviewError(f"the review server on {HOST}:{sock.getsockname()[1]} stopped while starting; see the log above")
         yield f"http://{HOST}:{sock.getsockname()[1]}/"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=30)
         sock.close()
 
+
+def serve(app: Any, port: int, on_ready: Any = None) -> None:
+    """Serve until Ctrl-C or SIGTERM, then return normally (the caller closes the review and reports). uvicorn runs in
+    a thread, so its own signal handling (which re-raises the signal once it has stopped, ending the process before
+    anything after it runs) stays out of the way."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if threading.current_thread() is threading.main_thread() else None
+    try:
+        with serving_in_thread(app, port) as url:
+            if on_ready is not None:
+                on_ready(url)
+            try:
+                while not stop.wait(0.5):
+                    pass
+            except KeyboardInterrupt:
+                pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -72,6 +72,8 @@ class ReviewData:
         self.reader = ShardReader(expand_shards(patterns))
         self.keys: list[tuple[int, int, str]] = []  # (shard, sample, key) in order
         for shard in range(len(self.reader.paths)):
+            if limit is not None and len(self.keys) >= limit:
+                break  # shards past the limit are never indexed
             index = self.reader.index(shard)
             if index.problems or index.truncated:
                 log.warning("shard %s: %s", self.reader.paths[shard],

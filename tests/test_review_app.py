@@ -206,3 +206,49 @@ def test_media_are_served_for_the_item_on_the_page_only(tmp_path, reviewed):
     finally:
         session.close()
     assert io.BytesIO(png).read(4) == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_the_command_survives_a_kill_and_continues_where_the_file_ends(tmp_path, reviewed):
+    """`mmdomain review` as a user runs it: two judgements, then SIGKILL (no chance to flush anything): both lines are
+    in the file, whole; a second server on the same file is refused meanwhile; started again, it continues at 2 / 4."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    checkpoint, shards, _ = reviewed
+    out = tmp_path / "judgements.jsonl"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, "-m", "mmdomain.cli", "review", str(checkpoint), "--data", shards, "--out", str(out), "--port", "0",
+               "--judge", "alice", "--max-new-tokens", "4"]
+
+    def start() -> tuple[subprocess.Popen, str]:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = process.stdout.readline()
+        assert line.startswith("review page: http://127.0.0.1:"), (line, process.stderr.read() if process.poll() is not None else "")
+        return process, line.split()[2]
+
+    process, url = start()
+    try:
+        token = _token(_get(url)[1])
+        for decision in ("1", "flag"):
+            item = json.loads(_get(url + "api/state")[1])["item"]
+            assert _post(url + "api/judge", {"item": item["id"], "decision": decision}, token)[0] == 200
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "another `mmdomain review` is writing to" in second.stderr
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    lines = [json.loads(raw) for raw in out.read_text().splitlines()]
+    assert [line["decision"] for line in lines] == ["1", "flag"] and {line["judge"] for line in lines} == {"alice"}
+    process, url = start()
+    try:
+        state = json.loads(_get(url + "api/state")[1])
+        assert state["progress"]["judged"] == 2 and state["item"]["number"] == 3
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and "2 / 4 judged in" in stderr and "make-shards --jsonl" in stderr
