@@ -64,6 +64,7 @@ def run_review_command(args: argparse.Namespace) -> int:
     from .builder import load_pretrained
     from .checkpoint import resolve_checkpoint
     from .cli import _eval_settings
+    from .data import expand_shards
     from .domains import build_domain
     from .review_answers import Sampling
     from .review_app import create_app, serve
@@ -76,7 +77,8 @@ def run_review_command(args: argparse.Namespace) -> int:
         raise ReviewError(f"--limit {args.limit}: give a positive number of samples")
     checkpoint = resolve_checkpoint(args.run)
     max_new_tokens = _eval_settings(checkpoint, args)["max_new_tokens"]
-    store = JudgementStore(args.out)  # first: a second review of the same file stops before loading a model
+    expand_shards(args.data)  # a pattern that matches nothing is named before a model loads
+    store = JudgementStore(args.out)  # before the model too: a second review of the same file stops at once
     try:
         model, processor = load_pretrained(checkpoint)
         model.to(args.device).eval()
@@ -86,7 +88,7 @@ def run_review_command(args: argparse.Namespace) -> int:
         session = ReviewSession(model, processor, data, store, settings, judge=args.judge or default_judge(), run=str(checkpoint),
                                 raw_domains=raw, composite=composite, max_side=args.max_side)
     except BaseException:
-        store.close()
+        store.abandon()
         raise
     try:
         session.current()  # the first item is ready (or the data is found empty) before the address is printed

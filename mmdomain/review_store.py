@@ -64,6 +64,7 @@ class JudgementStore:
         if not self.path.parent.is_dir():
             raise ReviewError(f"the folder of --out {self.path} does not exist; create {self.path.parent} first")
         self.media_dir = media_folder(self.path)
+        self._created = not self.path.exists()
         self._file = open(self.path, "a+b")
         self._lock()
         self.lines: list[dict[str, Any]] = self._read_and_repair()
@@ -154,6 +155,12 @@ class JudgementStore:
 
     def close(self) -> None:
         self._file.close()  # closing the file releases the lock
+
+    def abandon(self) -> None:
+        """Close after a review that never started: the file goes again if this store created it and wrote nothing."""
+        self.close()
+        if self._created and not self.lines and self.path.is_file() and self.path.stat().st_size == 0:
+            self.path.unlink()
 
     def __enter__(self) -> "JudgementStore":
         return self

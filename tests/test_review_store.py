@@ -86,3 +86,13 @@ def test_media_names_are_dotless_and_distinct_for_keys_that_differ_only_in_repla
     assert a != b and "." not in a and "/" not in a and a.startswith("x_tar_a_b-")
     assert media_folder(tmp_path / "judgements.jsonl") == tmp_path / "judgements.media"
     assert media_folder(tmp_path / "judgements") == tmp_path / "judgements.media"
+
+
+def test_a_review_that_never_started_leaves_no_empty_file_but_keeps_one_with_judgements(tmp_path):
+    out = tmp_path / "j.jsonl"
+    JudgementStore(out).abandon()
+    assert not out.exists()
+    with JudgementStore(out) as store:
+        store.append(_line("a"), [])
+    JudgementStore(out).abandon()
+    assert len(out.read_text().splitlines()) == 1
