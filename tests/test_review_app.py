@@ -18,7 +18,7 @@ from mmdomain.review_store import ReviewError
 
 from .conftest import write_tar
 from .domain_tasks import ct_slice, write_dicom
-from .review_fixtures import IDENTIFYING, PATIENT, review_session, write_review_run
+from .review_fixtures import IDENTIFYING, PATIENT, WINDOW, review_session, write_review_run
 
 pytest.importorskip("fastapi", reason="the review page needs the serve extra: pip install 'mmdomain[serve]'")
 
@@ -90,6 +90,14 @@ def test_no_patient_attribute_reaches_the_page_the_api_the_media_or_the_judgemen
     assert "PatientName" not in copy and "PatientID" not in copy and "StudyDate" not in copy
     assert copy.pixel_array.tolist() == dcmread(tmp_path / "raw.dcm").pixel_array.tolist()
     assert not any(secret in (tmp_path / "judgements.media" / line["media"][0]).read_bytes() for secret in IDENTIFYING)
+    # The line's media paths and prompt are what make-shards reads (here as a plain question-answer sample).
+    from mmdomain.domains import build_domain
+    from mmdomain.shards import make_shards
+
+    plain = tmp_path / "as_sample.jsonl"
+    plain.write_text(json.dumps({"media": line["media"], "question": line["prompt"], "answer": line["chosen"]}) + "\n")
+    assert make_shards(plain, tmp_path / "judgements.media", tmp_path / "again", prefix="pairs",
+                       domain=build_domain("medical", {"window": WINDOW}, raw=True))["total"] == 1
 
 
 def test_only_the_served_page_may_post_and_only_for_the_item_it_shows(tmp_path, reviewed):
@@ -252,3 +260,44 @@ def test_the_command_survives_a_kill_and_continues_where_the_file_ends(tmp_path,
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0 and "2 / 4 judged in" in stderr and "make-shards --jsonl" in stderr
+
+
+def test_an_audio_run_gets_a_player_and_a_spectrogram_and_its_clip_is_copied_for_make_shards(tmp_path, tiny_llm_dir):
+    import soundfile as sf
+
+    from mmdomain.builder import build_model, save_pretrained
+    from mmdomain.domains import build_domain
+    from mmdomain.shards import make_shards
+    from mmdomain.spec import ModelSpec
+
+    media = tmp_path / "media"
+    media.mkdir()
+    t = np.arange(16000) / 16000
+    sf.write(media / "beat.wav", 0.4 * np.sin(2 * np.pi * 300 * t), 16000)
+    (media / "items.jsonl").write_text(json.dumps({"id": "s1", "media": ["beat.wav"], "question": "<audio> where is the finding ?",
+                                                   "answer": "left"}) + "\n")
+    spec = ModelSpec.model_validate({"encoder": {"name": "tiny-audio", "options": {"clip_seconds": 1.0}},
+                                     "connector": {"name": "frame_stack", "options": {"k": 8}}, "llm": {"path": tiny_llm_dir},
+                                     "domain": {"name": "audio"}, "media_token": "<audio>", "max_length": 256})
+    make_shards(media / "items.jsonl", media, tmp_path / "shards", prefix="heldout", domain=build_domain("audio", {}, raw=True),
+                media_token="<audio>")
+    checkpoint = save_pretrained(*build_model(spec), tmp_path / "run")
+    session = review_session(checkpoint, str(tmp_path / "shards" / "heldout-*.tar"), tmp_path / "j.jsonl")
+    try:
+        with serving_in_thread(create_app(session)) as url:
+            item = json.loads(_get(url + "api/state")[1])["item"]
+            assert item["turns"] == [{"role": "user", "text": "[audio 1] where is the finding ?"}]
+            (view,) = item["views"]
+            assert view["kind"] == "audio" and view["label"] == "audio 1"
+            status, wav, headers = _get(url + view["wav"])
+            assert status == 200 and headers["content-type"] == "audio/wav"
+            heard, rate = sf.read(io.BytesIO(wav))
+            assert rate == 16000 and len(heard) == 16000
+            assert _get(url + view["png"])[1].startswith(b"\x89PNG")
+            token = _token(_get(url)[1])
+            assert _post(url + "api/judge", {"item": item["id"], "decision": "2"}, token)[0] == 200
+    finally:
+        session.close()
+    (line,) = [json.loads(raw) for raw in (tmp_path / "j.jsonl").read_text().splitlines()]
+    assert line["prompt"] == "<audio> where is the finding ?" and line["media"][0].endswith(".0.wav")
+    assert sf.info(tmp_path / "j.media" / line["media"][0]).frames == 16000
