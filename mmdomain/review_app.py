@@ -44,6 +44,10 @@ def page_html(token: str, nonce: str, title: str) -> str:
     return page.replace("__TOKEN__", token).replace("__NONCE__", nonce).replace("__TITLE__", html.escape(title))
 
 
+FOREIGN = ("this request does not come from the page this server sent (no or wrong X-Review-Token); if the review was "
+           "started again, reload the page")
+
+
 def create_app(session: ReviewSession, *, title: str = "mmdomain review") -> Any:
     from fastapi import FastAPI, Header
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -83,7 +87,7 @@ def create_app(session: ReviewSession, *, title: str = "mmdomain review") -> Any
     @app.post("/api/judge")
     def judge(body: Judgement, x_review_token: Optional[str] = Header(None)):
         if not checked(x_review_token):
-            return refused("this request does not come from the review page (no or wrong X-Review-Token)", 403)
+            return refused(FOREIGN, 403)
         try:
             written = session.judge_item(body.item, body.decision, edited=body.edited, note=body.note)
         except ReviewError as exc:
@@ -94,7 +98,7 @@ def create_app(session: ReviewSession, *, title: str = "mmdomain review") -> Any
     @app.post("/api/skip")
     def skip(body: Skip, x_review_token: Optional[str] = Header(None)):
         if not checked(x_review_token):
-            return refused("this request does not come from the review page (no or wrong X-Review-Token)", 403)
+            return refused(FOREIGN, 403)
         try:
             session.skip(body.item)
         except ReviewError as exc:

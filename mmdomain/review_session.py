@@ -113,8 +113,8 @@ class ReviewSession:
 
     def _current_locked(self) -> Prepared | None:
         if self._current is None and not self._finished:
-            future = self._next or self._executor.submit(self._prepare_next)
-            self._current, self._next = future.result(), None
+            future, self._next = self._next or self._executor.submit(self._prepare_next), None
+            self._current = future.result()  # an unexpected failure (out of memory) reaches the page; the next call tries on
             if self._current is None:
                 self._finished = True
             else:
