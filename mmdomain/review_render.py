@@ -88,10 +88,9 @@ def composite(bands: np.ndarray, valid: np.ndarray, chosen: tuple[int, int, int]
     return out
 
 
-def default_composite(domain: Any) -> tuple[int, int, int]:
-    """A composite run's own three bands; else the first three selected (one band repeated if fewer)."""
-    count = len(domain.options.bands) if domain.options.bands is not None else 3
-    return tuple(min(c, max(count - 1, 0)) for c in range(3))  # type: ignore[return-value]
+def default_composite(count: int) -> tuple[int, int, int]:
+    """The first three selected bands (a composite run's own three, in its order); fewer bands repeat (one band: grey)."""
+    return tuple(min(c, count - 1) for c in range(3))  # type: ignore[return-value]
 
 
 def wav_bytes(waveform: np.ndarray, rate: int) -> bytes:
@@ -135,7 +134,7 @@ def render_member(name: str, data: bytes, domain: Any, *, label: str, composite_
         return [View("audio", label, png_bytes(spectrogram(waveform, domain.rate), max_side), wav_bytes(waveform, domain.rate))]
     if domain.name == "remote_sensing" and media_type(name) in TIFF_TYPES:
         bands, valid = domain.read_bands(name, data)
-        chosen = composite_bands or default_composite(domain)
+        chosen = composite_bands or default_composite(bands.shape[-1])
         names = domain.options.bands
         shown = ", ".join(str(names[c]) if names is not None and c < len(names) else f"band {c}" for c in chosen)
         return [View("image", f"{label} (R, G, B = {shown})", png_bytes(composite(bands, valid, chosen), max_side))]

@@ -86,6 +86,8 @@ def test_a_geotiff_is_shown_as_the_chosen_three_bands(tmp_path):
     assert default.label == "image 1 (R, G, B = B04, B03, B02)"
     with pytest.raises(ReviewError, match="--composite names band position 4, but the run selects 4 bands"):
         render_member("0.tif", data, domain, label="image 1", composite_bands=(4, 1, 0))
+    (grey,) = render_member("0.tif", data, build_domain("remote_sensing", {"bands": ["B08"]}), label="image 1")
+    assert grey.label == "image 1 (R, G, B = B08, B08, B08)"  # one band: shown grey, not refused
     bands, valid_mask = domain.read_bands("0.tif", data)
     assert composite(bands, valid_mask, (0, 1, 2)).shape == (64, 64, 3)
 
