@@ -127,9 +127,7 @@ def _server(app: Any) -> Any:
 
 
 @contextmanager
-def serving_in_thread(app: Any, port: int = 0) -> Iterator[str]:
-    """The app served from a background thread; yields its URL, stops it on exit (a request in flight, such as a
-    judgement being written, is finished first)."""
+def _threaded(app: Any, port: int) -> Iterator[tuple[str, threading.Thread]]:
     sock = bind(port)
     server = _server(app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="review-server")
@@ -139,11 +137,18 @@ def serving_in_thread(app: Any, port: int = 0) -> Iterator[str]:
             thread.join(0.02)
         if not thread.is_alive():
             raise ReviewError(f"the review server on {HOST}:{sock.getsockname()[1]} stopped while starting; see the log above")
-        yield f"http://{HOST}:{sock.getsockname()[1]}/"
+        yield f"http://{HOST}:{sock.getsockname()[1]}/", thread
     finally:
-        server.should_exit = True
+        server.should_exit = True  # a request in flight (a judgement being written) is finished first
         thread.join(timeout=30)
         sock.close()
+
+
+@contextmanager
+def serving_in_thread(app: Any, port: int = 0) -> Iterator[str]:
+    """The app served from a background thread (tests, notebooks); yields its URL, stops it on exit."""
+    with _threaded(app, port) as (url, _):
+        yield url
 
 
 def serve(app: Any, port: int, on_ready: Any = None) -> None:
@@ -153,11 +158,11 @@ def serve(app: Any, port: int, on_ready: Any = None) -> None:
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if threading.current_thread() is threading.main_thread() else None
     try:
-        with serving_in_thread(app, port) as url:
+        with _threaded(app, port) as (url, thread):
             if on_ready is not None:
                 on_ready(url)
             try:
-                while not stop.wait(0.5):
+                while not stop.wait(0.5) and thread.is_alive():
                     pass
             except KeyboardInterrupt:
                 pass

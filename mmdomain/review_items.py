@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 from .data import _MEDIA_MEMBER, SAMPLE_FAILURES, Record, SampleFormat, decode_sample, expand_shards
 from .processor import MultimodalProcessor
+from .review_store import ReviewError
 from .shard_index import ShardReader
 from .shards import normalise_record
 
@@ -81,6 +82,8 @@ class ReviewData:
             self.keys += [(shard, sample, self.reader.key(shard, sample)) for sample in range(len(index))]
         if limit is not None:
             self.keys = self.keys[:limit]
+        if not self.keys:
+            raise ReviewError(f"--data {patterns} holds no samples to review; point it at shards written by `mmdomain make-shards`")
         self.token_pattern = re.compile("|".join(re.escape(t) for t in sorted(processor.domains, key=len, reverse=True)))
 
     def __len__(self) -> int:
