@@ -57,8 +57,25 @@ class GenerationOptions:
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         if self.stop:
-            kwargs.update(stop_strings=list(self.stop), tokenizer=tokenizer)  # transformers stops each row at its first
+            # Our own criterion, not transformers' stop_strings: that one maps every vocabulary entry to its text once
+            # and fails on tokenizers whose pieces do not round-trip (word-level ones, e.g. the tiny stand-in LLMs).
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([StopStrings(self.stop, tokenizer)])
         return kwargs
+
+
+class StopStrings:
+    """A stopping criterion: a row is done once the text of its last tokens holds a stop string. The answer's text is
+    cut exactly afterwards (``cut_at_stop``); this only spares generating past the stop."""
+
+    def __init__(self, stops: Sequence[str], tokenizer: Any) -> None:
+        self.stops, self.tokenizer = list(stops), tokenizer
+        self.window = max(len(s) for s in self.stops) + 2  # every token that is not special spells at least one character
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **_: Any) -> torch.Tensor:
+        tails = self.tokenizer.batch_decode(input_ids[:, -self.window:].tolist(), skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in tails], dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -68,7 +85,12 @@ class Completion:
 
     text: str
     finish_reason: str
-    tokens: int
+    token_ids: list[int]
+    """The generated ids, through the end token when there is one."""
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -121,7 +143,7 @@ def generate_batch(model: Any, processor: Any, samples: Sequence[Any], options: 
         count = len(row) if ended is None else ended + 1
         text, stopped = cut_at_stop(tokenizer.decode(row[:count], skip_special_tokens=True), options.stop)
         finish = "stop" if stopped or ended is not None or count < options.max_new_tokens else "length"
-        out.append(Completion(text.strip(), finish, count))
+        out.append(Completion(text.strip(), finish, row[:count]))
     return out
 
 
@@ -184,8 +206,9 @@ class StreamedCompletion:
         self._streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout_s)
         self._ends = _end_ids(self.tokenizer, model)
         batch = to_device(processor.collate([sample], padding_side="left"), device)
-        kwargs = {**options.generate_kwargs(self.tokenizer), "streamer": self._streamer,
-                  "stopping_criteria": StoppingCriteriaList([_Cancelled(self.cancel)])}
+        kwargs = options.generate_kwargs(self.tokenizer)
+        kwargs.update(streamer=self._streamer,
+                      stopping_criteria=StoppingCriteriaList([*kwargs.get("stopping_criteria", []), _Cancelled(self.cancel)]))
         self._new: torch.Tensor | None = None
 
         def run() -> None:
