@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     add_generate_command(sub, _eval_settings)
+    from .serve_cli import add_serve_command
+
+    add_serve_command(sub)
 
     p = sub.add_parser("tiny-llm", help="write a tiny random LLM whose vocabulary covers every word of your JSONL (a stand-in for trying recipes)")
     p.add_argument("--jsonl", required=True, action="append", help="a samples JSONL, as for make-shards (repeat for several)")
@@ -364,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Optional libraries of the extras, and the extra that installs each.
 _EXTRAS = {"pydicom": "medical", "nibabel": "medical", "tifffile": "remote-sensing", "soundfile": "audio", "pylibjpeg": "dicom-codecs",
-           "openjpeg": "dicom-codecs", "libjpeg": "dicom-codecs"}
+           "openjpeg": "dicom-codecs", "libjpeg": "dicom-codecs", "fastapi": "serve", "uvicorn": "serve", "lmms_eval": "lmms-eval"}
 
 
 def _missing_extra(exc: BaseException) -> str | None:
