@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve_cli import add_serve_command
 
     add_serve_command(sub)
+    from .lmms_task_writer import add_lmms_task_command
+
+    add_lmms_task_command(sub)
 
     p = sub.add_parser("tiny-llm", help="write a tiny random LLM whose vocabulary covers every word of your JSONL (a stand-in for trying recipes)")
     p.add_argument("--jsonl", required=True, action="append", help="a samples JSONL, as for make-shards (repeat for several)")

@@ -94,6 +94,21 @@ def _generate(model: MultimodalLM, processor: MultimodalProcessor, records: list
     return [c.text for c in generate_batch(model, processor, samples, options, device)]
 
 
+def predict_records(model: MultimodalLM, processor: MultimodalProcessor, records: list[Record], device: torch.device, *,
+                    choice_score: str = "mean", generation: GenerationOptions = GenerationOptions()) -> list[tuple[str, bool]]:
+    """Each record's prediction and whether it was a tie: a record with ``choices`` gets its most likely choice, any
+    other its generated answer. The one rule evaluation scores by (``evaluate_records``, the lmms-eval plugin)."""
+    # Predictions by position, not by key: keys from two folders of shards may repeat.
+    with_choices = [i for i, r in enumerate(records) if r.choices]
+    free = [i for i, r in enumerate(records) if not r.choices]
+    preds: dict[int, tuple[str, bool]] = {}
+    if with_choices:
+        preds.update(zip(with_choices, _choose(model, processor, [records[i] for i in with_choices], device, choice_score)))
+    if free:
+        preds.update((i, (text, False)) for i, text in zip(free, _generate(model, processor, [records[i] for i in free], device, generation)))
+    return [preds[i] for i in range(len(records))]
+
+
 def evaluate_records(model: MultimodalLM, processor: MultimodalProcessor, records: Iterable[Record], *, batch_size: int = 16,
                      max_new_tokens: int = 32, predictions_path: str | Path | None = None, progress: bool = False,
                      choice_score: str = "mean", device: torch.device | str | None = None,
@@ -111,14 +126,7 @@ def evaluate_records(model: MultimodalLM, processor: MultimodalProcessor, record
     unknown_cache: dict[str, bool] = {}
 
     def flush() -> None:
-        # Predictions by position in the chunk, not by key: keys from two folders of shards may repeat.
-        with_choices = [i for i, r in enumerate(chunk) if r.choices]
-        free = [i for i, r in enumerate(chunk) if not r.choices]
-        preds: dict[int, tuple[str, bool]] = {}
-        if with_choices:
-            preds.update(zip(with_choices, _choose(model, processor, [chunk[i] for i in with_choices], device, choice_score)))
-        if free:
-            preds.update((i, (text, False)) for i, text in zip(free, _generate(model, processor, [chunk[i] for i in free], device, options)))
+        preds = predict_records(model, processor, chunk, device, choice_score=choice_score, generation=options)
         for i, r in enumerate(chunk):
             target = _split(r)[1]
             kind = r.answer_type or ("closed" if r.choices else "open")
