@@ -137,3 +137,31 @@ def test_every_tensor_of_an_eval_batch_goes_to_the_named_device(parts):
     wrapped = DeviceAsserting(model, "meta")  # the model's own parameters stay on the CPU: the device comes from the caller
     report = evaluate_records(wrapped, proc, records, device="meta")
     assert report["samples"] == 2 and len(wrapped.calls) == 2 and all(n >= 3 for n in wrapped.calls)
+
+
+def test_the_generate_command_batches_streams_and_names_its_device(parts, tmp_path, capsys):
+    from mmdomain.builder import save_pretrained
+    from mmdomain.cli import main
+    from PIL import Image
+
+    model, proc, _ = parts
+    save_pretrained(model, proc, tmp_path / "ckpt")
+    images = []
+    for i in range(3):
+        images += ["--image", str(tmp_path / f"{i}.png")]
+        Image.fromarray(np.full((32, 32), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    common = ["-q", "generate", str(tmp_path / "ckpt"), "--question", "where is the lesion ?", "--max-new-tokens", "6", "--device", "cpu"]
+    assert main([*common, *images, "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(tmp_path / f"{i}.png") for i in range(3)]
+    assert main([*common, *images[:2]]) == 0
+    alone = capsys.readouterr().out.strip()
+    assert alone == lines[0].split("\t")[1] and alone
+    assert main([*common, *images[:2], "--stream"]) == 0
+    assert capsys.readouterr().out.strip() == alone  # streamed, the same greedy answer
+    assert main([*common, *images[:2], "--temperature", "0.7"]) == 2
+    assert "add --do-sample" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*common[:-1], "cuda", *images[:2]]) == 2
+        err = capsys.readouterr().err
+        assert "--device: cuda, but torch sees no CUDA GPU here" in err and "Traceback" not in err

@@ -193,3 +193,53 @@ def test_the_official_openai_client_talks_to_it(server):
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=999)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server["base"] + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_the_model(server):
+    with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=ask(data_url(png()), stream=True, max_tokens=16),
+                      headers=AUTH, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # hang up after the first event
+    response = post(server, ask(data_url(png())))  # the lock was released: this one is answered, not left waiting
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == expected_answer(server)
+
+
+def test_a_full_queue_refuses_with_503():
+    import asyncio
+
+    from mmdomain.serve_app import _Queue
+    from mmdomain.serve_media import RequestRefused
+
+    async def scenario():
+        queue = _Queue(max_waiting=1)
+        await queue.__aenter__()  # one running
+        waiter = asyncio.ensure_future(queue.__aenter__())  # one waiting
+        await asyncio.sleep(0)
+        with pytest.raises(RequestRefused) as refused:
+            await queue.__aenter__()
+        assert refused.value.status == 503 and "--max-waiting" in str(refused.value)
+        await queue.__aexit__(None, None, None)
+        await asyncio.wait_for(waiter, 5)  # the waiting one gets the model next
+        await queue.__aexit__(None, None, None)
+
+    asyncio.run(scenario())
+
+
+def test_audio_parts_go_to_the_audio_kind_and_images_to_the_image_kind():
+    from types import SimpleNamespace
+
+    from mmdomain.serve_media import MediaPolicy, RequestRefused, parse_messages
+
+    kinds = [SimpleNamespace(name="media", aliases=("image", "vision"), token="<image>"),
+             SimpleNamespace(name="audio", aliases=(), token="<audio>")]
+    wav = base64.b64encode(b"RIFF....WAVE").decode()
+    chat = parse_messages([{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
+        {"type": "image_url", "image_url": {"url": data_url(png())}}, {"type": "text", "text": "what is heard and seen ?"}]}],
+        SimpleNamespace(kinds=kinds), MediaPolicy())
+    assert chat.conversation == [{"role": "user", "content": "<audio> <image> what is heard and seen ?"}]
+    assert [name for name, _ in chat.files] == ["item.wav", "item.png"] and chat.files[0][1] == b"RIFF....WAVE"
+    audio_only = SimpleNamespace(kinds=[SimpleNamespace(name="media", aliases=("image", "audio"), token="<audio>")])
+    with pytest.raises(RequestRefused, match="takes no image"):
+        parse_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png())}}]}], audio_only, MediaPolicy())
