@@ -174,11 +174,11 @@ def _eval_settings(checkpoint: Path, args: argparse.Namespace) -> dict:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import CHECKPOINTS, resolve_checkpoint
     from .evaluate import evaluate_shards
-    from .inference_run import open_run
+    from .inference_run import load_for_inference
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     settings = _eval_settings(checkpoint, args)
-    run = open_run(checkpoint, args.device)  # on --device, else the training recipe's device
+    run = load_for_inference(checkpoint, args.device, args.dtype)  # on --device, else the training recipe's device
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
     out = Path(args.out) if args.out else run_dir / "eval_report.json"
     report = evaluate_shards(run.model, run.processor, args.data, max_samples=settings["max_samples"], batch_size=settings["batch_size"],

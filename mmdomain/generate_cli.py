@@ -15,6 +15,8 @@ class GenerateArgumentError(MmdomainError, ValueError):
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default: the training recipe's device)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="weights and activations: fp32 (default, what training evaluated), or bf16/fp16 for half the GPU memory")
 
 
 def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +61,7 @@ def add_generate_command(sub: Any, eval_settings: Any) -> None:
 def cmd_generate(args: argparse.Namespace, eval_settings: Any) -> int:
     from .checkpoint import resolve_checkpoint
     from .generation import generate_batch, stream_generate
-    from .inference_run import open_run
+    from .inference_run import load_for_inference
 
     media = [Path(m) for m in args.image]
     for path in media:
@@ -74,7 +76,7 @@ def cmd_generate(args: argparse.Namespace, eval_settings: Any) -> int:
         raise GenerateArgumentError(f"--batch-size must be at least 1, got {args.batch_size}")
     checkpoint = resolve_checkpoint(args.checkpoint)
     options = decoding_options(args, eval_settings(checkpoint, args)["max_new_tokens"])
-    run = open_run(checkpoint, args.device)
+    run = load_for_inference(checkpoint, args.device, args.dtype)
     processor = run.processor
     samples = []
     for path, question in zip(media, questions):

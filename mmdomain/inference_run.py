@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .device import resolve_device
+from .device import DeviceError, resolve_device
 
 
 @dataclass
@@ -36,8 +36,12 @@ def recipe_of(checkpoint: Path) -> dict[str, Any]:
     return (read_json(checkpoint / STATE).get("recipe") or {}) if (checkpoint / STATE).is_file() else {}
 
 
-def open_run(path: str | Path, device: str | torch.device | None = None) -> InferenceRun:
-    """Load a run directory or checkpoint; ``device`` None takes the training recipe's ``device`` (auto when absent)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_for_inference(path: str | Path, device: str | torch.device | None = None, dtype: str = "fp32") -> InferenceRun:
+    """Load a run directory or checkpoint; ``device`` None takes the training recipe's ``device`` (auto when absent).
+    ``dtype`` bf16/fp16 halves the memory of a GPU model (scores may then differ slightly from fp32's)."""
     from .builder import load_pretrained
     from .checkpoint import resolve_checkpoint
 
@@ -46,5 +50,7 @@ def open_run(path: str | Path, device: str | torch.device | None = None) -> Infe
     where = "--device" if device is not None else f"the training recipe's device ({checkpoint})"
     target = resolve_device(device if device is not None else recipe.get("device"), where)
     model, processor = load_pretrained(checkpoint)
-    model.to(target).eval()
+    if dtype not in DTYPES:
+        raise DeviceError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    model.to(device=target, dtype=DTYPES[dtype]).eval()
     return InferenceRun(model, processor, checkpoint, target, recipe)

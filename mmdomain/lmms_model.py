@@ -17,20 +17,20 @@ from tqdm import tqdm
 from .data import FailureBudget, iter_records
 from .evaluate import predict_records
 from .generation import GenerationOptions, generate_batch
-from .inference_run import open_run
+from .inference_run import load_for_inference
 
 
 class MmdomainLMM(lmms):
     is_simple = True
 
     def __init__(self, run: str, device: str | None = None, batch_size: int | str = 8, choice_score: str | None = None,
-                 max_new_tokens: int | str | None = None, **_: Any) -> None:
+                 max_new_tokens: int | str | None = None, dtype: str = "fp32", **_: Any) -> None:
         super().__init__()
         from .recipe import Eval
 
         # lmms-eval passes its own --device (default "cuda" in its CLI, None from simple_evaluate); "auto" or none takes
         # the training recipe's device.
-        self.run = open_run(run, None if device in (None, "", "auto") else str(device))
+        self.run = load_for_inference(run, None if device in (None, "", "auto") else str(device), dtype)
         settings = Eval.model_validate(self.run.recipe.get("eval") or {})
         self.choice_score = choice_score or settings.choice_score
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens not in (None, "") else settings.max_new_tokens

@@ -78,9 +78,9 @@ def add_lmms_task_command(sub: Any) -> None:
 def _cmd_lmms_task(args: argparse.Namespace) -> int:
     import sys
 
-    from .inference_run import open_run
+    from .inference_run import load_for_inference
 
-    run = open_run(args.checkpoint, "cpu")
+    run = load_for_inference(args.checkpoint, "cpu")
     summary = write_lmms_task(run.processor, args.data, args.out, name=args.name, template=args.template)
     print(json.dumps(summary, indent=2))
     print(f"# run it: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lmms-eval --model mmdomain --model_args run={args.checkpoint} "

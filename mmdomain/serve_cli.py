@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ModuleNotFoundError as exc:
         raise ServeSetupError(f"mmdomain serve needs {exc.name}, which comes with an optional extra: pip install 'mmdomain[serve]'") from None
-    from .inference_run import open_run
+    from .inference_run import load_for_inference
     from .serve_app import ServeLimits, create_app
     from .serve_media import MediaPolicy
 
@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         log.warning("serving on %s without an API key: anyone who reaches this port can use the model (set %s or --api-key)",
                     args.host, API_KEY_ENV)
-    run = open_run(args.checkpoint, args.device)
+    run = load_for_inference(args.checkpoint, args.device, args.dtype)
     media = MediaPolicy(max_items=args.max_media_items, max_pixels=args.max_pixels, max_bytes=args.max_body_bytes,
                         allow_from=tuple(args.allow_media_from))
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,

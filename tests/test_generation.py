@@ -159,6 +159,7 @@ def test_the_generate_command_batches_streams_and_names_its_device(parts, tmp_pa
     assert alone == lines[0].split("\t")[1] and alone
     assert main([*common, *images[:2], "--stream"]) == 0
     assert capsys.readouterr().out.strip() == alone  # streamed, the same greedy answer
+    assert main([*common, *images[:2], "--dtype", "bf16"]) == 0 and capsys.readouterr().out.strip()  # half precision runs
     assert main([*common, *images[:2], "--temperature", "0.7"]) == 2
     assert "add --do-sample" in capsys.readouterr().err
     if not torch.cuda.is_available():
