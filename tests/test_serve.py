@@ -243,3 +243,42 @@ def test_audio_parts_go_to_the_audio_kind_and_images_to_the_image_kind():
     audio_only = SimpleNamespace(kinds=[SimpleNamespace(name="media", aliases=("image", "audio"), token="<audio>")])
     with pytest.raises(RequestRefused, match="takes no image"):
         parse_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png())}}]}], audio_only, MediaPolicy())
+
+
+def test_the_serve_command_binds_loopback_and_says_when_the_extra_is_missing(server, tmp_path, monkeypatch, capsys):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mmdomain.builder import save_pretrained
+    from mmdomain.cli import main
+
+    save_pretrained(server["model"], server["processor"], tmp_path / "ckpt")
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if the extra were not installed
+    assert main(["-q", "serve", str(tmp_path / "ckpt")]) == 2
+    assert "pip install 'mmdomain[serve]'" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "MMDOMAIN_API_KEY": "from-env"}
+    process = subprocess.Popen([sys.executable, "-m", "mmdomain.cli", "serve", str(tmp_path / "ckpt"), "--port", str(port),
+                                "--device", "cpu", "--model-name", "ckpt-model"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        listed = None
+        for _ in range(240):  # bounded: at most ~60 s for torch and the model to load
+            try:
+                listed = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer from-env"}, timeout=5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.stdout.read().decode()
+                time.sleep(0.25)
+        assert listed is not None and listed.json()["data"][0]["id"] == "ckpt-model"
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 401  # the key from the environment holds
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
