@@ -26,6 +26,23 @@ def test_the_entry_point_and_the_task_templates_are_declared():
     assert templates == ["medical_vqa.yaml", "scene_classification.yaml"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="lmms_eval is not importable: pip install 'mmdomain[lmms-eval]'")
+def test_lmms_eval_finds_the_model_through_the_entry_point(tmp_path, monkeypatch):
+    """What `pip install mmdomain` declares (an entry point in group lmms_eval.models), given to lmms-eval's own loader."""
+    dist = tmp_path / "mmdomain_entry-0.0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mmdomain-entry\nVersion: 0.0.0\n")
+    (dist / "entry_points.txt").write_text("[lmms_eval.models]\nmmdomain = mmdomain.lmms_plugin:manifest\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    from mmdomain.lmms_model import MmdomainLMM
+
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()
+    assert registry.get_model_class("mmdomain") is MmdomainLMM
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None,
                     reason="lmms_eval is not importable: pip install 'mmdomain[lmms-eval]' (CI installs it with the dev extra)")
