@@ -21,7 +21,8 @@ class GenerationError(MmdomainError, ValueError):
 class GenerationOptions:
     """How to decode. The default is greedy (what evaluation scores); ``do_sample`` turns on sampling, shaped by
     ``temperature``, ``top_p`` and ``top_k`` (0: off); ``num_beams`` > 1 runs beam search; ``stop`` strings end an
-    answer (they are not part of it); ``seed`` makes sampling repeatable."""
+    answer (they are not part of it); ``seed`` makes sampling repeatable. The repetition penalty counts generated tokens
+    only: the prompt reaches the LLM as embeddings (media spliced in), so there are no prompt ids to penalise."""
 
     max_new_tokens: int = 32
     do_sample: bool = False

@@ -54,10 +54,13 @@ def test_seeded_sampling_repeats_and_differs_from_greedy(parts):
     assert torch.equal(torch.rand(1), before)  # a request's seed leaves the global random stream where it was
 
 
-def test_beams_run_and_settings_are_checked(parts):
+def test_beams_and_repetition_penalty_run_and_settings_are_checked(parts):
     model, proc, samples = parts
     out = generate_batch(model, proc, samples, GenerationOptions(max_new_tokens=6, num_beams=3), CPU)
     assert len(out) == 3 and all(c.finish_reason in ("stop", "length") for c in out)
+    greedy = generate_batch(model, proc, samples[:1], GenerationOptions(max_new_tokens=8), CPU)[0].token_ids
+    penalised = generate_batch(model, proc, samples[:1], GenerationOptions(max_new_tokens=8, repetition_penalty=20.0), CPU)[0].token_ids
+    assert len(set(greedy)) < len(greedy) and len(set(penalised)) > len(set(greedy))  # the penalty breaks the loop
     with pytest.raises(GenerationError, match="num_beams must be 1"):
         stream_generate(model, proc, samples[0], GenerationOptions(num_beams=2), CPU)
     with pytest.raises(GenerationError, match="top_p"):

@@ -124,7 +124,7 @@ def test_a_streamed_completion_sends_the_same_text_in_chunks(server):
 
 
 @pytest.mark.parametrize("case", ["remote-url", "file-url-outside", "oversize-body", "too-many-images", "huge-max-tokens", "huge-image",
-                                  "wrong-key", "no-key", "unknown-model"])
+                                  "wrong-key", "no-key", "unknown-model", "broken-image"])
 def test_refusals_are_openai_errors_naming_the_limit(server, case):
     image = data_url(png())
     body, headers = ask(image), AUTH
@@ -146,12 +146,14 @@ def test_refusals_are_openai_errors_naming_the_limit(server, case):
         headers = {}
     elif case == "unknown-model":
         body["model"] = "gpt-4o"
+    elif case == "broken-image":
+        body = ask(data_url(b"not a png at all"))
     status, code, words = {
         "remote-url": (400, "url_not_allowed", "--allow-media-from"), "file-url-outside": (400, "url_not_allowed", "--allow-media-from"),
         "oversize-body": (413, "body_too_large", "--max-body-bytes"), "too-many-images": (400, "too_many_media_items", "--max-media-items"),
         "huge-max-tokens": (400, "max_tokens_too_large", "--max-tokens-limit"), "huge-image": (400, "image_too_large", "--max-pixels"),
         "wrong-key": (401, "invalid_api_key", "API key"), "no-key": (401, "invalid_api_key", "API key"),
-        "unknown-model": (404, "model_not_found", "'tiny'"),
+        "unknown-model": (404, "model_not_found", "'tiny'"), "broken-image": (400, "invalid_request", "cannot be used"),
     }[case]
     response = post(server, body, headers=headers)
     error = response.json()["error"]
