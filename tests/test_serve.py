@@ -247,6 +247,7 @@ def test_audio_parts_go_to_the_audio_kind_and_images_to_the_image_kind():
         parse_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png())}}]}], audio_only, MediaPolicy())
 
 
+@pytest.mark.slow  # a second Python process loading torch and the model: ~10 s on a quiet machine
 def test_the_serve_command_binds_loopback_and_says_when_the_extra_is_missing(server, tmp_path, monkeypatch, capsys):
     import os
     import subprocess
