@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+# The commands that live in their own modules (each light to import: argparse and its own lazy imports).
+from .generate_cli import add_device_argument, add_generate_command
+from .lmms_task_writer import add_lmms_task_command
+from .review_cli import add_review_command
+from .serve_cli import add_serve_command
+
 log = logging.getLogger("mmdomain")
 
 
@@ -172,53 +178,21 @@ def _eval_settings(checkpoint: Path, args: argparse.Namespace) -> dict:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .builder import load_pretrained
     from .checkpoint import CHECKPOINTS, resolve_checkpoint
     from .evaluate import evaluate_shards
+    from .inference_run import load_for_inference
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     settings = _eval_settings(checkpoint, args)
-    model, processor = load_pretrained(checkpoint)
+    run = load_for_inference(checkpoint, args.device, args.dtype)  # on --device, else the training recipe's device
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
     out = Path(args.out) if args.out else run_dir / "eval_report.json"
-    report = evaluate_shards(model, processor, args.data, max_samples=settings["max_samples"], batch_size=settings["batch_size"],
+    report = evaluate_shards(run.model, run.processor, args.data, max_samples=settings["max_samples"], batch_size=settings["batch_size"],
                              max_new_tokens=settings["max_new_tokens"], predictions_path=out.with_suffix(".predictions.jsonl"),
-                             progress=True, choice_score=settings["choice_score"])
-    report.update(checkpoint=str(checkpoint), data=args.data, settings=settings)
+                             progress=True, choice_score=settings["choice_score"], device=run.device)
+    report.update(checkpoint=str(checkpoint), data=args.data, settings=settings, device=str(run.device))
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    return 0
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .builder import load_pretrained
-    from .checkpoint import resolve_checkpoint
-
-    media = Path(args.image)
-    if not media.is_file():
-        raise FileNotFoundError(f"media file {str(media)!r} does not exist")
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    max_new_tokens = _eval_settings(checkpoint, args)["max_new_tokens"]
-    model, processor = load_pretrained(checkpoint)
-    conversation, items = processor.decode_media([{"role": "user", "content": f"{processor.media_token} {args.question}"}],
-                                                 [(media.name, media.read_bytes())])
-    sample = processor(conversation, items, key=media.name, add_generation_prompt=True)
-    batch = processor.collate([sample], padding_side="left")
-    model.eval()
-    with torch.no_grad():
-        new = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=max_new_tokens,
-                             pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id)
-    tokenizer = processor.tokenizer
-    answer = tokenizer.decode(new[0], skip_special_tokens=True).strip()
-    print(answer)
-    if not answer:
-        # An empty line alone looks like a crash; say what the model did.
-        first = tokenizer.convert_ids_to_tokens(int(new[0, 0])) if new.shape[1] else None
-        said = f"its first new token was {first!r}, which ends the answer" if first is not None else "it produced no token"
-        print(f"# the model answered nothing: {said} (common early in training; check the run's eval in result.json, or train "
-              f"longer). Decoding is greedy, up to {max_new_tokens} tokens (--max-new-tokens).", file=sys.stderr)
     return 0
 
 
@@ -336,17 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--choice-score", choices=["mean", "sum"],
                    help="closed questions: mean (per token) or summed log-likelihood of each choice; default: the recipe's eval.choice_score")
     p.add_argument("--out", help="JSON report path (default: eval_report.json in the run directory)")
+    add_device_argument(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("generate", help="answer one question about one image with a trained run")
-    p.add_argument("checkpoint")
-    p.add_argument("--image", "--media", dest="image", required=True, help="the media file (an image, a DICOM, a WAV, ...)")
-    p.add_argument("--question", required=True)
-    p.add_argument("--max-new-tokens", type=int, help="default: the training recipe's eval.max_new_tokens")
-    p.set_defaults(func=_cmd_generate)
-
-    from .review_cli import add_review_command
-
+    add_generate_command(sub, _eval_settings)
+    add_serve_command(sub)
+    add_lmms_task_command(sub)
     add_review_command(sub)
 
     p = sub.add_parser("tiny-llm", help="write a tiny random LLM whose vocabulary covers every word of your JSONL (a stand-in for trying recipes)")
@@ -402,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Optional libraries of the extras, and the extra that installs each.
 _EXTRAS = {"pydicom": "medical", "nibabel": "medical", "tifffile": "remote-sensing", "soundfile": "audio", "pylibjpeg": "dicom-codecs",
-           "openjpeg": "dicom-codecs", "libjpeg": "dicom-codecs", "fastapi": "serve", "uvicorn": "serve", "starlette": "serve"}
+           "openjpeg": "dicom-codecs", "libjpeg": "dicom-codecs", "fastapi": "serve", "uvicorn": "serve", "starlette": "serve",
+           "lmms_eval": "lmms-eval"}
 
 
 def _missing_extra(exc: BaseException) -> str | None:

@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from .data import FailureBudget, Record, SampleFormat, expand_shards, iter_records
-from .media import MediaBatch
+from .device import to_device
+from .generation import GenerationOptions, generate_batch
 from .model import MultimodalLM
 from .processor import MultimodalProcessor
 
@@ -87,31 +88,37 @@ def unknown_token_choices(tokenizer: Any, choices: list[str], cache: dict[str, b
     return [c for c in choices if cache[c]]
 
 
-@torch.no_grad()
-def _generate(model: MultimodalLM, processor: MultimodalProcessor, records: list[Record], device: torch.device, max_new_tokens: int) -> list[str]:
+def _generate(model: MultimodalLM, processor: MultimodalProcessor, records: list[Record], device: torch.device,
+              options: GenerationOptions) -> list[str]:
     samples = [processor(_split(r)[0], r.media, key=r.key, add_generation_prompt=True) for r in records]
-    batch = to_device(processor.collate(samples, padding_side="left"), device)
-    new = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=max_new_tokens,
-                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id)
-    return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return [c.text for c in generate_batch(model, processor, samples, options, device)]
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """A collated batch with its tensors on ``device``, every media kind's batch included."""
-    def move(v: Any) -> Any:
-        if isinstance(v, (torch.Tensor, MediaBatch)):
-            return v.to(device, non_blocking=True)
-        return [move(x) for x in v] if isinstance(v, list) else v
-
-    return {k: move(v) for k, v in batch.items()}
+def predict_records(model: MultimodalLM, processor: MultimodalProcessor, records: list[Record], device: torch.device, *,
+                    choice_score: str = "mean", generation: GenerationOptions = GenerationOptions()) -> list[tuple[str, bool]]:
+    """Each record's prediction and whether it was a tie: a record with ``choices`` gets its most likely choice, any
+    other its generated answer. The one rule evaluation scores by (``evaluate_records``, the lmms-eval plugin)."""
+    # Predictions by position, not by key: keys from two folders of shards may repeat.
+    with_choices = [i for i, r in enumerate(records) if r.choices]
+    free = [i for i, r in enumerate(records) if not r.choices]
+    preds: dict[int, tuple[str, bool]] = {}
+    if with_choices:
+        preds.update(zip(with_choices, _choose(model, processor, [records[i] for i in with_choices], device, choice_score)))
+    if free:
+        preds.update((i, (text, False)) for i, text in zip(free, _generate(model, processor, [records[i] for i in free], device, generation)))
+    return [preds[i] for i in range(len(records))]
 
 
 def evaluate_records(model: MultimodalLM, processor: MultimodalProcessor, records: Iterable[Record], *, batch_size: int = 16,
                      max_new_tokens: int = 32, predictions_path: str | Path | None = None, progress: bool = False,
-                     choice_score: str = "mean") -> dict[str, Any]:
-    """Metrics over records. A record with ``choices`` is scored by log-likelihood; otherwise its answer is generated.
-    ``answer_type`` (closed/open) defaults to closed when choices exist, else open."""
-    device = model.causal_lm.get_input_embeddings().weight.device  # where the LLM runs (an encoder may sit elsewhere)
+                     choice_score: str = "mean", device: torch.device | str | None = None,
+                     generation: GenerationOptions | None = None) -> dict[str, Any]:
+    """Metrics over records. A record with ``choices`` is scored by log-likelihood; otherwise its answer is generated
+    (greedily unless ``generation`` says otherwise; its max_new_tokens then wins). ``answer_type`` (closed/open)
+    defaults to closed when choices exist, else open. Every batch goes to ``device``: the caller's (the recipe's or
+    ``--device``), else where the LLM's embeddings are (an encoder may sit elsewhere, e.g. after a feature cache)."""
+    device = torch.device(device) if device is not None else model.causal_lm.get_input_embeddings().weight.device
+    options = generation or GenerationOptions(max_new_tokens=max_new_tokens)
     was_training = model.training
     model.eval()
     rows: list[dict[str, Any]] = []
@@ -119,14 +126,7 @@ def evaluate_records(model: MultimodalLM, processor: MultimodalProcessor, record
     unknown_cache: dict[str, bool] = {}
 
     def flush() -> None:
-        # Predictions by position in the chunk, not by key: keys from two folders of shards may repeat.
-        with_choices = [i for i, r in enumerate(chunk) if r.choices]
-        free = [i for i, r in enumerate(chunk) if not r.choices]
-        preds: dict[int, tuple[str, bool]] = {}
-        if with_choices:
-            preds.update(zip(with_choices, _choose(model, processor, [chunk[i] for i in with_choices], device, choice_score)))
-        if free:
-            preds.update((i, (text, False)) for i, text in zip(free, _generate(model, processor, [chunk[i] for i in free], device, max_new_tokens)))
+        preds = predict_records(model, processor, chunk, device, choice_score=choice_score, generation=options)
         for i, r in enumerate(chunk):
             target = _split(r)[1]
             kind = r.answer_type or ("closed" if r.choices else "open")
@@ -170,7 +170,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def evaluate_shards(model: MultimodalLM, processor: MultimodalProcessor, patterns: str | list[str], *, max_samples: int | None = None,
                     batch_size: int = 16, max_new_tokens: int = 32, error_budget: int = 10,
                     predictions_path: str | Path | None = None, progress: bool = False,
-                    layout: SampleFormat = SampleFormat(), choice_score: str = "mean") -> dict[str, Any]:
+                    layout: SampleFormat = SampleFormat(), choice_score: str = "mean", device: torch.device | str | None = None,
+                    generation: GenerationOptions | None = None) -> dict[str, Any]:
     shards = expand_shards(patterns)
     failures = FailureBudget(error_budget)
 
@@ -182,7 +183,8 @@ def evaluate_shards(model: MultimodalLM, processor: MultimodalProcessor, pattern
             yield record
 
     report = evaluate_records(model, processor, limited(), batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              predictions_path=predictions_path, progress=progress, choice_score=choice_score)
+                              predictions_path=predictions_path, progress=progress, choice_score=choice_score,
+                              device=device, generation=generation)
     report["skipped_samples"] = failures.total
     return report
 

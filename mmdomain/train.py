@@ -73,7 +73,7 @@ def run_eval(model: Any, processor: Any, recipe: Recipe, patterns: Any, layout: 
     with torch.random.fork_rng(devices=devices):  # evaluation never shifts training's random streams
         return evaluate_shards(model, processor, patterns, max_samples=recipe.eval.max_samples, batch_size=recipe.eval.batch_size,
                                max_new_tokens=recipe.eval.max_new_tokens, error_budget=recipe.data.decode_error_budget,
-                               predictions_path=path, layout=layout, choice_score=recipe.eval.choice_score)
+                               predictions_path=path, layout=layout, choice_score=recipe.eval.choice_score, device=device)
 
 
 def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
