@@ -102,6 +102,17 @@ def create_app(model: Any, processor: Any, *, device: Any, model_name: str, limi
 
     from .generation import generate_batch, stream_generate
 
+    class ClosingStreamingResponse(StreamingResponse):
+        """Closes its event generator however the response ends. Starlette stops iterating when the client hangs
+        up but leaves the suspended generator to the garbage collector, and ours holds the model's lock until it
+        is closed: every later request would wait behind a stream nobody reads."""
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                await self.body_iterator.aclose()
+
     app = FastAPI(title="mmdomain", docs_url=None, redoc_url=None, openapi_url=None)
     queue = _Queue(limits.max_waiting)
     created = int(time.time())
@@ -186,7 +197,7 @@ def create_app(model: Any, processor: Any, *, device: Any, model_name: str, limi
                 raise RequestRefused("streaming decodes one sequence; send num_beams 1 or stream false", param="num_beams")
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             queue.check()  # refused with its status now, before the stream's 200 is sent
-            return StreamingResponse(stream_events(request_id, sample, options, prompt_tokens, include_usage),
+            return ClosingStreamingResponse(stream_events(request_id, sample, options, prompt_tokens, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         async with queue:
             done = (await run_in_threadpool(generate_batch, model, processor, [sample], options, device))[0]
