@@ -60,6 +60,15 @@ def rebuild_spec(encoder: nn.Module, name: str, options: dict[str, Any]) -> tupl
                     f"DINOv2, ...), timm:, open_clip:<model name>, tiny-vit, tiny-audio (not {family or name})")
 
 
+def _timm_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``timm.create_model`` that build the tower ``timm:<arch>`` with ``options`` built."""
+    kwargs = {k: v for k, v in options.items() if k not in ("weights", "random_init", "layer", "layers", "keep_cls", "license", "image_size")}
+    if options.get("image_size") is not None:
+        size = options["image_size"]
+        kwargs["img_size"] = [size, size] if isinstance(size, int) else list(size)
+    return kwargs
+
+
 def save_local(encoder: nn.Module, name: str, options: dict[str, Any], directory: str | Path) -> dict[str, Any]:
     """Write ``encoder`` (built by ``create_encoder(name, **options)``, possibly tuned since) into ``directory`` so that
     ``create_encoder("local:<directory>")`` gives the same features. Returns what encoder.json holds."""
@@ -81,7 +90,7 @@ def save_local(encoder: nn.Module, name: str, options: dict[str, Any], directory
         files["timm"] = TIMM_WEIGHTS
         direct = {"library": "timm", "arch": name.partition(":")[2], "file": TIMM_WEIGHTS, "block_index": encoder._block_index,
                   "norm": encoder._is_last, "keep_cls": encoder._keep_cls,
-                  "create_model": {k: v for k, v in options.items() if k not in ("weights", "random_init", "layer", "layers", "keep_cls", "license")}}
+                  "create_model": _timm_kwargs(options)}
     config = {"format": FORMAT, "name": rebuild_name, "options": rebuild_options, "source": name, "info": encoder.info.to_dict(),
               "preprocessing": {"size": list(encoder.info.input_size), "mean": list(encoder.info.mean), "std": list(encoder.info.std),
                                 "channels": encoder.info.channels, "resize": "squash (bicubic, antialiased)", "scale": "integer images / dtype max"},

@@ -83,7 +83,7 @@ def export(source: str | Path, out: str | Path, fmt: str, *, merge_lora: bool = 
         else:
             from .export_encoder import write_encoder
 
-            facts = write_encoder(model, writer.path)
+            facts = write_encoder(model, writer.path, writer.target)
         (writer.path / "README.md").write_text(model_card(spec=spec_before, encoder_infos=infos, recipe=recipe, result=result,
                                                           export=facts, source=str(checkpoint)))
         (writer.path / "export.json").write_text(json.dumps({"source": str(checkpoint), **{k: v for k, v in facts.items() if k != "usage"}},

@@ -11,8 +11,9 @@ from .export_output import ExportError
 from .lora_merge import merge_encoder_lora
 
 
-def write_encoder(model: Any, out: Path) -> dict[str, Any]:
-    """Write the primary media kind's encoder into ``out``; returns the facts the model card states."""
+def write_encoder(model: Any, out: Path, target: Path) -> dict[str, Any]:
+    """Write the primary media kind's encoder into ``out`` (the folder that becomes ``target``); returns the facts the
+    model card states."""
     spec = model.spec
     if spec.extra_kinds:
         raise ExportError(f"--format encoder exports one encoder; this model has {1 + len(spec.extra_kinds)} media kinds. Export the whole "
@@ -24,14 +25,14 @@ def write_encoder(model: Any, out: Path) -> dict[str, Any]:
     except SaveError as exc:
         raise ExportError(f"{exc}; export the whole model with --format native instead") from None
     usage = ["```python", "from encoders import create_encoder, image_transform   # mmdomain's encoders package, no mmdomain needed",
-             f"encoder = create_encoder('local:{out.name}')   # the path of this folder",
+             f"encoder = create_encoder('local:{target}')",
              "tokens = encoder(image_transform(encoder.info)(pil_image)[None])   # [1, tokens, dim]", "```"]
     direct = saved.get("direct")
     if direct:
         kwargs = "".join(f", {k}={v!r}" for k, v in direct["create_model"].items())
         usage += ["", "With timm alone (the whole tower, the tuned blocks in place):", "```python", "import timm",
                   f"model = timm.create_model({direct['arch']!r}, pretrained=True, num_classes=0{kwargs},",
-                  f"                          pretrained_cfg_overlay=dict(file='{out.name}/{direct['file']}')).eval()",
+                  f"                          pretrained_cfg_overlay=dict(file='{target / direct['file']}')).eval()",
                   f"(tokens,) = model.forward_intermediates(x, indices=[{direct['block_index']}], norm={direct['norm']}, stop_early=True,",
                   f"                                       output_fmt='NCHW', intermediates_only=True)   # then .flatten(2).transpose(1, 2)",
                   "```", "(x normalised with the mean and std of encoder.json's preprocessing.)"]
