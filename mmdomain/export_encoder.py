@@ -34,6 +34,6 @@ def write_encoder(model: Any, out: Path, target: Path) -> dict[str, Any]:
                   f"model = timm.create_model({direct['arch']!r}, pretrained=True, num_classes=0{kwargs},",
                   f"                          pretrained_cfg_overlay=dict(file='{target / direct['file']}')).eval()",
                   f"(tokens,) = model.forward_intermediates(x, indices=[{direct['block_index']}], norm={direct['norm']}, stop_early=True,",
-                  f"                                       output_fmt='NCHW', intermediates_only=True)   # then .flatten(2).transpose(1, 2)",
+                  "                                       output_fmt='NCHW', intermediates_only=True)   # then .flatten(2).transpose(1, 2)",
                   "```", "(x normalised with the mean and std of encoder.json's preprocessing.)"]
     return {"format": "encoder", "merged_lora": bool(merged), "encoder": saved["source"], "usage": usage}

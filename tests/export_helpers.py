@@ -61,9 +61,9 @@ def visible_lora(model) -> None:
 
 
 def make_checkpoint(out: Path, llm_dir: str, tower: Path, *, layer: int = -2, keep_cls: bool = False, llm_lora: bool = False,
-                    encoder_lora: bool = False, connector: dict | None = None, encoder: dict | None = None) -> Path:
+                    encoder_lora: bool = False, connector: dict | None = None, encoder: dict | None = None, domain: dict | None = None) -> Path:
     spec = {"encoder": encoder or {"name": f"hf:{tower}", "options": {"layer": layer, "keep_cls": keep_cls}},
-            "connector": connector or {"name": "mlp"}, "llm": {"path": llm_dir}}
+            "connector": connector or {"name": "mlp"}, "llm": {"path": llm_dir}, "domain": domain or {"name": "generic"}}
     if llm_lora:
         spec["llm"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
     if encoder_lora:
