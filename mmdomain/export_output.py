@@ -17,6 +17,16 @@ class ExportError(MmdomainError, ValueError):
     """An export that cannot be made: the source run, the output folder or an unsupported combination, named."""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class ExportWriter:
     """Write an export folder atomically::
 
@@ -42,8 +52,11 @@ class ExportWriter:
         if self.target.exists() and not self.target.is_dir():
             raise ExportError(f"{self.target} is a file, not a folder; choose another OUT")
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # left by an earlier attempt of this same process id
-            shutil.rmtree(self.path)
+        for leftover in self.target.parent.glob(f".{self.target.name}.tmp-*"):
+            # an export killed while writing leaves its temporary folder; remove those whose process is gone (or us)
+            pid = leftover.name.rpartition("-")[2]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                shutil.rmtree(leftover, ignore_errors=True)
         self.path.mkdir()
         return self
 

@@ -118,12 +118,26 @@ def test_other_combinations_are_refused_in_one_line_that_points_to_native(tmp_pa
     assert "mmdomain export RUN --format native OUT" in said[0]
 
 
-def test_an_existing_export_is_kept_unless_overwrite(tmp_path, tiny_llm_dir, capsys):
+def test_an_existing_export_is_kept_unless_overwrite_and_replaced_only_whole(tmp_path, tiny_llm_dir, capsys, monkeypatch):
+    import mmdomain.export_llava as export_llava
+
     checkpoint = make_checkpoint(tmp_path / "ckpt", tiny_llm_dir, write_tower(tmp_path / "clip"))
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
+    (tmp_path / ".out.tmp-999999999").mkdir()  # left by an export killed while writing
     assert main(["export", str(checkpoint), "--format", "llava-hf", str(out)]) == 2
     assert "exists; choose a new OUT, or pass --overwrite" in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep"
+
+    written = export_llava.write_llava
+
+    def dies_halfway(model, processor, folder, source):
+        written(model, processor, folder, source)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_llava, "write_llava", dies_halfway)
+    assert main(["export", str(checkpoint), "--format", "llava-hf", str(out), "--overwrite"]) == 2
+    assert (out / "mine.txt").read_text() == "keep" and not (out / "config.json").exists()  # the old folder, untouched
+    monkeypatch.setattr(export_llava, "write_llava", written)
     assert main(["export", str(checkpoint), "--format", "llava-hf", str(out), "--overwrite"]) == 0
     assert (out / "config.json").is_file() and not (out / "mine.txt").exists() and not list(tmp_path.glob(".out*"))
