@@ -4,7 +4,7 @@ The folder holds ``encoder.json`` (how to rebuild the architecture without weigh
 ``EncoderInfo`` the preprocessing derives from) and ``encoder.safetensors`` (every weight, strictly loaded back). Where
 the source library can read it directly, the folder also holds a file in that library's own format: a timm
 checkpoint (``timm_model.safetensors``, the whole tower with the tuned blocks in place) when the encoder came from a
-timm weights file. Nothing here is pickled.
+timm weights file; a transformers folder (``transformers/``) for an ``hf:`` vision tower. Nothing here is pickled.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ FORMAT = "encoders-local/1"
 CONFIG = "encoder.json"
 WEIGHTS = "encoder.safetensors"
 TIMM_WEIGHTS = "timm_model.safetensors"
+TRANSFORMERS = "transformers"
 _TUPLES = ("input_size", "patch_size", "mean", "std", "layers")
 
 
@@ -91,6 +92,14 @@ def save_local(encoder: nn.Module, name: str, options: dict[str, Any], directory
         direct = {"library": "timm", "arch": name.partition(":")[2], "file": TIMM_WEIGHTS, "block_index": encoder._block_index,
                   "norm": encoder._is_last, "keep_cls": encoder._keep_cls,
                   "create_model": _timm_kwargs(options)}
+    if type(encoder).__name__ == "HFVisionEncoder":
+        # The tower as transformers reads it (built up to the selected layer), with its preprocessing facts.
+        encoder.model.save_pretrained(str(directory / TRANSFORMERS))
+        files["transformers"] = TRANSFORMERS
+        direct = {"library": "transformers", "folder": TRANSFORMERS, "class": type(encoder.model).__name__,
+                  "hidden_states": [tap + 1 for tap in encoder._taps],
+                  "last_hidden_state": bool(encoder._is_last),  # the deepest layer is read after the tower's final norm, if any
+                  "drop_prefix": 0 if encoder._keep_cls else encoder._num_prefix}
     config = {"format": FORMAT, "name": rebuild_name, "options": rebuild_options, "source": name, "info": encoder.info.to_dict(),
               "preprocessing": {"size": list(encoder.info.input_size), "mean": list(encoder.info.mean), "std": list(encoder.info.std),
                                 "channels": encoder.info.channels, "resize": "squash (bicubic, antialiased)", "scale": "integer images / dtype max"},
@@ -145,3 +154,14 @@ def timm_features(model: nn.Module, x: torch.Tensor, direct: dict[str, Any]) -> 
         out, prefix = out
     tokens = out.flatten(2).transpose(1, 2)
     return torch.cat([prefix, tokens], dim=1) if prefix is not None else tokens
+
+
+def transformers_features(model: nn.Module, x: torch.Tensor, direct: dict[str, Any]) -> torch.Tensor:
+    """The saved encoder's features from the plain transformers model in ``transformers/`` (what an export's README
+    shows): the selected hidden states, joined on the channel axis, prefix tokens dropped as saved."""
+    out = model(pixel_values=x, output_hidden_states=True)
+    deepest = max(direct["hidden_states"])
+    parts = [out.last_hidden_state if direct["last_hidden_state"] and index == deepest else out.hidden_states[index]
+             for index in direct["hidden_states"]]
+    hidden = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    return hidden[:, direct["drop_prefix"]:]

@@ -28,7 +28,14 @@ def write_encoder(model: Any, out: Path, target: Path) -> dict[str, Any]:
              f"encoder = create_encoder('local:{target}')",
              "tokens = encoder(image_transform(encoder.info)(pil_image)[None])   # [1, tokens, dim]", "```"]
     direct = saved.get("direct")
-    if direct:
+    if direct and direct["library"] == "transformers":
+        usage += ["", "With transformers alone (the tower up to the selected layer):", "```python", f"from transformers import {direct['class']}",
+                  f"model = {direct['class']}.from_pretrained('{target / direct['folder']}').eval()",
+                  "out = model(pixel_values=x, output_hidden_states=True)",
+                  f"# features: hidden_states {direct['hidden_states']} joined on the last axis"
+                  + (" (the deepest as out.last_hidden_state)" if direct["last_hidden_state"] else "")
+                  + (f", first {direct['drop_prefix']} token(s) dropped" if direct["drop_prefix"] else ""), "```"]
+    elif direct:
         kwargs = "".join(f", {k}={v!r}" for k, v in direct["create_model"].items())
         usage += ["", "With timm alone (the whole tower, the tuned blocks in place):", "```python", "import timm",
                   f"model = timm.create_model({direct['arch']!r}, pretrained=True, num_classes=0{kwargs},",

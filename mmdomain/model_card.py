@@ -130,5 +130,15 @@ def model_card(*, spec: dict[str, Any], encoder_infos: list[dict[str, Any]], rec
         optim = recipe.get("optim") or {}
         lines.append(f"- Trainable: `{json.dumps(recipe.get('trainable'))}`; batch {optim.get('batch_size')} x {optim.get('grad_accum')}, "
                      f"lr {optim.get('lr')}, precision {optim.get('precision')}")
-    lines += ["", "## How to load", "", *export.get("usage", []), ""]
+    lines += ["", "## How to load", ""]
+    if export["format"] == "llava-hf":
+        layer = export.get("vision_feature_layer")
+        lines += [f"`LlavaForConditionalGeneration` in {export.get('dtype')}: {export.get('tower')} hidden_states {layer} "
+                  f"(vision_feature_select_strategy `{export.get('vision_feature_select_strategy')}`), {export.get('image_seq_length')} "
+                  f"`{export.get('image_token')}` tokens per image. Images of the encoder's input size give mmdomain's pixels exactly; "
+                  "other sizes are resized by the image processor's own bicubic kernel, which rounds differently.", ""]
+    if export["format"] == "native":
+        lines += ["The frozen base LLM and encoders are " + ("copied into `bases/`: the folder is self-contained." if export.get("bases") == "copy"
+                  else "referenced by path; their files' sha256 are checked when the checkpoint loads."), ""]
+    lines += [*export.get("usage", []), ""]
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from encoders import create_encoder, image_transform
-from encoders.local import timm_features
+from encoders.local import timm_features, transformers_features
 from mmdomain.builder import load_pretrained
 from mmdomain.export import export
 from mmdomain.export_output import ExportError
@@ -20,7 +20,7 @@ TIMM_SHAPE = {"image_size": 32, "depth": 3, "embed_dim": 32, "num_heads": 2}
 
 def _features(encoder, pixels):
     with torch.no_grad():
-        return encoder.eval()(pixels)
+        return (encoder.eval() if hasattr(encoder, "eval") else encoder)(pixels)
 
 
 def test_a_tuned_hf_tower_round_trips_through_local(tmp_path, tiny_llm_dir):
@@ -35,6 +35,12 @@ def test_a_tuned_hf_tower_round_trips_through_local(tmp_path, tiny_llm_dir):
     torch.testing.assert_close(_features(local, pixels), ours, atol=1e-5, rtol=0)  # LoRA merged: rounding only
     assert local.info.source == f"local:{out}" and local.info.layer == model.encoder.info.layer
     assert not any("lora_" in name for name, _ in local.named_parameters())
+    from transformers import CLIPVisionModel
+
+    direct = json.loads((out / "encoder.json").read_text())["direct"]
+    tower = CLIPVisionModel.from_pretrained(str(out / direct["folder"])).eval()
+    assert direct["hidden_states"] == [2] and direct["drop_prefix"] == 1  # layer -2 of 3, CLS dropped
+    torch.testing.assert_close(_features(lambda x: transformers_features(tower, x, direct), pixels), ours, atol=1e-5, rtol=0)
     card = (out / "README.md").read_text()
     assert f"create_encoder('local:{out}')" in card and "LoRA adapters are merged" in card
 
