@@ -158,6 +158,15 @@ def write_llava(model: Any, processor: Any, out: Path, source: Path) -> dict[str
         do_resize=True, size={"height": height, "width": width}, resample=3, do_center_crop=False, crop_size={"height": height, "width": width},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(info.mean), image_std=list(info.std), do_convert_rgb=True,
     )
+    if processor.media_token not in tokenizer.get_added_vocab():
+        # A vocabulary that holds the marker as an ordinary word (a word-level stand-in, say) would not split the
+        # image tokens LlavaProcessor writes back to back; as an added special token it is matched anywhere, same id.
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(processor.media_token, special=True, normalized=False)], special_tokens=True)
+        if tokenizer.convert_tokens_to_ids(processor.media_token) != processor.media_token_id:
+            raise ExportError(f"{source}: the tokenizer gives media token {processor.media_token!r} another id once it is marked special; "
+                              "export with --format native")
     template = llava_chat_template(processor)
     tokenizer.chat_template = template  # the tokenizer alone renders part lists the same way
     hf_processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=int(info.patch_size[0]),

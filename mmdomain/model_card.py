@@ -136,7 +136,9 @@ def model_card(*, spec: dict[str, Any], encoder_infos: list[dict[str, Any]], rec
         lines += [f"`LlavaForConditionalGeneration` in {export.get('dtype')}: {export.get('tower')} hidden_states {layer} "
                   f"(vision_feature_select_strategy `{export.get('vision_feature_select_strategy')}`), {export.get('image_seq_length')} "
                   f"`{export.get('image_token')}` tokens per image. Images of the encoder's input size give mmdomain's pixels exactly; "
-                  "other sizes are resized by the image processor's own bicubic kernel, which rounds differently.", ""]
+                  "other sizes are resized by the image processor's own bicubic kernel, which rounds differently."
+                  + ("" if export.get("dtype") == "float32" else f" The vision tower and projector are stored in {export.get('dtype')} "
+                     "like the LLM (mmdomain runs them in float32), so logits differ from mmdomain's by that rounding."), ""]
     if export["format"] == "native":
         lines += ["The frozen base LLM and encoders are " + ("copied into `bases/`: the folder is self-contained." if export.get("bases") == "copy"
                   else "referenced by path; their files' sha256 are checked when the checkpoint loads."), ""]

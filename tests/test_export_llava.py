@@ -21,6 +21,8 @@ CASES = {
     "clip-chat-lora": ("clip", "chat", dict(layer=-2, llm_lora=True, encoder_lora=True)),
     "siglip-plain": ("siglip", "plain", dict(layer=-2)),
     "clip-cls-layers": ("clip", "chat", dict(encoder={"options": {"layers": [-1, -2], "keep_cls": True}}, llm_lora=True)),
+    # tied embeddings, CLIP's last layer, and a vocabulary holding <image> as an ordinary word
+    "clip-last-tied": ("clip", "tied", dict(layer=-1)),
 }
 
 
@@ -31,7 +33,8 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
     words = WORDS + ["<|im_start|>", "<|im_end|>", "user", "assistant", "system"]
     llms = {"chat": str(write_tiny_llm(root / "chat_llm", words, hidden=64, ffn=128, layers=2, chat_template=CHATML)),
-            "plain": str(write_tiny_llm(root / "plain_llm", WORDS, hidden=64, ffn=128, layers=2))}
+            "plain": str(write_tiny_llm(root / "plain_llm", WORDS, hidden=64, ffn=128, layers=2)),
+            "tied": str(write_tiny_llm(root / "tied_llm", WORDS + ["<image>"], hidden=64, ffn=128, layers=2, tie_word_embeddings=True))}
     towers = {kind: write_tower(root / kind, kind) for kind in ("clip", "siglip")}
     image = sample_image()
     image.save(root / "image.png")
