@@ -4,7 +4,9 @@ The folder holds ``encoder.json`` (how to rebuild the architecture without weigh
 ``EncoderInfo`` the preprocessing derives from) and ``encoder.safetensors`` (every weight, strictly loaded back). Where
 the source library can read it directly, the folder also holds a file in that library's own format: a timm
 checkpoint (``timm_model.safetensors``, the whole tower with the tuned blocks in place) when the encoder came from a
-timm weights file; a transformers folder (``transformers/``) for an ``hf:`` vision tower. Nothing here is pickled.
+timm weights file; a transformers folder (``transformers/``) for an ``hf:`` vision tower; an open_clip folder
+(``open_clip/``: its config and the whole model, text tower included, with the tuned visual weights in place) for an
+``open_clip:`` tower that came from local weights, which ``local:`` itself rebuilds from. Nothing here is pickled.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ CONFIG = "encoder.json"
 WEIGHTS = "encoder.safetensors"
 TIMM_WEIGHTS = "timm_model.safetensors"
 TRANSFORMERS = "transformers"
+OPEN_CLIP = "open_clip"
 _TUPLES = ("input_size", "patch_size", "mean", "std", "layers")
 
 
@@ -55,8 +58,10 @@ def rebuild_spec(encoder: nn.Module, name: str, options: dict[str, Any]) -> tupl
         return name, {**{k: v for k, v in options.items() if k not in ("weights", "license")}, "random_init": True}
     if name in ("tiny-vit", "tiny-audio"):
         return name, dict(options)
-    if kind == "OpenClipEncoder" and not Path(name.partition(":")[2]).expanduser().exists():
+    if kind == "OpenClipEncoder" and not (Path(name.partition(":")[2]).expanduser().is_dir() or options.get("weights")):
         return name, {**{k: v for k, v in options.items() if k not in ("weights", "license")}, "random_init": True}
+    if kind == "OpenClipEncoder":  # rebuilt from the open_clip folder save_local writes beside it (see _save_open_clip)
+        return "open_clip:", {k: v for k, v in options.items() if k in ("layer", "keep_cls")}
     raise SaveError(f"encoder {name} ({kind}) cannot be saved as a local: folder yet; supported: hf: vision towers (CLIP, SigLIP, "
                     f"DINOv2, ...), timm:, open_clip:<model name>, tiny-vit, tiny-audio (not {family or name})")
 
@@ -100,12 +105,37 @@ def save_local(encoder: nn.Module, name: str, options: dict[str, Any], directory
                   "hidden_states": [tap + 1 for tap in encoder._taps],
                   "last_hidden_state": bool(encoder._is_last),  # the deepest layer is read after the tower's final norm, if any
                   "drop_prefix": 0 if encoder._keep_cls else encoder._num_prefix}
-    config = {"format": FORMAT, "name": rebuild_name, "options": rebuild_options, "source": name, "info": encoder.info.to_dict(),
+    folder = None
+    if type(encoder).__name__ == "OpenClipEncoder" and rebuild_name == "open_clip:":
+        direct = _save_open_clip(encoder, name, options, state, directory / OPEN_CLIP)
+        files["open_clip"] = folder = OPEN_CLIP
+    config = {"format": FORMAT, "name": rebuild_name, "folder": folder, "options": rebuild_options, "source": name, "info": encoder.info.to_dict(),
               "preprocessing": {"size": list(encoder.info.input_size), "mean": list(encoder.info.mean), "std": list(encoder.info.std),
                                 "channels": encoder.info.channels, "resize": "squash (bicubic, antialiased)", "scale": "integer images / dtype max"},
               "files": files, "direct": direct}
     (directory / CONFIG).write_text(json.dumps(config, indent=2, default=list) + "\n")
     return config
+
+
+def _save_open_clip(encoder: nn.Module, name: str, options: dict[str, Any], state: dict[str, torch.Tensor], folder: Path) -> dict[str, Any]:
+    """An open_clip model folder (``open_clip_config.json`` + ``open_clip_model.safetensors``) that open_clip loads
+    with ``local-dir:``: the source's config (with the ``vision_cfg`` options baked in) and the source's full weights,
+    text tower and pruned later blocks included, with the tuned visual weights in place."""
+    from safetensors.torch import save_file
+
+    from .open_clip_encoder import locate_open_clip
+
+    model_cfg, preprocess_cfg, weights = locate_open_clip(name.partition(":")[2], weights=options.get("weights"))
+    model_cfg = dict(model_cfg, vision_cfg=dict(model_cfg["vision_cfg"], **(options.get("vision_cfg") or {})))
+    full = read_state_dict(weights)
+    if not any(k.startswith("visual.") for k in full):  # a visual-only checkpoint
+        full = {f"visual.{k}": v for k, v in full.items()}
+    full.update({k: v for k, v in state.items() if k.startswith("visual.")})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in full.items()}, str(folder / "open_clip_model.safetensors"), metadata={"format": "pt"})
+    return {"library": "open_clip", "folder": OPEN_CLIP, "block_index": encoder._block_index, "norm": encoder._is_last,
+            "keep_cls": encoder._keep_cls}
 
 
 def locate_local(spec: str, **_: Any) -> Path:
@@ -124,7 +154,8 @@ def build_local_encoder(spec: str, *, license: str | None = None) -> nn.Module:
     config = json.loads((directory / CONFIG).read_text())
     if config.get("format") != FORMAT:
         raise EncoderNotFoundError(f"local:{spec}: {CONFIG} has format {config.get('format')!r}; this encoders package reads {FORMAT!r}")
-    encoder = create_encoder(config["name"], **config["options"])
+    name = config["name"] + str(directory / config["folder"]) if config.get("folder") else config["name"]
+    encoder = create_encoder(name, **config["options"])
     state = read_state_dict(directory / config["files"]["weights"])
     try:
         encoder.load_state_dict(state, strict=True)
@@ -165,3 +196,12 @@ def transformers_features(model: nn.Module, x: torch.Tensor, direct: dict[str, A
              for index in direct["hidden_states"]]
     hidden = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
     return hidden[:, direct["drop_prefix"]:]
+
+
+def open_clip_features(visual: nn.Module, x: torch.Tensor, direct: dict[str, Any]) -> torch.Tensor:
+    """The saved encoder's features from ``open_clip.create_model("local-dir:<folder>").visual``."""
+    out = visual.forward_intermediates(x, indices=[direct["block_index"]], stop_early=True, normalize_intermediates=direct["norm"],
+                                       intermediates_only=True, output_fmt="NCHW", output_extra_tokens=direct["keep_cls"])
+    tokens = out["image_intermediates"][0].flatten(2).transpose(1, 2)
+    prefix = out.get("image_intermediates_prefix")
+    return torch.cat([prefix[0], tokens], dim=1) if direct["keep_cls"] and prefix is not None else tokens

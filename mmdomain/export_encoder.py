@@ -35,6 +35,13 @@ def write_encoder(model: Any, out: Path, target: Path) -> dict[str, Any]:
                   f"# features: hidden_states {direct['hidden_states']} joined on the last axis"
                   + (" (the deepest as out.last_hidden_state)" if direct["last_hidden_state"] else "")
                   + (f", first {direct['drop_prefix']} token(s) dropped" if direct["drop_prefix"] else ""), "```"]
+    elif direct and direct["library"] == "open_clip":
+        usage += ["", "With open_clip alone (the whole CLIP model, the tuned visual tower in place):", "```python", "import open_clip",
+                  f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{target / direct['folder']}')",
+                  f"out = model.visual.forward_intermediates(x, indices=[{direct['block_index']}], stop_early=True, "
+                  f"normalize_intermediates={direct['norm']}, intermediates_only=True, output_fmt='NCHW')",
+                  "tokens = out['image_intermediates'][0].flatten(2).transpose(1, 2)", "```",
+                  "(x preprocessed as encoder.json says: mmdomain squashes to the input size, open_clip's preprocess crops.)"]
     elif direct:
         kwargs = "".join(f", {k}={v!r}" for k, v in direct["create_model"].items())
         usage += ["", "With timm alone (the whole tower, the tuned blocks in place):", "```python", "import timm",

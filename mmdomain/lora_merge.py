@@ -14,15 +14,30 @@ def merge_encoder_lora(encoder: nn.Module) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     adapted = [(name, module) for name, module in encoder.named_modules() if isinstance(module, BaseTunerLayer)]
-    for name, module in adapted:
-        with torch.no_grad():
-            module.merge()
+    with torch.no_grad():
+        for _, module in adapted:  # outer layers first: an adapted MultiheadAttention merges its out_proj's adapter too
+            if not module.merged:
+                module.merge()
+    for name, module in sorted(adapted, key=lambda item: -item[0].count(".")):  # inner layers are put back first
         parent_name, _, child = name.rpartition(".")
         parent = encoder.get_submodule(parent_name) if parent_name else encoder
-        setattr(parent, child, module.get_base_layer())
+        base = module.get_base_layer()
+        _restore_parameters(base)
+        setattr(parent, child, base)
     if hasattr(encoder, "lora_layers"):
         del encoder.lora_layers
     return len(adapted)
+
+
+def _restore_parameters(module: nn.Module) -> None:
+    """peft merges an adapted ``MultiheadAttention`` by putting plain tensors where its weights were (so it can undo
+    the merge); made parameters again, they are in its state dict, saved and loaded like any weight."""
+    for sub in module.modules():
+        for name in ("weight", "bias", "in_proj_weight", "in_proj_bias"):
+            value = sub.__dict__.get(name)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                delattr(sub, name)
+                sub.register_parameter(name, nn.Parameter(value, requires_grad=False))
 
 
 def merged_llm(llm: Any) -> Any:

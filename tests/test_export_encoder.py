@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from encoders import create_encoder, image_transform
-from encoders.local import timm_features, transformers_features
+from encoders.local import open_clip_features, timm_features, transformers_features
 from mmdomain.builder import load_pretrained
 from mmdomain.export import export
 from mmdomain.export_output import ExportError
@@ -81,3 +81,31 @@ def test_a_tiny_encoder_round_trips_and_other_kinds_are_refused(tmp_path, tiny_l
     with pytest.raises(ExportError, match=r"cannot be saved as a local: folder yet; supported: .*--format native"):
         export(checkpoint, tmp_path / "fused-out", "encoder")
     assert not (tmp_path / "fused-out").exists()
+
+
+def test_an_open_clip_tower_loads_through_local_and_through_open_clip_itself(tmp_path, tiny_llm_dir):
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = open_clip.get_model_config("ViT-B-16")
+    cfg["vision_cfg"].update(width=32, layers=3, head_width=16, image_size=32, patch_size=8)
+    cfg["text_cfg"].update(width=32, heads=2, layers=1)
+    cfg["embed_dim"] = 32
+    source = tmp_path / "biomedclip-like"
+    source.mkdir()
+    (source / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}}))
+    torch.manual_seed(4)
+    save_file({k: v.contiguous() for k, v in open_clip.CLIP(**cfg).state_dict().items()}, str(source / "open_clip_model.safetensors"))
+    encoder = {"name": f"open_clip:{source}", "options": {"layer": -2}}
+    checkpoint = make_checkpoint(tmp_path / "run", tiny_llm_dir, None, encoder=encoder, encoder_lora=True)
+    model, _ = load_pretrained(checkpoint)
+    out = export(checkpoint, tmp_path / "enc", "encoder")
+    pixels = torch.randn(2, 3, 32, 32)
+    ours = _features(model.encoder, pixels)
+    local = create_encoder(f"local:{out}")
+    torch.testing.assert_close(_features(local, pixels), ours, atol=1e-5, rtol=0)
+    assert local.info.mean == (0.5, 0.5, 0.5)  # the source's preprocessing travels with it
+    direct = json.loads((out / "encoder.json").read_text())["direct"]
+    whole = open_clip.create_model(f"local-dir:{out / direct['folder']}").eval()  # text tower included: a full CLIP model
+    with torch.no_grad():
+        torch.testing.assert_close(open_clip_features(whole.visual, pixels, direct), ours, atol=1e-5, rtol=0)
