@@ -53,6 +53,9 @@ def export(source: str | Path, out: str | Path, fmt: str, *, merge_lora: bool = 
         raise ExportError(f"{out} exists; choose a new OUT, or pass --overwrite to replace it (it is replaced only once the new export "
                           "is complete)")
     checkpoint = resolve_checkpoint(source)
+    if out.resolve() == checkpoint.resolve() or out.resolve() in checkpoint.resolve().parents:
+        raise ExportError(f"{out} holds the checkpoint being exported ({checkpoint}); --overwrite would replace it with its export: "
+                          "choose another OUT")
     recipe, result = run_files(checkpoint)
     model, processor = load_pretrained(checkpoint)
     model.eval()

@@ -70,8 +70,10 @@ def model_card(*, spec: dict[str, Any], encoder_infos: list[dict[str, Any]], rec
     llm = spec["llm"]
     llm_license = card.get("llm_license") or declared_license(llm["path"]) or UNKNOWN
     tags = ["mmdomain", "multimodal", *sorted({(k.get("domain") or {}).get("name", "generic") for k in kinds})]
-    lines = ["---", yaml.safe_dump({"library_name": "transformers" if export["format"] == "llava-hf" else "mmdomain", "tags": tags},
-                                   sort_keys=False).strip(), "---", ""]
+    meta = {"library_name": "transformers" if export["format"] == "llava-hf" else "mmdomain", "tags": tags}
+    if export["format"] == "llava-hf":
+        meta["pipeline_tag"] = "image-text-to-text"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
     lines += [f"# {Path(source).resolve().parent.parent.name if Path(source).parent.name == 'checkpoints' else Path(source).name}", ""]
     if medical:
         lines += ["> **Not for clinical use.** This model was trained for research on medical data; it is not a medical device, "

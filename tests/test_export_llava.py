@@ -143,4 +143,6 @@ def test_an_existing_export_is_kept_unless_overwrite_and_replaced_only_whole(tmp
     assert (out / "mine.txt").read_text() == "keep" and not (out / "config.json").exists()  # the old folder, untouched
     monkeypatch.setattr(export_llava, "write_llava", written)
     assert main(["export", str(checkpoint), "--format", "llava-hf", str(out), "--overwrite"]) == 0
+    assert main(["export", str(checkpoint), "--format", "native", str(tmp_path), "--overwrite"]) == 2  # never over its own source
+    assert "holds the checkpoint being exported" in capsys.readouterr().err and (checkpoint / "model.safetensors").is_file()
     assert (out / "config.json").is_file() and not (out / "mine.txt").exists() and not list(tmp_path.glob(".out*"))
