@@ -11,6 +11,7 @@ from encoders.local import open_clip_features, timm_features, transformers_featu
 from mmdomain.builder import load_pretrained
 from mmdomain.export import export
 from mmdomain.export_output import ExportError
+from mmdomain.lora_merge import merge_encoder_lora
 
 from .export_helpers import make_checkpoint, sample_image, write_tower
 
@@ -23,6 +24,18 @@ def _features(encoder, pixels):
         return (encoder.eval() if hasattr(encoder, "eval") else encoder)(pixels)
 
 
+def _merged_features(encoder, pixels):
+    """Features of ``encoder`` with its LoRA merged (what an export holds: equal to the adapters' output up to rounding)."""
+    before = _features(encoder, pixels)
+    merge_encoder_lora(encoder)
+    after = _features(encoder, pixels)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    return after
+
+
+CLOSE = dict(atol=1e-5, rtol=1e-5)
+
+
 def test_a_tuned_hf_tower_round_trips_through_local(tmp_path, tiny_llm_dir):
     checkpoint = make_checkpoint(tmp_path / "run", tiny_llm_dir, write_tower(tmp_path / "clip"), layer=-2, encoder_lora=True)
     model, _ = load_pretrained(checkpoint)
@@ -30,9 +43,9 @@ def test_a_tuned_hf_tower_round_trips_through_local(tmp_path, tiny_llm_dir):
     local = create_encoder(f"local:{out}")
     pixels = image_transform(local.info)(sample_image())[None]
     assert torch.equal(pixels, image_transform(model.encoder.info)(sample_image())[None])  # same preprocessing, from the same info
-    ours = _features(model.encoder, pixels)
+    ours = _merged_features(model.encoder, pixels)
     assert ours.abs().mean() > 0.1
-    torch.testing.assert_close(_features(local, pixels), ours, atol=1e-5, rtol=0)  # LoRA merged: rounding only
+    assert torch.equal(_features(local, pixels), ours)  # the same weights in the same architecture
     assert local.info.source == f"local:{out}" and local.info.layer == model.encoder.info.layer
     assert not any("lora_" in name for name, _ in local.named_parameters())
     from transformers import CLIPVisionModel
@@ -40,7 +53,7 @@ def test_a_tuned_hf_tower_round_trips_through_local(tmp_path, tiny_llm_dir):
     direct = json.loads((out / "encoder.json").read_text())["direct"]
     tower = CLIPVisionModel.from_pretrained(str(out / direct["folder"])).eval()
     assert direct["hidden_states"] == [2] and direct["drop_prefix"] == 1  # layer -2 of 3, CLS dropped
-    torch.testing.assert_close(_features(lambda x: transformers_features(tower, x, direct), pixels), ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_features(lambda x: transformers_features(tower, x, direct), pixels), ours, **CLOSE)
     card = (out / "README.md").read_text()
     assert f"create_encoder('local:{out}')" in card and "LoRA adapters are merged" in card
 
@@ -57,13 +70,13 @@ def test_a_timm_encoder_loads_through_local_and_through_timm_itself(tmp_path, ti
     model, _ = load_pretrained(checkpoint)
     out = export(checkpoint, tmp_path / "enc", "encoder")
     pixels = torch.randn(2, 3, 32, 32)
-    ours = _features(model.encoder, pixels)
-    torch.testing.assert_close(_features(create_encoder(f"local:{out}"), pixels), ours, atol=1e-5, rtol=0)
+    ours = _merged_features(model.encoder, pixels)
+    assert torch.equal(_features(create_encoder(f"local:{out}"), pixels), ours)
     direct = json.loads((out / "encoder.json").read_text())["direct"]
     tower = timm.create_model(TIMM_ARCH, pretrained=True, num_classes=0, **direct["create_model"],
                               pretrained_cfg_overlay=dict(file=str(out / direct["file"]))).eval()
     with torch.no_grad():
-        torch.testing.assert_close(timm_features(tower, pixels, direct), ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(timm_features(tower, pixels, direct), ours, **CLOSE)
         # the tuned block differs from the source file's: LoRA really travelled into timm's file
         assert not torch.allclose(timm_features(source.eval(), pixels, direct), ours, atol=1e-3)
 
@@ -101,11 +114,11 @@ def test_an_open_clip_tower_loads_through_local_and_through_open_clip_itself(tmp
     model, _ = load_pretrained(checkpoint)
     out = export(checkpoint, tmp_path / "enc", "encoder")
     pixels = torch.randn(2, 3, 32, 32)
-    ours = _features(model.encoder, pixels)
+    ours = _merged_features(model.encoder, pixels)
     local = create_encoder(f"local:{out}")
-    torch.testing.assert_close(_features(local, pixels), ours, atol=1e-5, rtol=0)
+    assert torch.equal(_features(local, pixels), ours)
     assert local.info.mean == (0.5, 0.5, 0.5)  # the source's preprocessing travels with it
     direct = json.loads((out / "encoder.json").read_text())["direct"]
     whole = open_clip.create_model(f"local-dir:{out / direct['folder']}").eval()  # text tower included: a full CLIP model
     with torch.no_grad():
-        torch.testing.assert_close(open_clip_features(whole.visual, pixels, direct), ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(open_clip_features(whole.visual, pixels, direct), ours, **CLOSE)

@@ -53,7 +53,7 @@ def test_native_export_carries_its_bases_and_peft_loads_its_adapters(tmp_path, l
         pixels = torch.randn(2, 3, 32, 32)
         clip = PeftModel.from_pretrained(CLIPVisionModel.from_pretrained(str(tower)), str(out / "adapters" / "encoder-0")).eval()
         torch.testing.assert_close(clip(pixel_values=pixels, output_hidden_states=True).hidden_states[2][:, 1:], model.encoder(pixels),
-                                   atol=1e-5, rtol=0)
+                                   atol=1e-5, rtol=1e-5)
     # self-contained: moved elsewhere, with the original bases gone, it loads and computes the same
     moved = tmp_path / "elsewhere" / "native"
     shutil.move(str(out), str(moved))
