@@ -65,7 +65,7 @@ def llava_refusals(model: Any, processor: Any) -> list[str]:
         reasons.append(f"its domain {spec.domain.name} decodes to {getattr(domain, 'output', '?')}"
                        + (" volumes" if getattr(domain, "volume_depth", None) else "") + ", not [0, 1] images")
     if encoder.info.channels != 3:
-        reasons.append(f"its encoder takes {encoder.info.channels} channels, not RGB")
+        reasons.append(f"its encoder takes {encoder.info.channels}-channel images, not RGB")
     probe = torch.linspace(-3, 3, 7)
     if not torch.equal(head_transform(model.causal_lm.config)(probe), probe):
         reasons.append(f"its LLM ({model.causal_lm.config.model_type}) transforms its logits after the LM head")

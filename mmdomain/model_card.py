@@ -49,6 +49,10 @@ def _encoder_folder(name: str, options: dict[str, Any]) -> Path | None:
     return Path(rest).expanduser() if sep and Path(rest).expanduser().is_dir() else None
 
 
+def _rounded(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
+
+
 def _metrics(report: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """Flat ``(name, value)`` of the numbers in an evaluation report."""
     rows = []
@@ -123,7 +127,7 @@ def model_card(*, spec: dict[str, Any], encoder_infos: list[dict[str, Any]], rec
         stage = result.get("stage") or (recipe or {}).get("stage")
         lines += [f"- Stage `{stage}`: {result.get('steps')} steps in {result.get('seconds')} s"
                   + (f" (resumed at steps {result['resumed_at']})" if result.get("resumed_at") else ""),
-                  f"- Loss {result.get('first_loss')} -> {result.get('final_loss')}; skipped samples: {result.get('skipped_samples', 0)}"]
+                  f"- Loss {_rounded(result.get('first_loss'))} -> {_rounded(result.get('final_loss'))}; skipped samples: {result.get('skipped_samples', 0)}"]
     else:
         lines.append("- No result.json beside this checkpoint: training cost unknown.")
     if (recipe or {}).get("init_from"):
