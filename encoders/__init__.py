@@ -71,3 +71,5 @@ register_encoder("tiny-audio", lazy("encoders.testing", "build_tiny_audio"),
                  description="tiny random-init audio encoder (log-mel, conv, transformer; unit-scale init), for tests and CPU tries")
 register_encoder("fuse", lazy("encoders.fused", "build_fused"), locate=lazy("encoders.fused", "locate_fused"),
                  description="several encoders for one media kind: encoders: [{name, options}, ...], mode: channels (Eagle) or sequence")
+register_encoder("local", lazy("encoders.local", "build_local_encoder"), family=True, locate=lazy("encoders.local", "locate_local"),
+                 description="an encoder folder written by save_local / `mmdomain export --format encoder` (architecture, EncoderInfo, weights)")

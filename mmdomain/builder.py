@@ -16,6 +16,7 @@ from torch import nn
 from connectors import create_connector
 from encoders import audio_transform, create_encoder, image_transform, volume_transform
 
+from .bundled_bases import BUNDLED, REFERENCED, check_referenced, resolve_bundled
 from .checkpoint import CheckpointWriter, read_json, read_tensors, resolve_checkpoint, verify
 from .domains import build_domain
 from .encoder_adaptation import add_encoder_lora
@@ -219,7 +220,12 @@ def load_pretrained(path: str | Path) -> tuple[MultimodalLM, MultimodalProcessor
     """(model, processor) from a checkpoint directory or a run directory (its newest complete checkpoint)."""
     directory = resolve_checkpoint(path)
     config = read_model_config(directory)
-    spec = ModelSpec.model_validate(with_legacy_defaults(config["spec"]))
+    stored_spec = config["spec"]
+    if config.get(BUNDLED):  # a self-contained export: its bases lie inside it, wherever it was moved
+        stored_spec = resolve_bundled(stored_spec, directory)
+    if config.get(REFERENCED):
+        check_referenced(config[REFERENCED], directory)
+    spec = ModelSpec.model_validate(with_legacy_defaults(stored_spec))
     check_bases(config, spec, directory, "checkpoint")
     tokenizer_dir = directory / TOKENIZER
     model, processor = build_model(spec, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None)

@@ -196,6 +196,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    out = export(args.run, args.out, args.format, merge_lora=args.merge_lora, overwrite=args.overwrite, bases=args.bases)
+    print(out)
+    return 0
+
+
 def _cmd_tiny_llm(args: argparse.Namespace) -> int:
     from .tiny_models import write_tiny_llm_for
 
@@ -317,6 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(sub)
     add_lmms_task_command(sub)
     add_review_command(sub)
+
+    p = sub.add_parser("export", help="export a run for use outside mmdomain: llava-hf (transformers/vLLM), native (self-contained, "
+                       "PEFT adapters) or encoder (the encoder alone); writes a model card")
+    p.add_argument("run", help="a run directory (its newest complete checkpoint) or a checkpoint directory")
+    p.add_argument("--format", required=True, choices=["llava-hf", "native", "encoder"])
+    p.add_argument("out", help="the folder to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--merge-lora", action="store_true", help="native: merge LoRA into the weights instead of writing PEFT adapters")
+    p.add_argument("--bases", choices=["copy", "reference"], default="copy",
+                   help="native: copy the frozen base LLM and encoder into OUT (default), or reference them by path and sha256")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (only once the new export is complete)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("tiny-llm", help="write a tiny random LLM whose vocabulary covers every word of your JSONL (a stand-in for trying recipes)")
     p.add_argument("--jsonl", required=True, action="append", help="a samples JSONL, as for make-shards (repeat for several)")

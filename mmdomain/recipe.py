@@ -164,6 +164,20 @@ class Eval(_Strict):
                                                  "log-likelihood (fair to choices of different lengths) or the sum")
 
 
+class Card(_Strict):
+    """What the model card of an export declares (``mmdomain export``); nothing here changes training."""
+
+    data_license: str | None = Field(None, description="licence of the training data, e.g. CC-BY-4.0 or 'PhysioNet credentialed'")
+    intended_use: str | None = Field(None, description="what the model is for, and who should use it")
+    out_of_scope: str | None = Field(None, description="uses it is not for (a medical model is always marked not for clinical use)")
+    eval_regime: Literal["zero-shot", "fine-tuned"] | None = Field(
+        None, description="how the evaluation data relates to training: zero-shot (no sample of that benchmark trained on) or "
+        "fine-tuned (trained on that benchmark's train split)")
+    llm_license: str | None = Field(None, description="the base LLM's licence when its folder does not say")
+    encoder_license: str | None = Field(None, description="the base encoder's licence when its folder does not say")
+    notes: str | None = None
+
+
 class Recipe(_Strict):
     stage: str = "align"
     model: ModelSpec
@@ -184,6 +198,7 @@ class Recipe(_Strict):
     resume: bool | Literal["auto"] = Field(False, description="true: continue from the newest complete checkpoint in output_dir "
                                            "(`mmdomain run --resume`); auto: continue if there is one, else start")
     log_sample_keys: bool = Field(False, description="write samples.jsonl: the sample keys each step trained on")
+    card: Card | None = Field(None, description="declarations for the model card of `mmdomain export` (licences, intended use, eval regime)")
 
     @model_validator(mode="after")
     def _lora_consistent(self) -> "Recipe":
