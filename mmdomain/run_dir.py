@@ -31,7 +31,7 @@ LOCK = ".lock"
 # because the continuation would no longer be the run the checkpoint belongs to.
 RESUMABLE_CHANGES = (
     "optim.lr", "lr.", "optim.max_steps", "optim.epochs", "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio",
-    "optim.clip_grad_norm", "eval.", "data.eval", "data.num_workers", "data.decode_error_budget", "save_every", "keep_last",
+    "optim.clip_grad_norm", "optim.gradient_checkpointing", "eval.", "data.eval", "data.num_workers", "data.decode_error_budget", "save_every", "keep_last",
     "log_every", "log_sample_keys", "threads", "device", "overwrite", "resume", "output_dir", "init_from", "stage",
     "data.train",  # the shards themselves are compared (check_resume_data): the same files moved elsewhere are fine
 )  # (another thread count or device still trains the same run, though CPU sums may then round differently)
