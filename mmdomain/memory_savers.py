@@ -29,7 +29,12 @@ def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
     if not getattr(causal_lm, "supports_gradient_checkpointing", False):
         raise GradientCheckpointingError(f"{type(causal_lm).__name__} does not support gradient checkpointing in transformers; set "
                                          "optim.gradient_checkpointing: false (or use LoRA / a smaller micro-batch to save memory)")
-    causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5 renamed it activation_checkpointing_enable (the old name warns); 4.x has only the old one.
+    enable = getattr(causal_lm, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     covered = ["llm"]
     for i, (encoder, _, _) in enumerate(model.kind_parts()):
         if not any(p.requires_grad for p in encoder.parameters()):

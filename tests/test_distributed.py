@@ -81,7 +81,8 @@ def _stage(task, kind: str) -> dict:
         return {}
     init = {"init_from": str(task.root / "runs" / "one_connector")}
     if kind == "lora":
-        return {**init, "trainable__llm": "lora", "model__llm__lora": {"r": 4, "alpha": 8}}
+        # No LoRA dropout: its masks are drawn per micro-batch, so 2 x 2 samples get other masks than 1 x 4.
+        return {**init, "trainable__llm": "lora", "model__llm__lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
     return {**init, "trainable__llm": "full"}
 
 
