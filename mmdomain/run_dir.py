@@ -34,6 +34,7 @@ RESUMABLE_CHANGES = (
     "optim.clip_grad_norm", "optim.gradient_checkpointing", "eval.", "data.eval", "data.num_workers", "data.decode_error_budget", "save_every", "keep_last",
     "log_every", "log_sample_keys", "threads", "device", "overwrite", "resume", "output_dir", "init_from", "stage",
     "data.train",  # the shards themselves are compared (check_resume_data): the same files moved elsewhere are fine
+    "distributed.",  # what must match (world size, where the optimizer state lives) is checked by dist_checkpoint.check_same_world
 )  # (another thread count or device still trains the same run, though CPU sums may then round differently)
 
 
