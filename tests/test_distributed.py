@@ -61,9 +61,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(recipe: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
+DRIVER = Path(__file__).with_name("fault_driver.py")
+
+
+def torchrun(recipe: Path, *overrides: str, nproc: int = 2, fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun -m mmdomain.cli run RECIPE``; with ``fault``, each rank runs the CLI through tests/fault_driver.py."""
+    program = [str(DRIVER), fault[0], str(fault[1]), "--"] if fault else ["-m", "mmdomain.cli"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), "-m", "mmdomain.cli", "-q", "run", str(recipe), *overrides]
+               "--master-port", str(_free_port()), *program, "-q", "run", str(recipe), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
@@ -120,21 +125,24 @@ def test_two_ranks_train_what_one_process_trains(task, one_process, strategy, ki
 
 
 @pytest.mark.slow
-def test_two_ranks_resume_exactly_and_refuse_another_world_size(task):
-    # The encoder's last block and the connector train (FSDP2's root unit); the schedule is constant, so a run cut at
-    # step 3 and continued to 6 is the run that never stopped.
-    settings = {"optim__batch_size": 2, "distributed": {"strategy": "fsdp"}, "trainable__encoder": {"last_blocks": 1}}
+def test_two_ranks_killed_mid_save_resume_exactly_and_refuse_another_world_size(task):
+    # The encoder's last block and the connector train (FSDP2's root unit), saved every 2 steps.
+    settings = {"optim__batch_size": 2, "distributed": {"strategy": "fsdp"}, "trainable__encoder": {"last_blocks": 1}, "save_every": 2}
     whole = torchrun(task("resume_whole", **settings))
     assert whole.returncode == 0, whole.stderr[-4000:]
     cut_recipe = task("resume_cut", **settings)
-    first = torchrun(cut_recipe, "optim.max_steps=3")
-    assert first.returncode == 0, first.stderr[-4000:]
+    # Rank 0 writes model.safetensors and rng.safetensors per save: the 3rd write is step 4's weights, after every rank
+    # wrote its DCP optimizer shard into the temporary folder. Half of it is written, then rank 0 is killed.
+    killed = torchrun(cut_recipe, fault=("kill-mid-write", 3))
+    assert killed.returncode != 0
     cut = task.root / "runs" / "resume_cut"
+    assert latest_checkpoint(cut).name == "step-00000002"  # the step-4 save never became a checkpoint
     assert (latest_checkpoint(cut) / "optimizer" / ".metadata").is_file()  # FSDP2's moments went through DCP
     with pytest.raises(ResumeError, match="saved by a run on 2 process.*this one has 1.*torchrun --nproc-per-node 2"):
-        train(load_recipe(cut_recipe, ["resume=true", f"optim.max_steps={STEPS}"]))
-    second = torchrun(cut_recipe, "--resume", f"optim.max_steps={STEPS}")
+        train(load_recipe(cut_recipe, ["resume=true"]))
+    second = torchrun(cut_recipe, "--resume")
     assert second.returncode == 0, second.stderr[-4000:]
+    assert json.loads((cut / "result.json").read_text())["resumed_at"] == [2]
     for key, tensor in _weights(task.root / "runs" / "resume_whole").items():
         assert torch.equal(_weights(cut)[key], tensor), key
     assert _keys(cut) == _keys(task.root / "runs" / "resume_whole")
