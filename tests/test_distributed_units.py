@@ -130,6 +130,7 @@ def test_fp16_skips_an_overflowing_step_counts_it_and_keeps_the_scale_in_state(s
     assert json.loads(json.dumps(runner.scaler_state()))["scale"] == 1024.0  # JSON-able: it goes into trainer_state.json
 
 
+@pytest.mark.slow
 def test_batches_and_evaluation_use_the_devices_world_chose_from_a_feature_cache(shards, tiny_llm_dir, tmp_path, monkeypatch):
     """Every micro-batch (read from a feature cache) and the evaluation go to the device the recipe resolved to, and the
     model's every part sits there: nothing takes its device from 'the first parameter'."""
@@ -165,3 +166,23 @@ def test_batches_and_evaluation_use_the_devices_world_chose_from_a_feature_cache
     monkeypatch.setattr(train_module, "run_eval", checked_eval)
     result = train_module.train(load_recipe(tmp_path / "r.yaml", [f"data.feature_cache={tmp_path / 'cache'}"]))
     assert seen["batches"] == 2 and seen["evals"] == [chosen] and result["eval"]["samples"] == 4
+
+
+@pytest.mark.slow
+def test_a_recipe_trains_in_fp16_with_gradient_checkpointing_and_saves_the_loss_scale(shards, tiny_llm_dir, tmp_path):
+    from mmdomain.checkpoint import latest_checkpoint
+    from mmdomain.train import train
+
+    recipe = {"model": {"encoder": {"name": "tiny-vit", "options": {"image_size": 32, "patch_size": 8, "dim": 32, "channels": 1}},
+                        "llm": {"path": tiny_llm_dir, "lora": {"r": 4, "alpha": 8}}, "max_length": 64},
+              "trainable": {"llm": "lora", "encoder": {"last_blocks": 1}},
+              "data": {"train": str(shards / "shards" / "*.tar"), "shuffle_buffer": 0},
+              "optim": {"max_steps": 3, "batch_size": 4, "precision": "fp16", "gradient_checkpointing": True},
+              "output_dir": str(tmp_path / "run"), "device": "cpu", "threads": 1, "log_every": 1}
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    result = train(load_recipe(tmp_path / "r.yaml"))
+    assert result["skipped_steps"] == 0 and result["final_loss"] < result["first_loss"]
+    state = json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 65536.0 and state["skipped_steps"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [row["skipped_steps"] for row in rows] == [0, 0, 0]
