@@ -217,8 +217,20 @@ def shard_model(model: nn.Module, device: torch.device) -> None:
 
     import torch.distributed as dist
 
+    layers = decoder_layers(model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    units = [(f"llm block {i}", list(layer.named_parameters())) for i, layer in enumerate(layers)]
+    units.append(("the rest (embeddings, head, encoder, connector)", [(n, p) for n, p in model.named_parameters() if id(p) not in in_layers]))
+    for unit, params in units:
+        # FSDP2 reduces a unit's gradients in one buffer: its trained parameters must share a dtype.
+        dtypes = {str(p.dtype).removeprefix("torch."): n for n, p in params if p.requires_grad}
+        if len(dtypes) > 1:
+            listed = ", ".join(f"{d} ({n})" for d, n in dtypes.items())
+            raise DistributedError(f"distributed.strategy: fsdp: the trained parameters of {unit} have several dtypes: {listed}; "
+                                   "FSDP2 needs one per unit: keep trained weights float32 (model.llm.dtype: float32, "
+                                   "optim.precision: bf16 for bf16 compute), or use distributed.strategy: ddp")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in decoder_layers(model):
+    for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 

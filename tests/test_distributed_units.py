@@ -186,3 +186,15 @@ def test_a_recipe_trains_in_fp16_with_gradient_checkpointing_and_saves_the_loss_
     assert state["grad_scaler"]["scale"] == 65536.0 and state["skipped_steps"] == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [row["skipped_steps"] for row in rows] == [0, 0, 0]
+
+
+def test_fsdp_refuses_a_unit_whose_trained_weights_mix_dtypes_before_any_collective(tiny):
+    from mmdomain.distributed import shard_model
+
+    model, _ = build_model(tiny)
+    apply_trainable(model, Trainable())  # the connector trains, in float32
+    head = model.causal_lm.get_output_embeddings()
+    head.to(torch.bfloat16).requires_grad_(True)
+    with pytest.raises(DistributedError, match=r"the rest \(embeddings, head, encoder, connector\) have several dtypes: float32 "
+                                               r"\(connector\..*\), bfloat16"):
+        shard_model(model, torch.device("cpu"))  # raises before it needs a process group
