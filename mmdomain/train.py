@@ -28,8 +28,8 @@ from .dist_checkpoint import check_same_world, load_sharded_optimizer, save_dist
 from .distributed import World, resolve_device
 from .errors import CheckpointError, MmdomainError, RunInterrupted
 from .evaluate import evaluate_shards
-from .memory_savers import enable_gradient_checkpointing
 from .feature_cache import check_cacheable, open_cache
+from .memory_savers import enable_gradient_checkpointing
 from .preflight import check_models, input_problems
 from .recipe import Recipe, RecipeError
 from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
