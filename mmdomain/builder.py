@@ -139,20 +139,21 @@ def _parts(model: MultimodalLM) -> list[tuple[str, nn.Module, bool]]:
     return parts
 
 
-def model_state(model: MultimodalLM) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def model_state(model: MultimodalLM, full: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Weights a checkpoint keeps, and per part what was kept: ``all`` / ``trained`` (trainable or restored) / ``none``.
-    Frozen weights that come unchanged from a local base are referenced, not copied."""
+    Frozen weights that come unchanged from a local base are referenced, not copied. ``full``: the whole tensors by
+    name, where the model's own are shards (FSDP2 gathers them into this full state dict)."""
     state: dict[str, torch.Tensor] = {}
     stored = {}
     for part, module, keep_all in _parts(model):
         chosen = {}
         for name, param in module.named_parameters():
-            full = f"{part}.{name}"
-            if keep_all or param.requires_grad or full in model.restored:
-                chosen[full] = param.detach()
+            name_in_model = f"{part}.{name}"
+            if keep_all or param.requires_grad or name_in_model in model.restored:
+                chosen[name_in_model] = param.detach() if full is None else full[name_in_model]
         if keep_all:  # persistent buffers of a non-referenced part (e.g. norm statistics) are part of its weights too
             persistent = set(module.state_dict())
-            chosen.update({f"{part}.{n}": b.detach() for n, b in module.named_buffers() if n in persistent})
+            chosen.update({f"{part}.{n}": b.detach() if full is None else full[f"{part}.{n}"] for n, b in module.named_buffers() if n in persistent})
         state.update(chosen)
         stored[part] = "all" if keep_all else ("trained" if chosen else "none")
     return state, stored
@@ -163,10 +164,11 @@ def base_identities(spec: ModelSpec) -> dict[str, Any]:
 
 
 def write_model(writer: CheckpointWriter, model: MultimodalLM, processor: MultimodalProcessor,
-                bases: dict[str, Any] | None = None) -> None:
+                bases: dict[str, Any] | None = None, full: dict[str, torch.Tensor] | None = None) -> None:
     """The model's part of a checkpoint: weights, config (spec, what was stored, media tokens, base identities),
-    tokenizer. ``bases`` (computed once per run) saves re-reading the base models' files at every save."""
-    state, stored = model_state(model)
+    tokenizer. ``bases`` (computed once per run) saves re-reading the base models' files at every save; ``full``
+    see ``model_state``."""
+    state, stored = model_state(model, full)
     writer.tensors(WEIGHTS, state)
     writer.json(MODEL_CONFIG, {
         "spec": model.spec.model_dump(mode="json"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -33,7 +34,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     path, overrides = _recipe_and_overrides(args.recipe, [*args.overrides, *(["resume=true"] if args.resume else [])])
     result = train(load_recipe(path, overrides), accept_changes=args.accept_changes)
-    print(json.dumps(result, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the result; one prints it
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -63,6 +63,12 @@ class MediaBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return MediaBatch(move(self.values), self.encoded, move(self.lengths), move(self.tokens))
 
+    def pin_memory(self) -> "MediaBatch":
+        """Page-locked copies (the DataLoader calls this with ``pin_memory=True``), so ``to(cuda, non_blocking=True)``
+        overlaps the copy with compute."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return MediaBatch(pin(self.values), self.encoded, pin(self.lengths), pin(self.tokens))
+
 
 def sized_by_length(info: Any, connector: Any, audio_tokens: str) -> bool:
     """Whether clips of this kind cost tokens in proportion to their length (``model.audio_tokens: by_length``):

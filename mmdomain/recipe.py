@@ -144,7 +144,10 @@ class Optim(_Strict):
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     clip_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="compute precision under autocast; fp16 adds a "
+                                                      "dynamic loss scale (torch.amp.GradScaler) that skips overflowing steps")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (LLM, and the encoder when it "
+                                         "trains): less memory, about a third more compute")
 
     @model_validator(mode="after")
     def _length(self) -> "Optim":
@@ -178,6 +181,15 @@ class Card(_Strict):
     notes: str | None = None
 
 
+class Distributed(_Strict):
+    """How a run started by torchrun (or accelerate launch) spreads over its processes; one process ignores it."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="ddp: every GPU holds the whole model, gradients "
+                                                     "are averaged (small trained parts: connector, LoRA); fsdp: weights, "
+                                                     "gradients and optimizer state sharded (FSDP2); auto: fsdp when "
+                                                     "trainable.llm is full, else ddp")
+
+
 class Recipe(_Strict):
     stage: str = "align"
     model: ModelSpec
@@ -192,6 +204,7 @@ class Recipe(_Strict):
     overwrite: bool = False
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    distributed: Distributed = Field(default_factory=Distributed)
     log_every: int = Field(10, ge=1)
     save_every: int = Field(0, ge=0, description="also save a checkpoint every this many steps (0: only at the end)")
     keep_last: int = Field(2, ge=1, description="complete checkpoints kept in output_dir/checkpoints (the newest is never deleted)")

@@ -31,10 +31,11 @@ LOCK = ".lock"
 # because the continuation would no longer be the run the checkpoint belongs to.
 RESUMABLE_CHANGES = (
     "optim.lr", "lr.", "optim.max_steps", "optim.epochs", "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio",
-    "optim.clip_grad_norm", "eval.", "data.eval", "data.num_workers", "data.decode_error_budget", "save_every", "keep_last",
+    "optim.clip_grad_norm", "optim.gradient_checkpointing", "eval.", "data.eval", "data.num_workers", "data.decode_error_budget", "save_every", "keep_last",
     "log_every", "log_sample_keys", "threads", "device", "overwrite", "resume", "output_dir", "init_from", "stage",
     "card",  # the model card's declarations say what the model is for, not how it trains
     "data.train",  # the shards themselves are compared (check_resume_data): the same files moved elsewhere are fine
+    "distributed.",  # what must match (world size, where the optimizer state lives) is checked by dist_checkpoint.check_same_world
 )  # (another thread count or device still trains the same run, though CPU sums may then round differently)
 
 

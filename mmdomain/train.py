@@ -24,16 +24,19 @@ from .band_stats import ensure_band_stats
 from .builder import base_identities, build_model, check_handoff, load_handoff, load_weights, write_model
 from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, read_marker, step_directory
 from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards
+from .dist_checkpoint import check_same_world, load_sharded_optimizer, save_distributed
+from .distributed import World, resolve_device
 from .errors import CheckpointError, MmdomainError, RunInterrupted
-from .evaluate import evaluate_shards, to_device
+from .evaluate import evaluate_shards
 from .feature_cache import check_cacheable, open_cache
+from .memory_savers import enable_gradient_checkpointing
 from .preflight import check_models, input_problems
-from .processor import IGNORE
 from .recipe import Recipe, RecipeError
 from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
 from .spec import LEGACY_DEFAULTS, with_legacy_defaults
 from .stop_requests import StopRequests
 from .train_state import TrainerState, read_trainer_state, restore_training, write_training
+from .train_step import NonFiniteLossError, StepRunner
 from .train_stream import BatchStream, Position, TrainBatches
 from .trainability import apply_trainable, param_groups, trainable_table
 from .update_audit import UpdateAudit
@@ -41,8 +44,7 @@ from .update_audit import UpdateAudit
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(MmdomainError, RuntimeError):
-    """The loss or gradient became NaN/inf; the run stops before any checkpoint is written from it."""
+__all__ = ["NonFiniteLossError", "lr_factor", "train"]
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -56,13 +58,8 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
     return min_ratio + (1 - min_ratio) * shape
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("device: cuda, but torch sees no CUDA GPU here (torch.cuda.is_available() is False; torch "
-                          f"{torch.__version__}); use device: auto or cpu, or check the driver and that torch is a CUDA build")
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+def _device(choice: str) -> torch.device:  # kept for callers of the old name; the decision lives in distributed
+    return resolve_device(choice)
 
 
 def run_eval(model: Any, processor: Any, recipe: Recipe, patterns: Any, layout: SampleFormat, *, device: torch.device,
@@ -77,26 +74,45 @@ def run_eval(model: Any, processor: Any, recipe: Recipe, patterns: Any, layout: 
 
 
 def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
-    """Run (or resume) one stage. Returns the summary also written to ``{output_dir}/result.json``."""
+    """Run (or resume) one stage. Returns the summary also written to ``{output_dir}/result.json``.
+
+    Under torchrun every rank calls this; rank 0 alone checks the inputs, takes the run directory (its lock) and
+    tells the others where the run stands (a fresh start or the checkpoint to resume), or the error that stopped it."""
     started = time.perf_counter()
-    # Wrong paths fail here, in a second and before the run directory exists, not after the encoder has loaded.
-    check_models(recipe.model)
-    problems = input_problems(recipe)
-    if problems:
-        raise RecipeError("the run cannot start:\n  " + "\n  ".join(problems))
-    ensure_band_stats(recipe)  # a missing stats: file is computed from the training shards; one for other bands is refused
-    run = open_run(recipe)
+    world = World.start(recipe.device, recipe.distributed.strategy, recipe.trainable.llm)
     try:
-        return _train(recipe, run.run_dir, run.resume_from, accept_changes, started)
+        if not world.is_main:
+            outcome = world.broadcast(None)
+            if "error" in outcome:
+                raise MmdomainError(f"rank 0 could not start the run: {outcome['error']}")
+            resume_from = Path(outcome["resume_from"]) if outcome["resume_from"] else None
+            return _train(recipe, Path(recipe.output_dir), resume_from, accept_changes, started, world)
+        try:
+            # Wrong paths fail here, in a second and before the run directory exists, not after the encoder has loaded.
+            check_models(recipe.model)
+            problems = input_problems(recipe)
+            if problems:
+                raise RecipeError("the run cannot start:\n  " + "\n  ".join(problems))
+            ensure_band_stats(recipe)  # a missing stats: file is computed from the training shards; one for other bands is refused
+            run = open_run(recipe)
+        except BaseException as exc:
+            world.broadcast({"error": str(exc)})
+            raise
+        world.broadcast({"resume_from": str(run.resume_from) if run.resume_from else None})
+        try:
+            return _train(recipe, run.run_dir, run.resume_from, accept_changes, started, world)
+        finally:
+            run.lock.release()
     finally:
-        run.lock.release()
+        world.close()
 
 
-def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_changes: bool, started: float) -> dict[str, Any]:
+def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_changes: bool, started: float, world: World) -> dict[str, Any]:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    seed_everything(recipe.seed)
-    device = _device(recipe.device)
+    seed_everything(recipe.seed)  # the same on every rank: replicas start equal, and their random streams stay equal
+    device = world.device
+    main = world.is_main
     opt = recipe.optim
 
     # A resumed run must be the same run: the recipe is compared with the checkpoint's before anything is built.
@@ -111,6 +127,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
             recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update=unnamed)})
     recipe_dict = recipe.model_dump(mode="json")
     changes = check_resume_changes(resume_from, saved.recipe, recipe_dict, accept_changes) if saved else []
+    if saved is not None:
+        check_same_world(resume_from, saved, world)
 
     # Model: built from the spec; a previous stage's weights (checked before anything loads), or this run's own
     # checkpoint when resuming; then the recipe decides what trains.
@@ -122,6 +140,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         load_weights(model, resume_from)
     declared = apply_trainable(model, recipe.trainable)
     log.info("what trains (stage %s):\n%s", recipe.stage, trainable_table(model, recipe.trainable))
+    if opt.gradient_checkpointing:
+        log.info("gradient checkpointing: %s", ", ".join(enable_gradient_checkpointing(model)))
     model.to(device).train()
 
     # Data: media shards, or a feature cache made by the same frozen encoder from the same shards (checked).
@@ -137,40 +157,51 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     failures = FailureBudget(recipe.data.decode_error_budget)
     catalog = ShardCatalog(expand_shards(train_patterns), failures, patterns=train_patterns)
     dataset = TrainBatches(catalog, processor, layout=layout, seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
-                           limit=recipe.data.max_train_samples, batch_size=opt.batch_size, pack_length=recipe.data.pack_length)
+                           limit=recipe.data.max_train_samples, batch_size=opt.batch_size, pack_length=recipe.data.pack_length,
+                           rank=world.rank, world=world.size)
     if dataset.samples_per_epoch == 0:
         raise DataError(f"the training shards {train_patterns} hold no usable sample")
     steps = opt.max_steps or max(1, math.ceil(opt.epochs * dataset.batches_per_epoch() / opt.grad_accum))
+
+    # The module steps call: a DDP wrapper, the model sharded in place (FSDP2), or the model itself. After the feature
+    # cache is checked (it hashes the encoder's whole weights) and before the optimizer (FSDP2 replaces parameters).
+    wrapped = world.wrap(model)
 
     # Optimizer; the LR of each step is set from the schedule, so it depends on the step alone.
     optimizer = torch.optim.AdamW(param_groups(model, recipe.lr, opt.lr, opt.weight_decay), betas=opt.betas,
                                   foreach=device.type == "cuda")
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    trained = [p for p in model.parameters() if p.requires_grad]
     state = TrainerState(step=0, total_steps=steps, epoch=0, batch=0, failures={}, first_loss=None, recent_losses=[],
-                         window=_empty_window(), recipe=recipe_dict, data=catalog.fingerprint())
+                         window=_empty_window(), recipe=recipe_dict, data=catalog.fingerprint(), world_size=world.size,
+                         strategy=world.strategy)
     metrics, keys_log = JsonLog(run_dir / "metrics.jsonl"), JsonLog(run_dir / "samples.jsonl")
     if saved is not None:
         check_resume_data(resume_from, saved.data, state.data, accept_changes)
         if saved.step >= steps and (run_dir / "result.json").is_file():
             log.info("%s finished at step %d of %d already; nothing to do (raise optim.max_steps to train on)", run_dir, saved.step, steps)
             return json.loads((run_dir / "result.json").read_text())
-        restore_training(resume_from, optimizer, model)
+        restore_training(resume_from, optimizer, model, rank=world.rank)
+        if world.strategy == "fsdp":
+            load_sharded_optimizer(model, optimizer, resume_from)
         failures.merge(saved.failures)
         state = TrainerState(**{**saved.__dict__, "total_steps": steps, "recipe": recipe_dict, "data": state.data,
                                 "resumed_at": [*saved.resumed_at, saved.step]})
-        metrics.continue_after(saved.step).write(step=saved.step, event="resume", checkpoint=str(resume_from),
-                                                 changes={name: [a, b] for name, a, b in changes})
-        if recipe.log_sample_keys or keys_log.path.exists():
-            keys_log.continue_after(saved.step)
+        if main:
+            metrics.continue_after(saved.step).write(step=saved.step, event="resume", checkpoint=str(resume_from),
+                                                     changes={name: [a, b] for name, a, b in changes})
+            if recipe.log_sample_keys or keys_log.path.exists():
+                keys_log.continue_after(saved.step)
         log.info("resuming from %s at step %d of %d", resume_from, saved.step, steps)
-    else:
+    elif main:
         metrics.start_fresh()
         if recipe.log_sample_keys:
             keys_log.start_fresh()
-    write_recipe(run_dir, recipe)
-    stream = BatchStream(dataset, num_workers=recipe.data.num_workers, failures=failures, position=Position(state.epoch, state.batch))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opt.precision == "bf16")
+    if main:
+        write_recipe(run_dir, recipe)
+    stream = BatchStream(dataset, num_workers=recipe.data.num_workers, failures=failures, position=Position(state.epoch, state.batch),
+                         pin_memory=device.type == "cuda")
+    runner = StepRunner(world, model, wrapped, optimizer, precision=opt.precision, clip_grad_norm=opt.clip_grad_norm,
+                        scaler_state=state.grad_scaler)
     bases = base_identities(recipe.model)
 
     earlier_seconds = state.seconds  # of the sessions before this one, when resuming
@@ -178,8 +209,19 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     def save(step: int) -> Path:
         state.epoch, state.batch = stream.position.epoch, stream.position.batch
         state.seconds = earlier_seconds + time.perf_counter() - started
+        state.grad_scaler = runner.scaler_state()
+        for rank_failures in world.gather(failures.state()):  # every rank's, so a resumed rank counts them all once
+            failures.merge(rank_failures)
         state.failures = failures.state()
         target = step_directory(run_dir, step)
+        if world.distributed:
+            save_distributed(world, target, step, model=model, processor=processor, bases=bases, optimizer=optimizer, state=state)
+            if main:
+                point_latest(run_dir, target)
+                prune(run_dir, recipe.keep_last)
+                drop_replaced(run_dir)
+                metrics.write(step=step, event="checkpoint", path=str(target))
+            return target
         if target.exists() and read_marker(target) is None:  # not ours: a copy or an edit; kept, under another name
             kept_as = target.with_name(f"{target.name}.set-aside-{int(time.time())}")
             target.rename(kept_as)
@@ -203,60 +245,61 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     audit = UpdateAudit(model, declared)
     zero_grad_warned = False
     with StopRequests() as stop:
-        for step in tqdm(range(state.step + 1, steps + 1), desc=recipe.stage, initial=state.step, total=steps, dynamic_ncols=True):
+        for step in tqdm(range(state.step + 1, steps + 1), desc=recipe.stage, initial=state.step, total=steps, dynamic_ncols=True,
+                         disable=not main):
             t0 = time.perf_counter()
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_factor(step - 1, warmup=opt.warmup_steps, total=steps, schedule=opt.schedule, min_ratio=opt.min_lr_ratio)
             micro = [stream.next_batch()[1] for _ in range(opt.grad_accum)]
-            # Token-weighted accumulation: every supervised token counts the same, however the micro-batches split.
-            supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-            step_loss = 0.0
-            for batch in micro:
-                with autocast:
-                    out = model(**to_device(batch, device))
-                if not torch.isfinite(out.loss_sum):
-                    raise NonFiniteLossError(f"step {step}: loss is {out.loss_sum.item()} on samples {batch['keys']}; no checkpoint was written from it")
-                (out.loss_sum / max(supervised, 1)).backward()
-                step_loss += out.loss_sum.item() / max(supervised, 1)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt.clip_grad_norm or float("inf"))
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteLossError(f"step {step}: gradient norm is {grad_norm.item()} on samples {[k for b in micro for k in b['keys']]}")
-            if float(grad_norm) == 0.0 and not zero_grad_warned:
+            lr_used = optimizer.param_groups[0]["lr"]
+            done = runner.run(step, micro, stream.zero_weight_batch)
+            step_loss, grad_norm = done.loss, done.grad_norm
+            if done.skipped:
+                state.skipped_steps += 1
+                log.warning("step %d: fp16 gradients overflowed; the step was skipped and the loss scale lowered to %g (%d skipped so far)",
+                            step, runner.scaler.get_scale(), state.skipped_steps)
+            elif grad_norm == 0.0 and not zero_grad_warned:
                 zero_grad_warned = True
                 log.warning("step %d: the gradient of every trained parameter is exactly 0, so nothing learns; check trainable, "
                             "the labels (is any token supervised?) and the learning rate", step)
-            lr_used = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             audit.after_step(step, max(group["lr"] for group in optimizer.param_groups))
 
             state.step = step
             state.first_loss = step_loss if state.first_loss is None else state.first_loss
             state.recent_losses = [*state.recent_losses, step_loss][-20:]
             window = state.window
-            window["samples"] += sum(len(b["keys"]) for b in micro)
-            window["tokens"] += sum(b["num_tokens"] for b in micro)
+            window["samples"] += done.samples
+            window["tokens"] += done.tokens
             window["seconds"] += time.perf_counter() - t0
             window["loss"] += step_loss
             window["steps"] += 1
             if recipe.log_sample_keys:
-                keys_log.write(step=step, keys=[k for b in micro for k in b["keys"]])
+                every_rank = world.gather(done.keys)  # rank order: the order one process at the global batch would train them
+                if main:
+                    keys_log.write(step=step, keys=[k for keys in every_rank for k in keys])
             if step % recipe.log_every == 0 or step == 1 or step == steps:
-                metrics.write(step=step, epoch=stream.position.epoch, loss=window["loss"] / window["steps"], lr=lr_used,
-                              grad_norm=float(grad_norm), samples_per_s=window["samples"] / window["seconds"],
-                              tokens_per_s=window["tokens"] / window["seconds"], skipped_samples=failures.total)
+                if main:
+                    metrics.write(step=step, epoch=stream.position.epoch, loss=window["loss"] / window["steps"], lr=lr_used,
+                                  grad_norm=float(grad_norm), samples_per_s=window["samples"] / window["seconds"],
+                                  tokens_per_s=window["tokens"] / window["seconds"], skipped_samples=failures.total,
+                                  **({"skipped_steps": state.skipped_steps} if runner.scaler is not None else {}))
                 state.window = _empty_window()
             if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step != steps:
                 try:
-                    report = run_eval(model, processor, recipe, eval_patterns, layout, device=device)
+                    with world.whole_weights(model):
+                        report = run_eval(model, processor, recipe, eval_patterns, layout, device=device)
                 except MmdomainError as exc:  # a problem with the evaluation data must not cost the training run
                     log.error("step %d: evaluation failed, training goes on: %s", step, exc)
-                    metrics.write(step=step, eval_error=str(exc))
+                    if main:
+                        metrics.write(step=step, eval_error=str(exc))
                 else:
-                    metrics.write(step=step, eval=report)
+                    if main:
+                        metrics.write(step=step, eval=report)
                     log.info("step %d eval: %s", step, json.dumps(report))
             written = save(step) if step == steps or (recipe.save_every and step % recipe.save_every == 0) else None
-            if stop.requested:
+            # A stop asked of any rank stops all of them at the same step (each must take part in the save).
+            stopping = stop.requested if not world.distributed else world.sum([1.0 if stop.requested else 0.0])[0] > 0
+            if stopping:
                 written = written or save(step)
                 raise RunInterrupted(f"stopped by {stop.requested} after step {step} of {steps}; checkpoint {written}"
                                      f"{' (the final evaluation did not run)' if step == steps else ''}. Continue with "
@@ -264,8 +307,12 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     stream.close()
     audit.finish()
 
-    report = run_eval(model, processor, recipe, eval_patterns, layout, device=device, path=run_dir / "eval_predictions.jsonl")
-    if report is not None:
+    # Every rank evaluates the same samples (FSDP2's forward gathers weights from all of them; a rank waiting idle
+    # at a barrier through a long evaluation could time out); rank 0 records.
+    with world.whole_weights(model):
+        report = run_eval(model, processor, recipe, eval_patterns, layout, device=device,
+                          path=run_dir / "eval_predictions.jsonl" if main else None)
+    if report is not None and main:
         metrics.write(step=steps, eval=report)
     tail = state.recent_losses[-max(1, min(20, steps // 5)) :]
     result = {
@@ -274,13 +321,16 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         "first_loss": state.first_loss,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "skipped_samples": failures.total,
+        **({"skipped_steps": state.skipped_steps} if runner.scaler is not None else {}),
+        **({"world_size": world.size, "strategy": world.strategy} if world.distributed else {}),
         "skipped": [f"{key}: {reason}" for key, (reason, _) in list(failures.failures.items())[:20]],
         "resumed_at": state.resumed_at,
         "eval": report,
         "seconds": round(earlier_seconds + time.perf_counter() - started, 2),
         "checkpoint": str(latest_checkpoint(run_dir)),
     }
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if main:
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     log.info("stage %s done in %.1f s: loss %s -> %s%s", recipe.stage, result["seconds"], result["first_loss"], result["final_loss"],
              f", eval {json.dumps(report)}" if report else "")
     return result

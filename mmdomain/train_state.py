@@ -43,24 +43,41 @@ class TrainerState:
     resumed_at: list[int] = field(default_factory=list)
     seconds: float = 0.0
     """Wall time of the run up to this checkpoint, over all the sessions that made it."""
+    world_size: int = 1
+    """Processes the run trains on (torchrun); the data position and random streams are per rank."""
+    strategy: str = "none"
+    """none (one process), ddp or fsdp: where the optimizer state lives (optimizer.safetensors, or sharded in DCP)."""
+    grad_scaler: dict[str, Any] | None = None
+    """fp16's loss-scale state (torch.amp.GradScaler.state_dict())."""
+    skipped_steps: int = 0
+    """fp16 steps the scaler skipped because the scaled gradients overflowed."""
 
 
 def _optimizer_names(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def write_training(writer: CheckpointWriter, state: TrainerState, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+def write_training(writer: CheckpointWriter, state: TrainerState, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
+                   ranks_rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None, sharded_optimizer: str | None = None) -> None:
+    """``ranks_rng``: every rank's ``capture_rng()`` (rank 0's under the plain names, rank r's under ``rank{r}/``);
+    ``sharded_optimizer``: the folder where DCP wrote the optimizer state instead of optimizer.safetensors."""
     names = {id(p): n for n, p in model.named_parameters()}
-    tensors: dict[str, torch.Tensor] = {}
-    for param_name, param in zip(_optimizer_names(optimizer, names), (p for g in optimizer.param_groups for p in g["params"])):
-        for field_name, value in optimizer.state.get(param, {}).items():
-            tensors[f"{param_name}/{field_name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    writer.tensors(OPTIMIZER, tensors)
-    rng_tensors, rng_json = capture_rng()
+    if sharded_optimizer is None:
+        tensors: dict[str, torch.Tensor] = {}
+        for param_name, param in zip(_optimizer_names(optimizer, names), (p for g in optimizer.param_groups for p in g["params"])):
+            for field_name, value in optimizer.state.get(param, {}).items():
+                tensors[f"{param_name}/{field_name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        writer.tensors(OPTIMIZER, tensors)
+    ranks_rng = ranks_rng or [capture_rng()]
+    rng_tensors = dict(ranks_rng[0][0])
+    for rank, (tensors_of_rank, _) in enumerate(ranks_rng[1:], start=1):
+        rng_tensors.update({f"rank{rank}/{k}": v for k, v in tensors_of_rank.items()})
     writer.tensors(RNG, rng_tensors)
-    writer.json(STATE, {**asdict(state), "optimizer": {"params": _optimizer_names(optimizer, names),
-                                                       "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]},
-                        "rng": rng_json})
+    record = {"params": _optimizer_names(optimizer, names),
+              "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+              **({"sharded": sharded_optimizer} if sharded_optimizer else {})}
+    writer.json(STATE, {**asdict(state), "optimizer": record, "rng": ranks_rng[0][1],
+                        **({"rng_ranks": [j for _, j in ranks_rng[1:]]} if len(ranks_rng) > 1 else {})})
 
 
 def read_trainer_state(directory: Path) -> TrainerState:
@@ -72,8 +89,9 @@ def read_trainer_state(directory: Path) -> TrainerState:
         raise CheckpointError(f"{directory / STATE} is not a trainer state of this mmdomain ({exc})") from None
 
 
-def restore_training(directory: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
-    """Load optimizer moments (by parameter name) and the random streams saved in ``directory``."""
+def restore_training(directory: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, rank: int = 0) -> None:
+    """Load optimizer moments (by parameter name) and this rank's random streams saved in ``directory``. Optimizer
+    state sharded by DCP (FSDP runs) is left to ``dist_checkpoint.load_sharded_optimizer``."""
     data = read_json(directory / STATE)
     if not isinstance(data.get("optimizer"), dict) or "params" not in data["optimizer"] or "rng" not in data:
         raise CheckpointError(f"{directory / STATE} lacks the optimizer or random-stream records; it was not written by this mmdomain")
@@ -85,6 +103,18 @@ def restore_training(directory: Path, optimizer: torch.optim.Optimizer, model: t
         raise CheckpointError(f"{directory}: the parameters that train are not the checkpoint's (only there: {missing[:3]}; only "
                               f"here: {extra[:3]}): the model or trainable settings changed, which no resume can bridge; resume "
                               "with the settings the run was started with, or start a new run (init_from this one)")
+    if not data["optimizer"].get("sharded"):
+        _restore_optimizer(directory, optimizer, mine)
+    try:
+        tensors = read_tensors(directory / RNG)
+        if rank:
+            tensors = {k.removeprefix(f"rank{rank}/"): v for k, v in tensors.items() if k.startswith(f"rank{rank}/")}
+        restore_rng(tensors, data["rng"] if not rank else data["rng_ranks"][rank - 1])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise CheckpointError(f"{directory}: the random-stream records cannot be restored ({type(exc).__name__}: {exc})") from None
+
+
+def _restore_optimizer(directory: Path, optimizer: torch.optim.Optimizer, mine: list[str]) -> None:
     stored = read_tensors(directory / OPTIMIZER)
     fresh = optimizer.state_dict()
     by_name = dict(zip(mine, (i for g in fresh["param_groups"] for i in g["params"])))
@@ -95,10 +125,6 @@ def restore_training(directory: Path, optimizer: torch.optim.Optimizer, model: t
             raise CheckpointError(f"{directory / OPTIMIZER}: state for unknown parameter {param_name!r}")
         state.setdefault(by_name[param_name], {})[field_name] = tensor
     optimizer.load_state_dict({"state": state, "param_groups": fresh["param_groups"]})
-    try:
-        restore_rng(read_tensors(directory / RNG), data["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{directory}: the random-stream records cannot be restored ({type(exc).__name__}: {exc})") from None
 
 
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -7,7 +7,11 @@ an epoch is therefore known without reading batches ``0..b-1``, and the position
 
 Batches, not samples, are spread over ranks and DataLoader workers (batch ``b`` goes to rank ``b % world``; a rank's
 ``j``-th batch to worker ``(j - start) % workers``), and the DataLoader hands them back in order, so the batches a run
-trains on are the same with 0, 2 or 8 workers, and a run may resume with another worker count. Workers only decode:
+trains on are the same with 0, 2 or 8 workers, and a run may resume with another worker count. Ranks take ``world``
+consecutive batches as one global batch, so ``world`` ranks at ``batch_size`` train on exactly the samples one
+process at ``world * batch_size`` trains on; every rank gets the same number of batches per epoch (a collective step
+that one rank skipped would hang the others), the last global batch's missing slots being ``padding`` items that
+carry no sample: the rank steps with a zero-weight batch, so nothing is lost or trained twice. Workers only decode:
 a sample that fails is left out of its batch and reported with it; the main process counts it once
 (``FailureBudget``), so limits and the budget hold for the whole run, not per worker.
 """
@@ -88,23 +92,41 @@ class TrainBatches(IterableDataset):
         return min(self.catalog.total, self.limit) if self.limit is not None else self.catalog.total
 
     def batches_per_epoch(self) -> int:
-        """Batches this rank gets each epoch."""
-        total = math.ceil(self.samples_per_epoch / self.batch_size)
-        return len(range(self.rank, total, self.world))
+        """Batches this rank gets each epoch: the same on every rank (the last ones may be padding)."""
+        return math.ceil(self.total_batches() / self.world)
+
+    def total_batches(self) -> int:
+        """Batches of all ranks together in an epoch."""
+        return math.ceil(self.samples_per_epoch / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         order = epoch_order(self.catalog.counts, seed=self.seed, epoch=self.start.epoch, shuffle_buffer=self.shuffle_buffer,
                             limit=self.limit)
+        total = self.total_batches()
         for local in range(self.start.batch + worker, self.batches_per_epoch(), workers):
             b = local * self.world + self.rank
+            if b >= total:  # this rank's slot of the epoch's last global batch is empty
+                yield {"index": local, "batch": None, "failures": [], "padding": True}
+                continue
             try:
                 yield self._batch(local, order[b * self.batch_size : (b + 1) * self.batch_size])
             except (OSError, MmdomainError, ImportError) as exc:
                 # Raised in the main process as it is: a worker's own exception would arrive wrapped in torch's
                 # "Caught ... in DataLoader worker" text with its traceback, not as the one line a user should see.
                 yield {"index": local, "batch": None, "failures": [], "error": exc}
+
+    def filler(self) -> dict[str, Any] | None:
+        """A usable batch of this epoch (the first global batch whose samples decode), for a rank whose own batch holds
+        no sample: it steps on it with zero weight. Failures met here are not reported (the owning rank reports them)."""
+        order = epoch_order(self.catalog.counts, seed=self.seed, epoch=self.start.epoch, shuffle_buffer=self.shuffle_buffer,
+                            limit=self.limit)
+        for b in range(self.total_batches()):
+            found = self._batch(-1, order[b * self.batch_size : (b + 1) * self.batch_size])["batch"]
+            if found is not None:
+                return found
+        return None
 
     def _batch(self, local: int, numbers: np.ndarray) -> dict[str, Any]:
         samples, failures = [], []
@@ -142,11 +164,24 @@ class BatchStream:
 
     ``next_batch()`` returns the next usable batch; ``position`` is what a checkpoint stores (batches consumed)."""
 
-    def __init__(self, dataset: TrainBatches, *, num_workers: int, failures: FailureBudget, position: Position | None = None) -> None:
+    def __init__(self, dataset: TrainBatches, *, num_workers: int, failures: FailureBudget, position: Position | None = None,
+                 pin_memory: bool = False) -> None:
         self.dataset, self.num_workers, self.failures = dataset, usable_workers(num_workers), failures
         self.position = position or Position()
+        self.pin_memory = pin_memory  # page-locked batches copy to a GPU asynchronously (to_device's non_blocking)
+        self.keep_empty = dataset.world > 1  # ranks step together: an empty batch is returned (None), not skipped
         self._iterator: Iterator[dict[str, Any]] | None = None
         self._usable_in_epoch = 0
+        self._last_usable: dict[str, Any] | None = None
+
+    def zero_weight_batch(self) -> dict[str, Any]:
+        """A batch for a rank whose own holds no sample to run forward and backward on with zero weight (the other
+        ranks' gradient reduction waits for it): its last usable batch, else the epoch's first that decodes."""
+        if self._last_usable is None:
+            self._last_usable = self.dataset.filler()
+            if self._last_usable is None:
+                raise DataError(f"no batch of epoch {self.position.epoch} holds a usable sample")
+        return self._last_usable
 
     def _open(self) -> None:
         if self.position.batch >= self.dataset.batches_per_epoch():
@@ -157,17 +192,19 @@ class BatchStream:
         # A generator of its own: a DataLoader otherwise draws its base seed from the global RNG at every epoch,
         # which would make training's random stream depend on when a run was resumed.
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            generator=torch.Generator(), persistent_workers=False, worker_init_fn=_init_worker)
+                            generator=torch.Generator(), persistent_workers=False, worker_init_fn=_init_worker,
+                            pin_memory=self.pin_memory)
         self._iterator = iter(loader)
 
-    def next_batch(self) -> tuple[int, dict[str, Any]]:
-        """(epoch, batch): the next batch with at least one usable sample, crossing epochs as needed."""
+    def next_batch(self) -> tuple[int, dict[str, Any] | None]:
+        """(epoch, batch): the next batch with at least one usable sample, crossing epochs as needed. Across several
+        ranks every rank's next batch is returned, None when it holds no usable sample (padding, or all failed)."""
         while True:
             if self._iterator is None:
                 self._open()
             item = next(self._iterator, None)
             if item is None:
-                if self._from_start and self._usable_in_epoch == 0:
+                if self._from_start and self._usable_in_epoch == 0 and not self.keep_empty:
                     raise DataError(f"the training shards yielded no usable sample in epoch {self.position.epoch} "
                                     f"({self.failures.total} failed)")
                 self._iterator = None
@@ -182,7 +219,10 @@ class BatchStream:
                 self.failures.record(key, reason)
             if item["batch"] is not None:
                 self._usable_in_epoch += 1
+                self._last_usable = item["batch"]
                 return self.position.epoch, item["batch"]
+            if self.keep_empty:
+                return self.position.epoch, None
 
     def close(self) -> None:
         self._iterator = None  # lets the DataLoader shut its workers down

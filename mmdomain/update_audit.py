@@ -45,6 +45,8 @@ class FrozenParameterMoved(MmdomainError, RuntimeError):
 
 def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
+    if hasattr(tensor, "to_local"):  # an FSDP2 shard (DTensor): each rank audits the part it holds
+        tensor = tensor.to_local()
     if tensor.is_contiguous() and tensor.numel() * tensor.element_size() % 8 == 0:
         return tensor.view(-1).view(torch.int64).sum()  # 40x faster on a CPU than widening each element first
     return tensor.view(_SAME_WIDTH_INT[tensor.element_size()]).sum(dtype=torch.int64)  # odd sizes: small tensors
