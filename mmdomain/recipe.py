@@ -144,7 +144,9 @@ class Optim(_Strict):
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     clip_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = Field(False, description="recompute each LLM layer (and trained encoder layer) in the backward "
+                                         "pass instead of keeping its activations")
 
     @model_validator(mode="after")
     def _length(self) -> "Optim":
@@ -164,6 +166,11 @@ class Eval(_Strict):
                                                  "log-likelihood (fair to choices of different lengths) or the sum")
 
 
+class Distributed(_Strict):
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="under torchrun: ddp replicates the model, fsdp shards "
+                                                     "parameters, gradients and optimizer state; auto: fsdp when the LLM trains whole")
+
+
 class Recipe(_Strict):
     stage: str = "align"
     model: ModelSpec
@@ -173,6 +180,7 @@ class Recipe(_Strict):
     data: Data
     optim: Optim
     eval: Eval = Field(default_factory=Eval)
+    distributed: Distributed = Field(default_factory=Distributed)
     seed: int = 0
     output_dir: str
     overwrite: bool = False

@@ -30,6 +30,7 @@ from .feature_cache import check_cacheable, open_cache
 from .preflight import check_models, input_problems
 from .processor import IGNORE
 from .recipe import Recipe, RecipeError
+from .run_cost import estimated_cost, measured_cost, start_measuring
 from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
 from .spec import LEGACY_DEFAULTS, with_legacy_defaults
 from .stop_requests import StopRequests
@@ -123,6 +124,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     declared = apply_trainable(model, recipe.trainable)
     log.info("what trains (stage %s):\n%s", recipe.stage, trainable_table(model, recipe.trainable))
     model.to(device).train()
+    start_measuring(device)
+    estimate = estimated_cost(model, recipe, device)  # what `mmdomain plan` says, recorded beside what the run measures
 
     # Data: media shards, or a feature cache made by the same frozen encoder from the same shards (checked).
     train_patterns, eval_patterns = recipe.data.train, recipe.data.eval
@@ -280,6 +283,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         "seconds": round(earlier_seconds + time.perf_counter() - started, 2),
         "checkpoint": str(latest_checkpoint(run_dir)),
     }
+    result["cost"] = {"measured": measured_cost(device, result["seconds"], steps * opt.batch_size * opt.grad_accum, bool(state.resumed_at)),
+                      "estimate": estimate}
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     log.info("stage %s done in %.1f s: loss %s -> %s%s", recipe.stage, result["seconds"], result["first_loss"], result["final_loss"],
              f", eval {json.dumps(report)}" if report else "")
