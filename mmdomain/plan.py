@@ -163,12 +163,14 @@ def estimate(model: nn.Module, recipe: Recipe, gpu: Gpu, *, gpus: int = 1, seq: 
     encoder_flops = encoder_act = 0.0
     media_tokens = 0
     encoder_rows = []
+    encoder_modes = []
     for (encoder, connector, _), kind in zip(model.kind_parts(), recipe.model.kinds()):
         per_item = connector.num_output_tokens(encoder.info.num_tokens())
         media_tokens += per_item * items
         if cached:
             continue
         mode = _mode(encoder, False)
+        encoder_modes.append(mode)
         enc_bytes = 2 if half or next(encoder.parameters()).dtype != torch.float32 else 4
         passes = items * _volume_depth(kind)
         lora = any("lora_" in n for n, _ in encoder.named_parameters())
@@ -203,10 +205,15 @@ def estimate(model: nn.Module, recipe: Recipe, gpu: Gpu, *, gpus: int = 1, seq: 
     weight_total = sum(weights.values())
     grads = trainable * 4
     optimizer = trainable * 8  # AdamW: two fp32 moments per trainable parameter
-    # Under autocast, fp32 weights on the gradient path run as half copies that the backward pass keeps.
+    # Under autocast, the fp32 weights of linear layers on the gradient path run as half copies that the backward
+    # pass keeps (it needs them for the input gradients), trained or frozen.
     casts = 0
     if half:
-        casts = sum(p.numel() * 2 for p in model.parameters() if p.dtype == torch.float32 and p.requires_grad)
+        on_path = [model.llm] if llm_mode != "none" else []
+        on_path += [c for _, c, _ in model.kind_parts()]
+        on_path += [e for (e, _, _), row in zip(model.kind_parts(), encoder_modes) if row != "none"]
+        casts = sum(m.weight.numel() * 2 for part in on_path for m in part.modules()
+                    if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32)
     layer_params = sum(p.numel() * p.element_size() for p in model.causal_lm.get_decoder().layers[0].parameters())
     if strategy == "fsdp":
         weight_total = weight_total / gpus + 2 * layer_params  # sharded, plus the gathered layer and the next one prefetched

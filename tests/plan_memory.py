@@ -61,7 +61,8 @@ def main(recipe_path: str, words: int, batch: int) -> dict:
     step()  # a step as every later one runs: with the optimizer state
     peak = (_kib("VmHWM") - before) * 1024
     step_only = (_kib("VmHWM") - resident) * 1024
-    return {"weights_bytes": weights, "step_peak_bytes": peak, "second_step_bytes": step_only, "after_first_bytes": (resident - before) * 1024, "seq_len": int(inputs["input_ids"].shape[1]),
+    moments = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if t.dim() > 0)
+    return {"weights_bytes": weights, "optimizer_bytes": moments, "step_peak_bytes": peak, "second_step_bytes": step_only, "after_first_bytes": (resident - before) * 1024, "seq_len": int(inputs["input_ids"].shape[1]),
             "supervised_per_sample": supervised / batch}
 
 
