@@ -29,7 +29,7 @@ from .evaluate import evaluate_shards, to_device
 from .feature_cache import check_cacheable, open_cache
 from .preflight import check_models, input_problems
 from .processor import IGNORE
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe, RecipeError, with_new_fields
 from .run_cost import estimated_cost, measured_cost, start_measuring
 from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
 from .spec import LEGACY_DEFAULTS, with_legacy_defaults
@@ -110,6 +110,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         unnamed = {field: value for field, value in absent.items() if field not in recipe.model.model_fields_set}
         if unnamed:
             recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update=unnamed)})
+    if saved:
+        saved.recipe = with_new_fields(saved.recipe)  # a run from before distributed / gradient_checkpointing existed
     recipe_dict = recipe.model_dump(mode="json")
     changes = check_resume_changes(resume_from, saved.recipe, recipe_dict, accept_changes) if saved else []
 

@@ -269,3 +269,17 @@ def test_result_records_measured_cost_beside_the_estimate(tiny_llm_dir, tmp_path
     assert main(["-q", "plan", str(tmp_path / "run"), "--gpu", "cpu", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["samples_per_epoch"] == 16 and plan["hours_per_epoch"] > 0
+
+
+def test_a_run_from_before_the_new_recipe_fields_resumes_without_a_change(tiny_llm_dir):
+    """Checkpoints hold the recipe they ran; one written before `distributed` and `optim.gradient_checkpointing`
+    existed must not read their defaults as changes (which would refuse the resume)."""
+    from mmdomain.recipe import with_new_fields
+    from mmdomain.run_dir import recipe_changes
+
+    new = validate_recipe({"model": {"encoder": {"name": "tiny-vit"}, "llm": {"path": tiny_llm_dir}}, "data": {"train": "x"},
+                           "optim": {"max_steps": 2}, "output_dir": "o"}).model_dump(mode="json")
+    old = json.loads(json.dumps(new))
+    del old["distributed"], old["optim"]["gradient_checkpointing"]
+    assert {name for name, _, _ in recipe_changes(old, new)} == {"distributed", "optim.gradient_checkpointing"}
+    assert recipe_changes(with_new_fields(old), new) == []
