@@ -4,7 +4,8 @@
 module class with the same parameters (names, shapes, dtypes, the layers after ``layer`` pruned alike) and the same
 ``EncoderInfo`` token counts, but randomly initialised from configs: ``config.json`` / ``preprocessor_config.json``
 of an ``hf:`` / ``hf_audio:`` directory, ``open_clip_config.json`` of an ``open_clip:`` directory, timm's own
-architecture table. Called under ``torch.device("meta")`` it allocates nothing, so a 7B tower costs no memory.
+architecture table. Called under ``accelerate.init_empty_weights()`` its parameters take no memory, so a 6B tower
+costs nothing.
 A directory needs only those config files: a plan works before the weights are downloaded.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The model a spec describes, built on the meta device from configuration files alone: every parameter's name,
+"""The model a spec describes, its parameters on the meta device, from configuration files alone: every parameter's name,
 shape, dtype and (after ``apply_trainable``) trainability, and each media kind's tokens per item, with no weight
 file opened and no memory allocated. What ``mmdomain plan`` measures a recipe with before anything is downloaded."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 
 from connectors import create_connector
 from encoders.skeleton import create_skeleton
@@ -60,22 +61,29 @@ def build_skeleton(spec: ModelSpec) -> Skeleton:
     path = check_local_dir(spec.llm.path, "LLM path")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     tokenizer = _tokenizer(path)
-    with torch.device("meta"), _quiet_transformers():
+    # Encoders and connectors: accelerate puts every parameter on the meta device and leaves buffers real, so an
+    # encoder that computes a buffer when built (mel filter banks, feature-length arithmetic) still can. The LLM is
+    # built under the meta device itself: accelerate's re-registration of parameters would undo its tied embeddings.
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(), _quiet_transformers():
         encoders = [create_skeleton(kind.encoder.name, **kind.encoder.options) for kind in spec.kinds()]
         for index, (kind, encoder) in enumerate(zip(spec.kinds(), encoders)):
             if kind.encoder.lora is not None:
                 add_encoder_lora(encoder, kind.encoder.lora, "model.encoder" if index == 0 else f"model.extra_kinds[{index - 1}].encoder")
+    with torch.device("meta"), _quiet_transformers():
         llm = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[spec.llm.dtype], attn_implementation=spec.llm.attn_implementation)
-        hidden = llm.get_input_embeddings().embedding_dim
-        modules = []
-        for kind, encoder in zip(spec.kinds(), encoders):
-            connector = create_connector(kind.connector.name, in_dim=encoder.info.embed_dim, out_dim=hidden, **kind.connector.options)
-            modules.append(MediaKindModule(encoder.requires_grad_(False), connector, _media_token(llm, tokenizer, kind.token, notes)))
+        tokens = [_media_token(llm, tokenizer, kind.token, notes) for kind in spec.kinds()]
         llm.requires_grad_(False)
         if spec.llm.lora is not None:
             llm = apply_lora(llm, spec.llm.lora)
-        primary = modules[0]
-        model = MultimodalLM(primary.encoder, primary.connector, llm, media_token_id=primary.token_id, spec=spec, extra_kinds=modules[1:])
+    hidden = llm.get_input_embeddings().embedding_dim
+    with init_empty_weights():
+        modules = [MediaKindModule(encoder.requires_grad_(False), create_connector(kind.connector.name, in_dim=encoder.info.embed_dim,
+                                                                                  out_dim=hidden, **kind.connector.options), token)
+                   for kind, encoder, token in zip(spec.kinds(), encoders, tokens)]
+    primary = modules[0]
+    model = MultimodalLM(primary.encoder, primary.connector, llm, media_token_id=primary.token_id, spec=spec, extra_kinds=modules[1:])
     return Skeleton(model, notes)
 
 

@@ -6,8 +6,8 @@ re-estimating the recipe with each candidate change, in order, and naming the fi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -76,31 +76,50 @@ def llm_stack(causal_lm: nn.Module) -> Stack:
                  heads=heads, matmul_params=_matmul_params(first))
 
 
-def encoder_stacks(encoder: nn.Module) -> list[Stack]:
+def _block_mode(block: nn.Module, earlier_trains: bool) -> str:
+    named = list(block.named_parameters())
+    if any(p.requires_grad and "lora_" not in n for n, p in named):
+        return "trained"
+    if any(p.requires_grad for _, p in named):
+        return "lora"
+    return "path" if earlier_trains else "none"
+
+
+def encoder_stacks(encoder: nn.Module) -> list[tuple[Stack, str]]:
+    """(stack, mode) runs of an encoder's blocks, input to output: ``trained`` blocks (their weights train), ``lora``
+    (adapters only), ``path`` (frozen, but something before them trains), ``none`` (no gradient reaches them). Blocks
+    before the first that trains keep nothing: ``trainable.encoder: {last_blocks: 2}`` keeps activations in two."""
     parts = list(getattr(encoder, "parts", None) or [encoder])  # a fused encoder runs each part
-    stacks = []
+    runs: list[tuple[Stack, str]] = []
     for part in parts:
-        blocks = part.layer_blocks() if hasattr(part, "layer_blocks") else []
-        stack = block_stack(list(blocks))
-        if stack is not None:
-            stacks.append(stack)
-    return stacks
+        blocks = list(part.layer_blocks()) if hasattr(part, "layer_blocks") else []
+        stack = block_stack(blocks)
+        if stack is None:
+            continue
+        inside = {id(p) for block in blocks for p in block.parameters()}
+        earlier = any(p.requires_grad for p in part.parameters() if id(p) not in inside) and not _only_after(part, blocks)
+        modes = []
+        for block in blocks:
+            modes.append(_block_mode(block, earlier))
+            earlier = earlier or modes[-1] != "none"
+        start = 0
+        for i in range(1, len(modes) + 1):
+            if i == len(modes) or modes[i] != modes[start]:
+                runs.append((dataclasses.replace(stack, layers=i - start), modes[start]))
+                start = i
+    return runs
+
+
+def _only_after(part: nn.Module, blocks: list[nn.Module]) -> bool:
+    """Whether the trainable parameters outside the blocks are only the final norm (after them, so no gradient
+    passes through the blocks for it)."""
+    norm = part.output_norm() if hasattr(part, "output_norm") else None
+    allowed = {id(p) for p in norm.parameters()} if norm is not None else set()
+    inside = {id(p) for block in blocks for p in block.parameters()}
+    return all(id(p) in allowed for p in part.parameters() if p.requires_grad and id(p) not in inside)
 
 
 # -- the estimate -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Shape:
-    """The batch a step sees: micro-batch rows, their length, media items per row and tokens per item."""
-
-    micro_batch: int
-    seq: int
-    items_per_sample: int
-    media_tokens: int
-    """LLM tokens one sample's media take (all items, all kinds)."""
-    encoder_passes: list[tuple[Stack, int, int, str]] = field(default_factory=list)
-    """(stack, images or clips run per sample, tokens per pass, mode) per encoder stack."""
 
 
 def _params(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -173,17 +192,19 @@ def estimate(model: nn.Module, recipe: Recipe, gpu: Gpu, *, gpus: int = 1, seq: 
         encoder_modes.append(mode)
         enc_bytes = 2 if half or next(encoder.parameters()).dtype != torch.float32 else 4
         passes = items * _volume_depth(kind)
-        lora = any("lora_" in n for n, _ in encoder.named_parameters())
-        lora_dropout = lora and kind.encoder.lora is not None and kind.encoder.lora.dropout > 0
-        for stack in encoder_stacks(encoder):
-            tokens = encoder.info.num_tokens() if encoder.info.modality == "audio" else math.prod(encoder.info.grid()) + 1
-            encoder_flops += passes * cost_model.step_flops(stack, tokens, tokens, input_grads=mode != "none", weight_grads=mode == "trained",
-                                                            recompute=checkpointing and mode != "none")
-            # A frozen encoder no gradient reaches keeps nothing: its cost is one layer's working set over the batch.
-            encoder_act += b * passes * cost_model.activation_bytes(stack, mode, tokens=tokens, seq=tokens, element_bytes=enc_bytes,
+        lora_dropout = kind.encoder.lora is not None and kind.encoder.lora.dropout > 0
+        tokens = encoder.info.num_tokens() if encoder.info.modality == "audio" else math.prod(encoder.info.grid()) + 1
+        for stack, block_mode in encoder_stacks(encoder):
+            lora = block_mode == "lora"
+            as_cost = "path" if lora else block_mode
+            encoder_flops += passes * cost_model.step_flops(stack, tokens, tokens, input_grads=as_cost != "none",
+                                                            weight_grads=as_cost == "trained", recompute=checkpointing and as_cost != "none")
+            # Blocks no gradient reaches keep nothing: their cost is one layer's working set over the batch.
+            encoder_act += b * passes * cost_model.activation_bytes(stack, as_cost, tokens=tokens, seq=tokens, element_bytes=enc_bytes,
                                                                     eager_attention=False, checkpointing=checkpointing,
-                                                                    lora_inputs=lora, lora_dropout=lora_dropout)
-            encoder_rows.append({"layers": stack.layers, "width": stack.width, "tokens": tokens, "passes_per_sample": passes, "mode": mode})
+                                                                    lora_inputs=lora, lora_dropout=lora and lora_dropout)
+            encoder_rows.append({"layers": stack.layers, "width": stack.width, "tokens": tokens, "passes_per_sample": passes,
+                                 "mode": block_mode})
     text = max(1, seq - media_tokens)
     supervised = min(answer, text) if answer else text  # by default an upper bound: every text token supervised
 

@@ -106,14 +106,19 @@ def tiny_preset(tmp_path_factory):
         "lora": ({"lora": {"r": 16, "alpha": 32, "dropout": 0.0}}, {"connector": True, "llm": "lora"}),
         "full": ({}, {"connector": True, "llm": "full"}),
         "encoder-lora": ({}, {"connector": True, "encoder": "lora"}),
+        "mixed-last-block": ({}, {"connector": True, "encoder": {"last_blocks": 1}}),
     }
     paths = {}
     for name, (llm, trainable) in variants.items():
         encoder = {"name": f"hf:{root / 'vision'}", "options": {"layer": -2}}
         if name == "encoder-lora":
             encoder["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0}
-        recipe = {"stage": name, "model": {"encoder": encoder, "connector": {"name": "mlp", "options": {"depth": 2}},
-                                           "llm": {"path": str(root / "llm"), **llm}, "max_length": 512},
+        model = {"encoder": encoder, "connector": {"name": "mlp", "options": {"depth": 2}}, "llm": {"path": str(root / "llm"), **llm},
+                 "max_length": 512}
+        if name == "mixed-last-block":  # a second media kind, its encoder's buffers computed when built (mel filters)
+            model["extra_kinds"] = [{"name": "audio", "token": "<audio>", "encoder": {"name": "tiny-audio"},
+                                     "connector": {"name": "frame_stack", "options": {"k": 4}}, "domain": {"name": "audio"}}]
+        recipe = {"stage": name, "model": model,
                   "trainable": trainable, "data": {"train": str(root / "none-*.tar")}, "optim": {"batch_size": 8, "max_steps": 1},
                   "output_dir": str(root / f"run-{name}")}
         paths[name] = root / f"{name}.yaml"
@@ -121,7 +126,7 @@ def tiny_preset(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("variant", ["align", "lora", "full", "encoder-lora"])
+@pytest.mark.parametrize("variant", ["align", "lora", "full", "encoder-lora", "mixed-last-block"])
 def test_parameter_counts_are_exact(tiny_preset, variant):
     """The meta-device model has the built model's parameters: every name, shape, dtype and trainability."""
     recipe = load_recipe(tiny_preset[variant])
@@ -129,7 +134,8 @@ def test_parameter_counts_are_exact(tiny_preset, variant):
     apply_trainable(built, recipe.trainable)
     plan = make_plan(recipe, find_gpu("cpu"))
     for module in ("encoder", "connector", "llm"):
-        params = list(getattr(built, module).parameters())
+        parts = [getattr(built, module)] + ([getattr(k, module) for k in built.extra_kinds] if module != "llm" else [])
+        params = [p for part in parts for p in part.parameters()]
         assert plan["parameters"][module] == {"trainable": sum(p.numel() for p in params if p.requires_grad),
                                               "frozen": sum(p.numel() for p in params if not p.requires_grad)}, module
     from mmdomain.model_skeleton import build_skeleton
@@ -140,6 +146,8 @@ def test_parameter_counts_are_exact(tiny_preset, variant):
         {n: (p.shape, p.dtype, p.requires_grad) for n, p in built.named_parameters()}
     assert skeleton.tokens_per_item == built.tokens_per_item == 196
     assert plan["memory_gib"]["weights"] * GiB == sum(p.numel() * p.element_size() for p in built.parameters())
+    if variant == "mixed-last-block":  # only the last block of each encoder keeps activations; the blocks before it none
+        assert [row["mode"] for row in plan["encoders"]] == ["none", "trained", "none", "trained"]
 
 
 @pytest.mark.slow
