@@ -53,10 +53,13 @@ def _positive(text: str) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from .errors import MmdomainError
     from .gpus import find_gpu
     from .plan import make_plan, render
     from .recipe import load_recipe
 
+    if not 0 < args.mfu <= 1:
+        raise MmdomainError(f"--mfu {args.mfu} is a fraction of the GPU's peak: give a number in (0, 1], e.g. 0.35")
     recipe = load_recipe(*_recipe_and_overrides(args.recipe, args.overrides))
     plan = make_plan(recipe, find_gpu(args.gpu), gpus=args.gpus, seq=args.seq_len, items=args.media_items, answer=args.answer_tokens, mfu=args.mfu, samples=args.samples)
     print(json.dumps(plan, indent=2) if args.json else render(plan, args.recipe))
