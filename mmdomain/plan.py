@@ -239,6 +239,8 @@ def estimate(model: nn.Module, recipe: Recipe, gpu: Gpu, *, gpus: int = 1, seq: 
     if strategy == "fsdp":
         weight_total = weight_total / gpus + 2 * layer_params  # sharded, plus the gathered layer and the next one prefetched
         grads, optimizer = grads / gpus, optimizer / gpus
+        # FSDP2 casts at the all-gather (MixedPrecisionPolicy): half weights exist only for the gathered layers.
+        casts = 0
     buckets = grads if strategy == "ddp" else 0  # DDP's gradient buckets are a second copy of the gradients
     activations = llm_act + encoder_act + logits + hidden_io
     # Gradients and activations are not alive at full size together: the backward pass frees each layer's activations
@@ -384,6 +386,8 @@ def render(plan: dict[str, Any], source: str) -> str:
         lines.append(f"{module:10s} {counts['trainable']:>15,} {counts['frozen']:>15,}")
     lines += ["", "memory per GPU (GiB)"]
     by_dtype = ", ".join(f"{k} {v:.2f}" for k, v in mem["weights_by_dtype"].items())
+    if plan["strategy"] == "fsdp":
+        by_dtype = f"sharded by {gpu['count']} + two gathered layers; whole model {by_dtype}"
     parts = ", ".join(f"{k} {v:.2f}" for k, v in mem["activations_parts"].items())
     for label, value, detail in (("weights", mem["weights"], by_dtype), ("gradients", mem["gradients"], "fp32, trainable only"),
                                  ("optimizer", mem["optimizer"], "AdamW, 2 fp32 moments per trainable parameter"),
