@@ -33,21 +33,24 @@ def gemm_peak(device: str = "cpu", sizes=(512, 1024, 2048), repeats: int = 5) ->
 
 
 def step_flops(p: dict, batch: dict, variant: str) -> float:
-    """Matmul FLOPs (2mnk) of one optimizer step of ``variant`` on ``batch`` (attention scores counted in full)."""
+    """Matmul FLOPs (2mnk) of one optimizer step of ``variant`` on ``batch`` (attention scores counted in full), from
+    ``mmdomain.cost_model``, the model `mmdomain plan` estimates with."""
+    from mmdomain.cost_model import Stack, forward_flops, head_flops, step_flops as stack_flops
+
     b, t = batch["input_ids"].shape
     k = int((batch["labels"][:, 1:] != -100).sum())  # supervised positions
     n = (p["image"] // p["patch"]) ** 2
     dv, fv, d, f, v = p["v_hidden"], p["v_ffn"], p["hidden"], p["ffn"], p["vocab"]
-    vision_layer = (n + 1) * (2 * (4 * dv * dv + 2 * dv * fv) + 4 * (n + 1) * dv)
     vision_layers = {"baseline": p["v_layers"], "cache": 0}.get(variant, p["v_layers"] - 1)  # mmdomain prunes layer -1
-    vision = b * vision_layers * vision_layer
+    vision = Stack(layers=vision_layers, width=dv, attn_width=dv, kv_width=dv, ffn=fv, gated=False, heads=p["v_heads"],
+                   matmul_params=4 * dv * dv + 2 * dv * fv)
+    llm = Stack(layers=p["layers"], width=d, attn_width=d, kv_width=d, ffn=f, gated=True, heads=p["heads"], matmul_params=4 * d * d + 3 * d * f)
     connector_fwd = 2 * b * n * (dv * d + d * d)
     connector = connector_fwd * 2 + 2 * b * n * d * d  # forward, weight grads, input grad of the second layer
-    llm_fwd = b * t * p["layers"] * (2 * (4 * d * d + 3 * d * f) + 4 * t * d)
-    llm_bwd = llm_fwd * (2 if variant == "full" else 1)  # input grads always (to reach the connector); weight grads if full
+    # Input gradients always reach the connector through the LLM; its weight gradients only when it trains whole.
+    llm_step = stack_flops(llm, b * t, t, input_grads=True, weight_grads=variant == "full")
     head_positions = b * t if variant == "baseline" else k
-    head = 2 * head_positions * d * v * (3 if variant == "full" else 2)
-    return float(vision + connector + llm_fwd + llm_bwd + head)
+    return float(b * forward_flops(vision, n + 1, n + 1) + connector + llm_step + head_flops(head_positions, d, v, trains=variant == "full"))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,13 @@ def build_fused(encoders: Any = None, mode: Literal["channels", "sequence"] = "c
             parts.append(create_encoder(name, **options))
         except EncoderError as exc:
             raise type(exc)(f"fuse: encoders[{i}] ({name}): {exc}") from None
+    return fuse_parts(parts, mode, normalize)
+
+
+def fuse_parts(parts: list[nn.Module], mode: str = "channels", normalize: bool = True) -> FusedEncoder:
+    """The fused encoder over parts already built (``build_fused``; ``encoders.skeleton`` for planning)."""
+    if mode not in ("channels", "sequence"):
+        raise EncoderOptionError(f"fuse: mode must be 'channels' or 'sequence', got {mode!r}")
     infos = [p.info for p in parts]
     named = ", ".join(f"{i.source}" for i in infos)
     for field in ("modality", "channels", "sample_rate"):

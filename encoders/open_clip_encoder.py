@@ -113,9 +113,18 @@ def build_open_clip_encoder(
 
     ``vision_cfg`` overrides fields of the tower's config (e.g. a tiny width for tests).
     """
+    model_cfg, preprocess_cfg, weights_path = locate_open_clip(spec, weights=weights, random_init=random_init, layers=layers)
+    return build_from_configs(spec, model_cfg, preprocess_cfg, weights_path, layer=layer, keep_cls=keep_cls, vision_cfg=vision_cfg,
+                              license=license)
+
+
+def build_from_configs(spec: str, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any], weights_path: Path | None, *,
+                       layer: int = -1, keep_cls: bool = False, vision_cfg: dict[str, Any] | None = None,
+                       license: str | None = None) -> OpenClipEncoder:
+    """The visual tower ``model_cfg`` describes, with weights from ``weights_path`` (None: random init, or an
+    architecture-only build for planning, see ``encoders.skeleton``)."""
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
-    model_cfg, preprocess_cfg, weights_path = locate_open_clip(spec, weights=weights, random_init=random_init, layers=layers)
     source = f"open_clip:{spec}"
     vcfg = dict(model_cfg["vision_cfg"], **(vision_cfg or {}))
     vcfg["timm_model_pretrained"] = False  # a timm trunk must never fetch its own weights
@@ -134,7 +143,7 @@ def build_open_clip_encoder(
         if mismatch:
             raise WeightsMismatchError(
                 f"{source}: weights file {str(weights_path)!r} does not fit its visual tower: {mismatch}. Check that it "
-                f"is a checkpoint of {'the model its open_clip_config.json describes' if weights is None else spec} (a config and "
+                f"is a checkpoint of {'the model its open_clip_config.json describes' if Path(spec).expanduser().is_dir() else spec} (a config and "
                 "weights from the same download, or the open_clip model name it was trained as)"
             )
 

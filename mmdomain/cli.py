@@ -53,6 +53,27 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .errors import MmdomainError
+    from .gpus import find_gpu
+    from .plan import make_plan, render
+    from .recipe import load_recipe
+
+    if not 0 < args.mfu <= 1:
+        raise MmdomainError(f"--mfu {args.mfu} is a fraction of the GPU's peak: give a number in (0, 1], e.g. 0.35")
+    recipe = load_recipe(*_recipe_and_overrides(args.recipe, args.overrides))
+    plan = make_plan(recipe, find_gpu(args.gpu), gpus=args.gpus, seq=args.seq_len, items=args.media_items, answer=args.answer_tokens, mfu=args.mfu, samples=args.samples)
+    print(json.dumps(plan, indent=2) if args.json else render(plan, args.recipe))
+    return 0
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "encoders":
         from encoders import describe_encoders
@@ -247,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("plan", help="memory, FLOPs and time of a recipe on a GPU, from configs only (no weights loaded), and what makes it fit")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, as for run")
+    p.add_argument("--gpu", default="a100-80g", help="h100-80g, a100-80g, a100-40g, l4-24g or cpu (default a100-80g)")
+    p.add_argument("--gpus", type=_positive, default=1, help="GPUs (processes under torchrun)")
+    p.add_argument("--seq-len", type=_positive, help="tokens per sample (default: the recipe's data.pack_length or model.max_length)")
+    p.add_argument("--media-items", type=_positive, default=1, help="media items per sample (default 1)")
+    p.add_argument("--answer-tokens", type=_positive, help="supervised (answer) tokens per sample (default: every text token, an upper bound)")
+    p.add_argument("--samples", type=_positive, help="training samples per epoch (default: from the shards' manifest.json)")
+    p.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation assumed for time (default 0.35)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("ls", help="list encoders, connectors or shipped recipes")
     p.add_argument("what", choices=["encoders", "connectors", "recipes"])

@@ -199,6 +199,7 @@ class Recipe(_Strict):
     data: Data
     optim: Optim
     eval: Eval = Field(default_factory=Eval)
+    distributed: Distributed = Field(default_factory=Distributed)
     seed: int = 0
     output_dir: str
     overwrite: bool = False
@@ -348,6 +349,16 @@ def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise _explain(exc, source) from None
+
+
+def with_new_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dict written by an earlier mmdomain, with the fields added since at their defaults (which keep the
+    old behaviour), so resuming its run does not read a newly added field as a change. Returned as given if it no
+    longer validates (the resume check then names what differs)."""
+    try:
+        return Recipe.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        return saved
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -31,7 +31,8 @@ from .evaluate import evaluate_shards
 from .feature_cache import check_cacheable, open_cache
 from .memory_savers import enable_gradient_checkpointing
 from .preflight import check_models, input_problems
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe, RecipeError, with_new_fields
+from .run_cost import estimated_cost, measured_cost, start_measuring
 from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
 from .spec import LEGACY_DEFAULTS, with_legacy_defaults
 from .stop_requests import StopRequests
@@ -125,6 +126,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         unnamed = {field: value for field, value in absent.items() if field not in recipe.model.model_fields_set}
         if unnamed:
             recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update=unnamed)})
+    if saved:
+        saved.recipe = with_new_fields(saved.recipe)  # a run from before distributed / gradient_checkpointing existed
     recipe_dict = recipe.model_dump(mode="json")
     changes = check_resume_changes(resume_from, saved.recipe, recipe_dict, accept_changes) if saved else []
     if saved is not None:
@@ -143,6 +146,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     if opt.gradient_checkpointing:
         log.info("gradient checkpointing: %s", ", ".join(enable_gradient_checkpointing(model)))
     model.to(device).train()
+    start_measuring(device)
+    estimate = estimated_cost(model, recipe, device)  # what `mmdomain plan` says, recorded beside what the run measures
 
     # Data: media shards, or a feature cache made by the same frozen encoder from the same shards (checked).
     train_patterns, eval_patterns = recipe.data.train, recipe.data.eval
@@ -329,6 +334,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         "seconds": round(earlier_seconds + time.perf_counter() - started, 2),
         "checkpoint": str(latest_checkpoint(run_dir)),
     }
+    samples = steps * opt.batch_size * opt.grad_accum * world.size
+    result["cost"] = {"measured": measured_cost(device, result["seconds"], samples, bool(state.resumed_at)), "estimate": estimate}
     if main:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     log.info("stage %s done in %.1f s: loss %s -> %s%s", recipe.stage, result["seconds"], result["first_loss"], result["final_loss"],
