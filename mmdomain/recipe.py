@@ -205,7 +205,6 @@ class Recipe(_Strict):
     overwrite: bool = False
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    distributed: Distributed = Field(default_factory=Distributed)
     log_every: int = Field(10, ge=1)
     save_every: int = Field(0, ge=0, description="also save a checkpoint every this many steps (0: only at the end)")
     keep_last: int = Field(2, ge=1, description="complete checkpoints kept in output_dir/checkpoints (the newest is never deleted)")
