@@ -27,8 +27,8 @@ from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_s
 from .errors import CheckpointError, MmdomainError, RunInterrupted
 from .evaluate import evaluate_shards, to_device
 from .feature_cache import check_cacheable, open_cache
+from .objectives import make_objective
 from .preflight import check_models, input_problems
-from .processor import IGNORE
 from .recipe import Recipe, RecipeError
 from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
 from .spec import LEGACY_DEFAULTS, with_legacy_defaults
@@ -66,14 +66,16 @@ def _device(choice: str) -> torch.device:
 
 
 def run_eval(model: Any, processor: Any, recipe: Recipe, patterns: Any, layout: SampleFormat, *, device: torch.device,
-             path: Path | None = None) -> dict[str, Any] | None:
+             path: Path | None = None, objective: Any = None) -> dict[str, Any] | None:
     if patterns is None:
         return None
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # evaluation never shifts training's random streams
-        return evaluate_shards(model, processor, patterns, max_samples=recipe.eval.max_samples, batch_size=recipe.eval.batch_size,
-                               max_new_tokens=recipe.eval.max_new_tokens, error_budget=recipe.data.decode_error_budget,
-                               predictions_path=path, layout=layout, choice_score=recipe.eval.choice_score)
+        report = evaluate_shards(model, processor, patterns, max_samples=recipe.eval.max_samples, batch_size=recipe.eval.batch_size,
+                                 max_new_tokens=recipe.eval.max_new_tokens, error_budget=recipe.data.decode_error_budget,
+                                 predictions_path=path, layout=layout, choice_score=recipe.eval.choice_score)
+        extra = objective.evaluate(model, processor, patterns, layout, recipe) if objective is not None else None
+    return {**report, objective.name: extra} if extra else report
 
 
 def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
@@ -109,15 +111,22 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
         unnamed = {field: value for field, value in absent.items() if field not in recipe.model.model_fields_set}
         if unnamed:
             recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update=unnamed)})
+        for field, value in (("objective", "sft"), ("dpo", None), ("grpo", None)):  # runs from before stage 3 trained SFT
+            saved.recipe.setdefault(field, value)
     recipe_dict = recipe.model_dump(mode="json")
     changes = check_resume_changes(resume_from, saved.recipe, recipe_dict, accept_changes) if saved else []
 
     # Model: built from the spec; a previous stage's weights (checked before anything loads), or this run's own
     # checkpoint when resuming; then the recipe decides what trains.
-    handoff = check_handoff(recipe.model, recipe.init_from) if recipe.init_from and resume_from is None else None
+    # DPO and GRPO compare with the start model: a resumed run loads init_from again to rebuild that reference.
+    objective = make_objective(recipe)
+    handoff = check_handoff(recipe.model, recipe.init_from) if recipe.init_from and (resume_from is None or objective.needs_reference) else None
     model, processor = build_model(recipe.model)
     if handoff is not None:
         log.info("init_from %s: loaded %d tensors", handoff, len(load_handoff(model, handoff)))
+    if objective.needs_reference:
+        apply_trainable(model, recipe.trainable)  # the reference keeps what is about to train, as it starts
+        objective.prepare(model, processor)
     if resume_from is not None:
         load_weights(model, resume_from)
     declared = apply_trainable(model, recipe.trainable)
@@ -137,7 +146,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     failures = FailureBudget(recipe.data.decode_error_budget)
     catalog = ShardCatalog(expand_shards(train_patterns), failures, patterns=train_patterns)
     dataset = TrainBatches(catalog, processor, layout=layout, seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
-                           limit=recipe.data.max_train_samples, batch_size=opt.batch_size, pack_length=recipe.data.pack_length)
+                           limit=recipe.data.max_train_samples, batch_size=opt.batch_size, pack_length=recipe.data.pack_length,
+                           examples=objective.examples)
     if dataset.samples_per_epoch == 0:
         raise DataError(f"the training shards {train_patterns} hold no usable sample")
     steps = opt.max_steps or max(1, math.ceil(opt.epochs * dataset.batches_per_epoch() / opt.grad_accum))
@@ -208,16 +218,16 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_factor(step - 1, warmup=opt.warmup_steps, total=steps, schedule=opt.schedule, min_ratio=opt.min_lr_ratio)
             micro = [stream.next_batch()[1] for _ in range(opt.grad_accum)]
-            # Token-weighted accumulation: every supervised token counts the same, however the micro-batches split.
-            supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+            # The objective says what a micro-batch's summed loss is divided by (SFT: the step's supervised tokens).
+            normaliser = objective.normaliser(micro)
             step_loss = 0.0
             for batch in micro:
                 with autocast:
-                    out = model(**to_device(batch, device))
-                if not torch.isfinite(out.loss_sum):
-                    raise NonFiniteLossError(f"step {step}: loss is {out.loss_sum.item()} on samples {batch['keys']}; no checkpoint was written from it")
-                (out.loss_sum / max(supervised, 1)).backward()
-                step_loss += out.loss_sum.item() / max(supervised, 1)
+                    loss_sum = objective.loss(model, to_device(batch, device))
+                if not torch.isfinite(loss_sum):
+                    raise NonFiniteLossError(f"step {step}: loss is {loss_sum.item()} on samples {batch['keys']}; no checkpoint was written from it")
+                (loss_sum / normaliser).backward()
+                step_loss += loss_sum.item() / normaliser
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt.clip_grad_norm or float("inf"))
             if not torch.isfinite(grad_norm):
                 raise NonFiniteLossError(f"step {step}: gradient norm is {grad_norm.item()} on samples {[k for b in micro for k in b['keys']]}")
@@ -244,11 +254,11 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
             if step % recipe.log_every == 0 or step == 1 or step == steps:
                 metrics.write(step=step, epoch=stream.position.epoch, loss=window["loss"] / window["steps"], lr=lr_used,
                               grad_norm=float(grad_norm), samples_per_s=window["samples"] / window["seconds"],
-                              tokens_per_s=window["tokens"] / window["seconds"], skipped_samples=failures.total)
+                              tokens_per_s=window["tokens"] / window["seconds"], skipped_samples=failures.total, **objective.metrics())
                 state.window = _empty_window()
             if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step != steps:
                 try:
-                    report = run_eval(model, processor, recipe, eval_patterns, layout, device=device)
+                    report = run_eval(model, processor, recipe, eval_patterns, layout, device=device, objective=objective)
                 except MmdomainError as exc:  # a problem with the evaluation data must not cost the training run
                     log.error("step %d: evaluation failed, training goes on: %s", step, exc)
                     metrics.write(step=step, eval_error=str(exc))
@@ -264,7 +274,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     stream.close()
     audit.finish()
 
-    report = run_eval(model, processor, recipe, eval_patterns, layout, device=device, path=run_dir / "eval_predictions.jsonl")
+    report = run_eval(model, processor, recipe, eval_patterns, layout, device=device, path=run_dir / "eval_predictions.jsonl",
+                      objective=objective)
     if report is not None:
         metrics.write(step=steps, eval=report)
     tail = state.recent_losses[-max(1, min(20, steps // 5)) :]
