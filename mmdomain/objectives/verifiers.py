@@ -19,6 +19,7 @@ from ..evaluate import normalise_answer, token_recall_f1
 Score = Callable[[str, str, "list[str] | None"], float]
 ENTRY_POINT_GROUP = "mmdomain.verifiers"
 _REGISTRY: dict[str, Callable[[dict[str, Any]], Score]] = {}
+_PUNCTUATION = re.compile(r"[^\w\s]")
 
 
 class VerifierError(MmdomainError, ValueError):
@@ -60,7 +61,7 @@ def _take(options: dict[str, Any], name: str, allowed: set[str]) -> None:
 
 def mentioned_choices(answer: str, choices: list[str]) -> list[str]:
     """The choices an answer names as whole words, longer choices first, so 'upper left' is not also read as 'left'."""
-    text = f" {normalise_answer(answer)} "
+    text = f" {normalise_answer(_PUNCTUATION.sub(' ', answer))} "  # '<answer>upper left</answer>' names a choice too
     found = []
     for choice in sorted(choices, key=lambda c: -len(normalise_answer(c))):
         words = normalise_answer(choice)
