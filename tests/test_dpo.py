@@ -36,8 +36,8 @@ def _spec(llm_dir, **llm):
 
 
 def _image(side: str, seed: int) -> Image.Image:
-    img = np.random.default_rng(seed).normal(100, 10, (32, 32))
-    img[:, :16 if side == "left" else 16:] += 80
+    """The answer is in the image's overall brightness, which even a frozen random encoder passes on."""
+    img = np.random.default_rng(seed).normal(200 if side == "left" else 60, 15, (32, 32))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
@@ -66,7 +66,7 @@ def test_dpo_objective_on_a_real_batch_is_the_formula(tiny_llm_dir):
     chosen["media"] = [type(batch["media"][0])(batch["media"][0].values[:2])]
     nll = model.sequence_logprobs(chosen["input_ids"], chosen["attention_mask"], chosen["labels"], chosen["media"], mean=True)
     loss = objective.loss(model, batch)
-    assert loss.detach().item() == pytest.approx(2 * math.log(2) + 0.3 * float(-nll.sum()), rel=1e-5)
+    assert loss.detach().item() == pytest.approx(2 * math.log(2) + 0.3 * float(-nll.detach().sum()), rel=1e-5)
     metrics = objective.metrics()
     assert metrics["reward_margin"] == pytest.approx(0.0, abs=1e-6) and metrics["preference_accuracy"] == 0.5
     assert metrics["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
@@ -149,7 +149,7 @@ def test_dpo_end_to_end_raises_heldout_preference_accuracy(tiny_llm_dir, tmp_pat
     recipe = validate_recipe({"model": _spec(tiny_llm_dir), "objective": "dpo", "dpo": {"beta": 0.5},
                               "trainable": {"connector": True, "llm": "full"},
                               "data": {"train": str(tmp_path / "s" / "train-*.tar"), "eval": str(tmp_path / "s" / "heldout-*.tar"), "shuffle_buffer": 64},
-                              "optim": {"max_steps": 30, "batch_size": 8, "lr": 3e-3, "warmup_steps": 3}, "output_dir": str(tmp_path / "run"),
+                              "optim": {"max_steps": 20, "batch_size": 8, "lr": 1e-3, "warmup_steps": 3}, "output_dir": str(tmp_path / "run"),
                               "log_every": 5, "seed": 0})
     result = train(recipe)
     assert result["eval"]["dpo"]["pairs"] == 32
