@@ -126,3 +126,10 @@ def test_grpo_resumed_run_equals_an_uninterrupted_one(tiny_llm_dir, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["kl_to_reference"] > 0
+
+
+def test_demo_stages_are_checked(tmp_path, capsys):
+    from mmdomain.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--stages", "sft,ppo"]) == 2
+    assert "--stages sft,ppo: give sft (the default demo), sft,grpo or sft,dpo" in capsys.readouterr().err
