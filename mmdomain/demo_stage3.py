@@ -52,7 +52,7 @@ def run_stage3_demo(out: str | Path = "runs/demo-stage3", *, objective: str = "g
     closed = stage3["eval"]["closed"]["accuracy"]
     if objective == "dpo":  # closed accuracy on the very questions stage 2 was measured on
         model, processor = load_pretrained(stage3["checkpoint"])
-        closed = evaluate_shards(model, processor, shards / "heldout-*.tar", max_samples=heldout_samples)["closed"]["accuracy"]
+        closed = evaluate_shards(model, processor, str(shards / "heldout-*.tar"), max_samples=heldout_samples)["closed"]["accuracy"]
     metrics = [json.loads(line) for line in (out / objective / "metrics.jsonl").read_text().splitlines()]
     summary = {
         "task": "quadrant of a lesion in synthetic 64x64 scans (4 choices)",
