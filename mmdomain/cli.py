@@ -242,11 +242,30 @@ def _cmd_tiny_llm(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if stages != ["sft"]:
+        return _stage3_demo(args, stages)
     summary = run_demo(args.out, seed=args.seed, train_samples=args.train_samples, heldout_samples=args.heldout_samples,
                        shuffle_images=args.shuffle_images, threads=args.threads, overrides=tuple(args.overrides))
     print(json.dumps(summary, indent=2))
     print(f"\nheld-out accuracy {summary['heldout_accuracy_after']:.3f} (before training {summary['heldout_accuracy_before']:.3f}, "
           f"chance {summary['chance']:.2f}) in {summary['seconds']:.0f} s; summary: {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def _stage3_demo(args: argparse.Namespace, stages: list[str]) -> int:
+    from .demo_stage3 import run_stage3_demo
+    from .errors import MmdomainError
+
+    if len(stages) != 2 or stages[0] != "sft" or stages[1] not in ("dpo", "grpo"):
+        raise MmdomainError(f"--stages {args.stages}: give sft (the default demo), sft,grpo or sft,dpo")
+    out = args.out if args.out != "runs/demo" else f"runs/demo-{stages[1]}"
+    summary = run_stage3_demo(out, objective=stages[1], seed=args.seed, train_samples=min(args.train_samples, 1000),
+                              heldout_samples=args.heldout_samples, threads=args.threads, stage3_overrides=tuple(args.overrides))
+    print(json.dumps({k: v for k, v in summary.items() if k != "stage3_curve"}, indent=2))
+    print(f"\nheld-out accuracy after a short instruct stage {summary['heldout_accuracy_after_instruct']:.3f}, after {stages[1]} "
+          f"{summary[f'heldout_accuracy_after_{stages[1]}']:.3f} (chance {summary['chance']:.2f}) in {summary['seconds']:.0f} s; "
+          f"summary: {Path(out) / 'summary.json'}")
     return 0
 
 
@@ -390,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-samples", type=int, default=200)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shuffle-images", action="store_true", help="control run: images shuffled against answers")
+    p.add_argument("--stages", default="sft", help="sft (align + instruct), or sft,grpo / sft,dpo: a deliberately short instruct "
+                   "stage, then stage 3 from it (runs/demo-grpo, runs/demo-dpo; overrides then apply to stage 3)")
     p.add_argument("overrides", nargs="*", help="recipe overrides applied to both stages, e.g. optim.max_steps=50")
     p.set_defaults(func=_cmd_demo)
     return parser

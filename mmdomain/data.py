@@ -41,6 +41,8 @@ class Record:
     choices: list[str] | None = None
     answer_type: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    rejected: str | None = None
+    """A preference pair's rejected answer (the conversation ends in the chosen one)."""
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,8 @@ def decode_sample(raw: dict[str, bytes], key: str, layout: SampleFormat, domains
     record = normalise_record({**sample, "media": names}, key, media_token=media_token, caption_prompt=layout.caption_prompt,
                               other_tokens=others)
     conversations, decoded = decode_media(domains, record["conversations"], [(name, raw[name]) for name in names], media_token)
-    return Record(key, conversations, decoded, record.get("choices"), record.get("answer_type"), sample.get("meta", {}))
+    return Record(key, conversations, decoded, record.get("choices"), record.get("answer_type"), sample.get("meta", {}),
+                  record.get("rejected"))
 
 
 def iter_records(shards: list[str], domains: Domain | dict[str, Domain], *, failures: FailureBudget,

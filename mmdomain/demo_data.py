@@ -52,7 +52,8 @@ def make_scan(rng: np.random.Generator, quadrant: int) -> np.ndarray:
 
 
 def write_split(directory: Path, name: str, n: int, seed: int, *, kind: str, shuffle_images: bool = False) -> Path:
-    """Write ``n`` PNG scans and ``{name}.jsonl``; ``kind`` is ``caption`` or ``vqa``. Returns the JSONL path.
+    """Write ``n`` PNG scans and ``{name}.jsonl``; ``kind`` is ``caption``, ``vqa`` or ``pairs`` (the right quadrant
+    chosen over a random wrong one). Returns the JSONL path.
 
     ``shuffle_images`` permutes the images against their labels: the control in which nothing is learnable.
     """
@@ -75,6 +76,10 @@ def write_split(directory: Path, name: str, n: int, seed: int, *, kind: str, shu
             answer = QUADRANTS[int(q)]
             if kind == "caption":
                 record = {"id": f"{name}-{i:05d}", "image": file, "question": CAPTION_PROMPT, "answer": CAPTION.format(answer)}
+            elif kind == "pairs":  # preference pairs: the right quadrant preferred to a wrong one
+                wrong = QUADRANTS[(int(q) + 1 + int(rng.integers(3))) % 4]
+                record = {"id": f"{name}-{i:05d}", "media": [file], "prompt": QUESTIONS[int(rng.integers(4))], "chosen": answer,
+                          "rejected": wrong, "choices": QUADRANTS}
             else:
                 record = {"id": f"{name}-{i:05d}", "image": file, "question": QUESTIONS[int(rng.integers(4))], "answer": answer, "choices": QUADRANTS}
             f.write(json.dumps(record) + "\n")

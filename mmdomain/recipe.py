@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MmdomainError
+from .objective_spec import DPOSpec, GRPOSpec
 from .spec import ModelSpec
 
 
@@ -212,6 +213,23 @@ class Recipe(_Strict):
                                            "(`mmdomain run --resume`); auto: continue if there is one, else start")
     log_sample_keys: bool = Field(False, description="write samples.jsonl: the sample keys each step trained on")
     card: Card | None = Field(None, description="declarations for the model card of `mmdomain export` (licences, intended use, eval regime)")
+    objective: Literal["sft", "dpo", "grpo"] = Field("sft", description="sft: next-token loss on the answers; dpo: preference "
+                                                     "pairs against the frozen start model; grpo: sampled answers scored by a verifier")
+    dpo: DPOSpec | None = Field(None, description="objective: dpo settings (defaults when left out)")
+    grpo: GRPOSpec | None = Field(None, description="objective: grpo settings (defaults when left out)")
+
+    @model_validator(mode="after")
+    def _objective_blocks(self) -> "Recipe":
+        for name in ("dpo", "grpo"):
+            if getattr(self, name) is not None and self.objective != name:
+                raise ValueError(f"a {name}: block is given but objective is {self.objective!r}; set objective: {name}, or remove the block")
+        if self.objective in ("dpo", "grpo"):
+            if getattr(self, self.objective) is None:
+                setattr(self, self.objective, DPOSpec() if self.objective == "dpo" else GRPOSpec())
+            if self.data.pack_length is not None:
+                raise ValueError(f"data.pack_length packs SFT samples; objective {self.objective} compares whole answers per row: "
+                                 "remove data.pack_length")
+        return self
 
     @model_validator(mode="after")
     def _lora_consistent(self) -> "Recipe":

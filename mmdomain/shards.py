@@ -4,7 +4,10 @@ Accepted JSONL lines (one sample each):
 - ``{"media": ["a.png", ...], "conversations": [{"role": "user", "content": "<image> ..."}, ...]}``
   (LLaVA's ``{"from": "human"|"gpt", "value": ...}`` turns and ``"image"`` in place of ``"media"`` work too);
 - ``{"image": "a.png", "question": "...", "answer": "...", "choices": [...]?}``;
-- ``{"image": "a.png", "caption": "..."}`` (the user turn is ``<image> {caption_prompt}``).
+- ``{"image": "a.png", "caption": "..."}`` (the user turn is ``<image> {caption_prompt}``);
+- ``{"media": ["a.png"], "prompt": "...", "chosen": "...", "rejected": "..."}``: a preference pair (``mmdomain review``
+  output; lines with ``"flagged": true`` are skipped and counted), stored as the conversation ending in ``chosen``
+  with ``rejected`` beside it, for ``objective: dpo``.
 Optional fields kept for evaluation: ``id`` (the sample key), ``choices``, ``answer_type`` (closed/open).
 ``dates`` (one ISO date per media item: acquisitions of one place) puts the media in date order and writes each
 marker as ``<image> (2021-05-01)``.
@@ -61,10 +64,21 @@ def normalise_record(record: dict[str, Any], where: str, media_token: str = "<im
             turns.append({"role": role, "content": content})
     elif "question" in record and "answer" in record:
         turns = [{"role": "user", "content": str(record["question"])}, {"role": "assistant", "content": str(record["answer"])}]
+    elif "chosen" in record or "rejected" in record:
+        # A preference pair: stored as the conversation that ends in the chosen answer (an SFT run on these shards learns
+        # the preferred answers), with the rejected answer beside it for objective: dpo.
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(record.get(k), str) or not record[k].strip()]
+        if missing:
+            raise ShardError(f"{where}: a preference pair needs non-empty text in prompt, chosen and rejected; {', '.join(missing)} "
+                             "missing or empty (a review line without a judgement carries \"flagged\": true and is skipped)")
+        if record["chosen"].strip() == record["rejected"].strip():
+            raise ShardError(f"{where}: chosen and rejected are the same answer, which states no preference; drop the line")
+        turns = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["chosen"]}]
     elif "caption" in record:
         turns = [{"role": "user", "content": caption_prompt}, {"role": "assistant", "content": str(record["caption"])}]
     else:
-        raise ShardError(f"{where}: a sample needs 'conversations', or 'question' + 'answer', or 'caption' (keys: {sorted(record)})")
+        raise ShardError(f"{where}: a sample needs 'conversations', or 'question' + 'answer', or 'caption', or 'prompt' + 'chosen' + "
+                         f"'rejected' (keys: {sorted(record)})")
     if not any(t["role"] == "assistant" for t in turns):
         raise ShardError(f"{where}: no assistant turn to learn from")
     known = (media_token, *other_tokens)
@@ -102,6 +116,10 @@ def normalise_record(record: dict[str, Any], where: str, media_token: str = "<im
         if turns[-1]["role"] != "assistant" or answer not in choices:
             raise ShardError(f"{where}: the final assistant answer {answer!r} is not among choices {choices}")
         out["choices"] = choices
+    if "rejected" in record:
+        if any(t in str(record["rejected"]) for t in known):
+            raise ShardError(f"{where}: the rejected answer holds a media marker; media belong in the prompt")
+        out["rejected"] = str(record["rejected"])
     if "answer_type" in record:
         if record["answer_type"] not in ("closed", "open"):
             raise ShardError(f"{where}: answer_type must be 'closed' or 'open', got {record['answer_type']!r}")
@@ -187,6 +205,7 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
         raise ShardError(f"{out_dir} already holds {len(stale)} '{prefix}-*.tar' shards; choose another --out or --prefix, or pass --overwrite")
 
     keys: set[str] = set()
+    flagged = 0
     with ShardWriter(out_dir, prefix, samples_per_shard) as writer:
         for line_no, line in enumerate(_lines(jsonl), start=1):
             where = f"{jsonl}:{line_no}"
@@ -194,6 +213,9 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ShardError(f"{where}: not valid JSON ({exc.msg})") from None
+            if isinstance(record, dict) and record.get("flagged") is True:  # a review item the expert flagged, not judged
+                flagged += 1
+                continue
             sample = normalise_record(record, where, media_token=media_token, caption_prompt=caption_prompt, other_tokens=others)
             kinds = [m for t in sample["conversations"] for m in marker.findall(t["content"])]
             key = _sample_key(record, prefix, line_no)
@@ -210,12 +232,15 @@ def make_shards(jsonl: str | Path, media_root: str | Path, out_dir: str | Path, 
                 sample["meta"] = {"media": [f or {} for f in facts]}
             writer.write(key, [("json", json.dumps(sample).encode()), *blobs])
     shards = writer.shards
+    if flagged:
+        log.warning("%s: skipped %d flagged lines (review items marked flagged: true carry no judgement)", jsonl, flagged)
     if not shards:
-        raise ShardError(f"{jsonl} holds no samples")
+        raise ShardError(f"{jsonl} holds no samples" + (f" (only {flagged} flagged lines)" if flagged else ""))
     for old in stale:  # older shards beyond the new set would be picked up by a glob
         if old.name not in {s["name"] for s in shards}:
             old.unlink()
-    manifest = {"prefix": prefix, "source": str(jsonl), "total": sum(s["samples"] for s in shards), "shards": shards}
+    manifest = {"prefix": prefix, "source": str(jsonl), "total": sum(s["samples"] for s in shards), "shards": shards,
+                **({"flagged_skipped": flagged} if flagged else {})}
     write_manifest(out_dir, {prefix: manifest})
     log.info("wrote %d samples in %d shards to %s", manifest["total"], len(shards), out_dir)
     return manifest

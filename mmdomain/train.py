@@ -30,6 +30,7 @@ from .errors import CheckpointError, MmdomainError, RunInterrupted
 from .evaluate import evaluate_shards
 from .feature_cache import check_cacheable, open_cache
 from .memory_savers import enable_gradient_checkpointing
+from .objectives import make_objective
 from .preflight import check_models, input_problems
 from .recipe import Recipe, RecipeError, with_new_fields
 from .run_cost import estimated_cost, measured_cost, start_measuring
@@ -64,14 +65,16 @@ def _device(choice: str) -> torch.device:  # kept for callers of the old name; t
 
 
 def run_eval(model: Any, processor: Any, recipe: Recipe, patterns: Any, layout: SampleFormat, *, device: torch.device,
-             path: Path | None = None) -> dict[str, Any] | None:
+             path: Path | None = None, objective: Any = None) -> dict[str, Any] | None:
     if patterns is None:
         return None
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # evaluation never shifts training's random streams
-        return evaluate_shards(model, processor, patterns, max_samples=recipe.eval.max_samples, batch_size=recipe.eval.batch_size,
-                               max_new_tokens=recipe.eval.max_new_tokens, error_budget=recipe.data.decode_error_budget,
-                               predictions_path=path, layout=layout, choice_score=recipe.eval.choice_score, device=device)
+        report = evaluate_shards(model, processor, patterns, max_samples=recipe.eval.max_samples, batch_size=recipe.eval.batch_size,
+                                 max_new_tokens=recipe.eval.max_new_tokens, error_budget=recipe.data.decode_error_budget,
+                                 predictions_path=path, layout=layout, choice_score=recipe.eval.choice_score, device=device)
+        extra = objective.evaluate(model, processor, patterns, layout, recipe) if objective is not None else None
+    return {**report, objective.name: extra} if extra else report
 
 
 def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
@@ -135,10 +138,15 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
 
     # Model: built from the spec; a previous stage's weights (checked before anything loads), or this run's own
     # checkpoint when resuming; then the recipe decides what trains.
-    handoff = check_handoff(recipe.model, recipe.init_from) if recipe.init_from and resume_from is None else None
+    # DPO and GRPO compare with the start model: a resumed run loads init_from again to rebuild that reference.
+    objective = make_objective(recipe)
+    handoff = check_handoff(recipe.model, recipe.init_from) if recipe.init_from and (resume_from is None or objective.needs_reference) else None
     model, processor = build_model(recipe.model)
     if handoff is not None:
         log.info("init_from %s: loaded %d tensors", handoff, len(load_handoff(model, handoff)))
+    if objective.needs_reference:
+        apply_trainable(model, recipe.trainable)  # the reference keeps what is about to train, as it starts
+        objective.prepare(model, processor)
     if resume_from is not None:
         load_weights(model, resume_from)
     declared = apply_trainable(model, recipe.trainable)
@@ -163,7 +171,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     catalog = ShardCatalog(expand_shards(train_patterns), failures, patterns=train_patterns)
     dataset = TrainBatches(catalog, processor, layout=layout, seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
                            limit=recipe.data.max_train_samples, batch_size=opt.batch_size, pack_length=recipe.data.pack_length,
-                           rank=world.rank, world=world.size)
+                           rank=world.rank, world=world.size, examples=objective.examples)
     if dataset.samples_per_epoch == 0:
         raise DataError(f"the training shards {train_patterns} hold no usable sample")
     steps = opt.max_steps or max(1, math.ceil(opt.epochs * dataset.batches_per_epoch() / opt.grad_accum))
@@ -206,7 +214,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     stream = BatchStream(dataset, num_workers=recipe.data.num_workers, failures=failures, position=Position(state.epoch, state.batch),
                          pin_memory=device.type == "cuda")
     runner = StepRunner(world, model, wrapped, optimizer, precision=opt.precision, clip_grad_norm=opt.clip_grad_norm,
-                        scaler_state=state.grad_scaler)
+                        scaler_state=state.grad_scaler, objective=objective)
     bases = base_identities(recipe.model)
 
     earlier_seconds = state.seconds  # of the sessions before this one, when resuming
@@ -287,12 +295,12 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
                     metrics.write(step=step, epoch=stream.position.epoch, loss=window["loss"] / window["steps"], lr=lr_used,
                                   grad_norm=float(grad_norm), samples_per_s=window["samples"] / window["seconds"],
                                   tokens_per_s=window["tokens"] / window["seconds"], skipped_samples=failures.total,
-                                  **({"skipped_steps": state.skipped_steps} if runner.scaler is not None else {}))
+                                  **({"skipped_steps": state.skipped_steps} if runner.scaler is not None else {}), **objective.metrics())
                 state.window = _empty_window()
             if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step != steps:
                 try:
                     with world.whole_weights(model):
-                        report = run_eval(model, processor, recipe, eval_patterns, layout, device=device)
+                        report = run_eval(model, processor, recipe, eval_patterns, layout, device=device, objective=objective)
                 except MmdomainError as exc:  # a problem with the evaluation data must not cost the training run
                     log.error("step %d: evaluation failed, training goes on: %s", step, exc)
                     if main:
@@ -316,7 +324,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     # at a barrier through a long evaluation could time out); rank 0 records.
     with world.whole_weights(model):
         report = run_eval(model, processor, recipe, eval_patterns, layout, device=device,
-                          path=run_dir / "eval_predictions.jsonl" if main else None)
+                          path=run_dir / "eval_predictions.jsonl" if main else None, objective=objective)
     if report is not None and main:
         metrics.write(step=steps, eval=report)
     tail = state.recent_losses[-max(1, min(20, steps // 5)) :]

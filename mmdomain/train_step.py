@@ -18,7 +18,7 @@ from torch import nn
 from .distributed import World, clip_grad_norm
 from .errors import MmdomainError
 from .evaluate import to_device
-from .processor import IGNORE
+from .objectives.sft import SFTObjective
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,8 +45,14 @@ class StepRunner:
     """Runs steps for ``model`` (what is saved) through ``wrapped`` (what is called: the model, or its DDP wrapper)."""
 
     def __init__(self, world: World, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str,
-                 clip_grad_norm: float | None, scaler_state: dict[str, Any] | None = None) -> None:
+                 clip_grad_norm: float | None, scaler_state: dict[str, Any] | None = None, objective: Any = None) -> None:
         self.world, self.model, self.wrapped, self.optimizer = world, model, wrapped, optimizer
+        self.objective = objective if objective is not None else SFTObjective()
+        if world.distributed and self.objective.name != "sft":
+            # DPO and GRPO call the model's own methods (log-probs, sampling, the reference swap), which a DDP or FSDP
+            # wrapper would be bypassed by: gradients would not be synchronised.
+            raise MmdomainError(f"objective: {self.objective.name} runs in one process for now (found {world.size} under torchrun); "
+                                "start it with `mmdomain run` alone, or train objective: sft across processes")
         self.trained = [p for p in model.parameters() if p.requires_grad]
         self.clip = clip_grad_norm or float("inf")
         self.device = world.device
@@ -72,8 +78,8 @@ class StepRunner:
         """Forward and backward every micro-batch (None: no usable sample here), then one optimizer step."""
         world = self.world
         usable = [b for b in micro if b is not None]
-        supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in usable)
-        local = [supervised, sum(len(b["keys"]) for b in usable), sum(b["num_tokens"] for b in usable)]
+        # What the summed losses are divided by (SFT: the step's supervised tokens; DPO: pairs; GRPO: sampled answers).
+        local = [self.objective.units(usable), sum(len(b["keys"]) for b in usable), sum(b["num_tokens"] for b in usable)]
         total_supervised, samples, tokens = (int(v) for v in world.sum(local))
         denominator = max(total_supervised, 1)
         step_loss = 0.0
@@ -82,12 +88,12 @@ class StepRunner:
             batch = batch if batch is not None else zero_weight_batch()
             with world.accumulating(self.wrapped, last=i == len(micro) - 1):
                 with self._autocast():
-                    out = self.wrapped(**to_device(batch, self.device))
-                if not world.distributed and not torch.isfinite(out.loss_sum):
-                    raise NonFiniteLossError(f"step {step}: loss is {out.loss_sum.item()} on samples {batch['keys']}; no checkpoint was written from it")
-                loss = out.loss_sum * (weight * world.size) / denominator
+                    loss_sum = self.objective.loss(self.wrapped, to_device(batch, self.device))
+                if not world.distributed and not torch.isfinite(loss_sum):
+                    raise NonFiniteLossError(f"step {step}: loss is {loss_sum.item()} on samples {batch['keys']}; no checkpoint was written from it")
+                loss = loss_sum * (weight * world.size) / denominator
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            step_loss += out.loss_sum.item() * weight / denominator
+            step_loss += loss_sum.item() * weight / denominator
         if world.distributed:
             step_loss = world.sum([step_loss])[0]  # the same on every rank, so a bad value stops every rank alike
             if not torch.isfinite(torch.tensor(step_loss)):

@@ -77,8 +77,12 @@ class TrainBatches(IterableDataset):
     where ``batch`` is the collated batch (None when every sample failed) and ``failures`` lists ``(key, reason)``."""
 
     def __init__(self, catalog: ShardCatalog, processor: MultimodalProcessor, *, layout: SampleFormat, seed: int, shuffle_buffer: int,
-                 limit: int | None, batch_size: int, pack_length: int | None = None, rank: int = 0, world: int = 1) -> None:
+                 limit: int | None, batch_size: int, pack_length: int | None = None, rank: int = 0, world: int = 1,
+                 examples: Any = None) -> None:
         super().__init__()
+        # How a record becomes a training example and examples a batch, when the objective needs other than one
+        # supervised conversation per row (a preference pair, a prompt to sample from): see mmdomain.objectives.
+        self.examples = examples
         self.catalog, self.processor, self.layout = catalog, processor, layout
         self.seed, self.shuffle_buffer, self.limit, self.batch_size = seed, shuffle_buffer, limit, batch_size
         self.rank, self.world = rank, world
@@ -137,13 +141,17 @@ class TrainBatches(IterableDataset):
             key = reader.key(shard, within)
             try:
                 record = decode_sample(reader.read(shard, within), key, self.layout, domains, media_token)
+                if self.examples is not None:
+                    samples.append(self.examples.build(self.processor, record))
+                    continue
                 sample = self.processor(record.conversations, record.media, key=record.key)
                 if self.pack_length is not None and len(sample.input_ids) > self.pack_length:
                     raise SampleError(f"{len(sample.input_ids)} tokens do not fit data.pack_length={self.pack_length}; raise it")
                 samples.append(sample)
             except SAMPLE_FAILURES as exc:
                 failures.append((key, str(exc)))
-        return {"index": local, "batch": self.collate(samples) if samples else None, "failures": failures}
+        collate = self.collate if self.examples is None else functools.partial(self.examples.collate, self.processor)
+        return {"index": local, "batch": collate(samples) if samples else None, "failures": failures}
 
 
 def usable_workers(requested: int) -> int:
