@@ -15,8 +15,9 @@ class GenerateArgumentError(MmdomainError, ValueError):
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default: the training recipe's device)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="weights and activations: fp32 (default, what training evaluated), or bf16/fp16 for half the GPU memory")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="cast every weight to this dtype (bf16/fp16 halve a GPU model's memory; scores may then move); default: "
+                        "the dtypes the run trained and evaluated with (e.g. a bf16 LLM beside an fp32 connector)")
 
 
 def add_decoding_arguments(p: argparse.ArgumentParser) -> None:

@@ -39,9 +39,10 @@ def recipe_of(checkpoint: Path) -> dict[str, Any]:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_for_inference(path: str | Path, device: str | torch.device | None = None, dtype: str = "fp32") -> InferenceRun:
+def load_for_inference(path: str | Path, device: str | torch.device | None = None, dtype: str | None = None) -> InferenceRun:
     """Load a run directory or checkpoint; ``device`` None takes the training recipe's ``device`` (auto when absent).
-    ``dtype`` bf16/fp16 halves the memory of a GPU model (scores may then differ slightly from fp32's)."""
+    ``dtype`` None keeps the dtypes the run trained and evaluated with (a bf16 LLM stays bf16, so `eval` scores what
+    training's own evaluation scored); fp32/bf16/fp16 casts every weight (bf16/fp16 halve a GPU model's memory)."""
     from .builder import load_pretrained
     from .checkpoint import resolve_checkpoint
 
@@ -50,7 +51,7 @@ def load_for_inference(path: str | Path, device: str | torch.device | None = Non
     where = "--device" if device is not None else f"the training recipe's device ({checkpoint})"
     target = resolve_device(device if device is not None else recipe.get("device"), where)
     model, processor = load_pretrained(checkpoint)
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise DeviceError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    model.to(device=target, dtype=DTYPES[dtype]).eval()
+    model.to(device=target, **({"dtype": DTYPES[dtype]} if dtype is not None else {})).eval()
     return InferenceRun(model, processor, checkpoint, target, recipe)

@@ -24,7 +24,7 @@ class MmdomainLMM(lmms):
     is_simple = True
 
     def __init__(self, run: str, device: str | None = None, batch_size: int | str = 8, choice_score: str | None = None,
-                 max_new_tokens: int | str | None = None, dtype: str = "fp32", **_: Any) -> None:
+                 max_new_tokens: int | str | None = None, dtype: str | None = None, **_: Any) -> None:
         super().__init__()
         from .recipe import Eval
 
