@@ -37,6 +37,7 @@ def add_serve_command(sub: Any) -> None:
     p.add_argument("--max-pixels", type=int, default=media.max_pixels, help="largest image, width x height x frames")
     p.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=limits.default_max_tokens, help="max_tokens of a request that gives none")
+    p.add_argument("--max-beams", type=int, default=limits.max_beams, help="largest num_beams a request may ask for")
     p.add_argument("--max-waiting", type=int, default=limits.max_waiting,
                    help="requests that may wait for the model (one runs at a time); more get 503")
     add_device_argument(p)
@@ -53,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve_app import ServeLimits, create_app
     from .serve_media import MediaPolicy
 
-    for name in ("max_body_bytes", "max_media_items", "max_pixels", "max_tokens_limit", "default_max_tokens", "max_waiting"):
+    for name in ("max_body_bytes", "max_media_items", "max_pixels", "max_tokens_limit", "default_max_tokens", "max_waiting", "max_beams"):
         if getattr(args, name) < (0 if name == "max_waiting" else 1):
             raise ServeSetupError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.default_max_tokens > args.max_tokens_limit:
@@ -69,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     media = MediaPolicy(max_items=args.max_media_items, max_pixels=args.max_pixels, max_bytes=args.max_body_bytes,
                         allow_from=tuple(args.allow_media_from))
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-                         max_waiting=args.max_waiting, media=media)
+                         max_waiting=args.max_waiting, max_beams=args.max_beams, media=media)
     name = args.model_name or run.name
     app = create_app(run.model, run.processor, device=run.device, model_name=name, limits=limits, api_key=api_key)
     log.info("serving %s (%s) as %r on http://%s:%d/v1 (device %s)", run.checkpoint, "API key required" if api_key else "no API key",
