@@ -50,3 +50,18 @@ def test_a_composite_band_the_run_does_not_select_stops_the_review_naming_the_fl
         assert session.unreadable == {}  # not three items "unreadable" for a flag the user can fix
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("device, words", [("gpu", "--device: 'gpu' is not a device"), ("cuda", "--device: cuda, but torch sees no CUDA GPU")])
+def test_a_device_this_machine_lacks_is_one_line_naming_the_flag_before_anything_loads(tmp_path, monkeypatch, capsys, device, words):
+    pytest.importorskip("fastapi", reason="the review page needs the serve extra")
+    import torch
+
+    from mmdomain.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["review", str(tmp_path / "no-run"), "--data", str(tmp_path / "*.tar"), "--out", str(tmp_path / "j.jsonl"),
+                 "--device", device])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and words in err and len(err.splitlines()) == 1, err
+    assert "internal error" not in err and not (tmp_path / "j.jsonl").exists()
