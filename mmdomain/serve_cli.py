@@ -5,6 +5,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 from typing import Any
 
 from .errors import MmdomainError
@@ -66,7 +67,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         log.warning("serving on %s without an API key: anyone who reaches this port can use the model (set %s or --api-key)",
                     args.host, API_KEY_ENV)
-    run = load_for_inference(args.checkpoint, args.device, args.dtype)
+    sock = listening_socket(args.host, args.port)  # a port in use is said now, not after minutes of loading a model
+    try:
+        run = load_for_inference(args.checkpoint, args.device, args.dtype)
+    except BaseException:
+        sock.close()
+        raise
     media = MediaPolicy(max_items=args.max_media_items, max_pixels=args.max_pixels, max_bytes=args.max_body_bytes,
                         allow_from=tuple(args.allow_media_from))
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
@@ -75,8 +81,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(run.model, run.processor, device=run.device, model_name=name, limits=limits, api_key=api_key)
     log.info("serving %s (%s) as %r on http://%s:%d/v1 (device %s)", run.checkpoint, "API key required" if api_key else "no API key",
              name, args.host, args.port, run.device)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for uvicorn to serve on, or a ServeSetupError naming them and the fix. uvicorn's
+    own bind came after the model had loaded and ended the process with its log line and status 1."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart is not refused by TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeSetupError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port, or stop the server "
+                              "using that one") from None
+    return sock
 
 
 def _is_loopback(host: str) -> bool:

@@ -43,3 +43,20 @@ def test_a_text_part_whose_text_is_not_a_string_is_refused():
         parse_messages(messages, _TextOnly(), MediaPolicy())
     ok = parse_messages([{"role": "user", "content": [{"type": "text", "text": "where?"}]}], _TextOnly(), MediaPolicy())
     assert ok.conversation == [{"role": "user", "content": "where?"}]
+
+
+def test_a_port_in_use_is_one_line_naming_it_before_the_run_is_read(tmp_path, capsys):
+    import socket
+
+    from mmdomain.cli import main
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        assert main(["serve", str(tmp_path / "no-run-here"), "--port", str(port)]) == 2
+    finally:
+        busy.close()
+    err = capsys.readouterr().err.strip()
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "pass another --port" in err and len(err.splitlines()) == 1, err
