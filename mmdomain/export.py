@@ -49,6 +49,8 @@ def export(source: str | Path, out: str | Path, fmt: str, *, merge_lora: bool = 
     if merge_lora and fmt != "native":
         log.info("--merge-lora: the %s format always merges LoRA", fmt)
     out = Path(out)
+    if out.exists() and not out.is_dir():  # before loading any weights, --overwrite or not
+        raise ExportError(f"{out} is a file, not a folder; choose another OUT")
     if out.exists() and not overwrite:  # before loading any weights
         raise ExportError(f"{out} exists; choose a new OUT, or pass --overwrite to replace it (it is replaced only once the new export "
                           "is complete)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +12,8 @@ import torch
 
 from .checkpoint import FORMAT, MARKER, fsync_path
 from .errors import MmdomainError
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(MmdomainError, ValueError):
@@ -52,10 +55,15 @@ class ExportWriter:
         if self.target.exists() and not self.target.is_dir():
             raise ExportError(f"{self.target} is a file, not a folder; choose another OUT")
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in self.target.parent.glob(f".{self.target.name}.tmp-*"):
-            # an export killed while writing leaves its temporary folder; remove those whose process is gone (or us)
+        for leftover in [*self.target.parent.glob(f".{self.target.name}.tmp-*"), *self.target.parent.glob(f".{self.target.name}.old-*")]:
+            # An export killed while writing leaves its temporary folder; one killed while replacing OUT leaves the
+            # previous export renamed aside (a whole model's size, hidden). Those whose process is gone (or us) go:
+            # this export is about to take OUT's place.
             pid = leftover.name.rpartition("-")[2]
             if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                if ".old-" in leftover.name:
+                    log.warning("removing %s, the previous export of %s left aside by an export killed while replacing it",
+                                leftover, self.target)
                 shutil.rmtree(leftover, ignore_errors=True)
         self.path.mkdir()
         return self

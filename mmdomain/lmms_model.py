@@ -82,13 +82,7 @@ class MmdomainLMM(lmms):
 
     def _answer(self, context: str, gen_kwargs: dict[str, Any], visuals: Any) -> str:
         processor = self.run.processor
-        visuals = [v for v in (visuals if isinstance(visuals, (list, tuple)) else [visuals]) if v is not None]
-        items = []
-        for visual in visuals:
-            if not hasattr(visual, "convert"):
-                raise NotImplementedError(f"the mmdomain model takes images (PIL) from other tasks' doc_to_visual, got {type(visual).__name__}; "
-                                          "for other media write the task with `mmdomain lmms-task` over mmdomain shards")
-            items.append(np.asarray(visual))
+        items = visual_arrays(visuals)
         text = " ".join([processor.media_token] * len(items) + [context])
         sample = processor([{"role": "user", "content": text}], items, key="lmms-eval", add_generation_prompt=True)
         until = gen_kwargs.get("until") or []
@@ -105,3 +99,18 @@ class MmdomainLMM(lmms):
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
         raise NotImplementedError("the mmdomain model does not take multi-round tasks")
+
+
+def visual_arrays(visuals: Any) -> list[np.ndarray]:
+    """Other tasks' ``doc_to_visual`` images as arrays decoded by the rule an image file follows in mmdomain (a palette
+    or RGBA image converted to RGB, 16-bit grey kept), so a dataset's PIL image and the same picture as a file give
+    the model the same pixels; ``np.asarray`` of a palette image would be its palette indices."""
+    from .domains.generic import image_array
+
+    arrays = []
+    for visual in [v for v in (visuals if isinstance(visuals, (list, tuple)) else [visuals]) if v is not None]:
+        if not hasattr(visual, "convert"):
+            raise NotImplementedError(f"the mmdomain model takes images (PIL) from other tasks' doc_to_visual, got {type(visual).__name__}; "
+                                      "for other media write the task with `mmdomain lmms-task` over mmdomain shards")
+        arrays.append(image_array(visual))
+    return arrays

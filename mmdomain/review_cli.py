@@ -31,7 +31,7 @@ def add_review_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds each item's answers (with its key): a restart shows the same ones")
     p.add_argument("--composite", help="GeoTIFFs: three positions among the run's selected bands shown as R,G,B, e.g. 2,1,0 "
                                        "(default: a composite run's own bands, else the first three)")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 or auto")
     p.add_argument("--max-side", type=int, default=2048, help="images larger than this (pixels, longer side) are shown shrunk")
     p.set_defaults(func=run_review_command)
 
@@ -65,6 +65,7 @@ def run_review_command(args: argparse.Namespace) -> int:
     from .checkpoint import resolve_checkpoint
     from .cli import _eval_settings
     from .data import expand_shards
+    from .device import resolve_device
     from .domains import build_domain
     from .review_answers import Sampling
     from .review_app import create_app, serve
@@ -73,6 +74,9 @@ def run_review_command(args: argparse.Namespace) -> int:
     from .review_store import JudgementStore, ReviewError
 
     composite = parse_composite(args.composite)
+    # Named like `generate` and `serve` name it, before the model loads: torch's own error ("no NVIDIA driver", a list of
+    # every device type) came after the load and read as a defect of mmdomain.
+    device = resolve_device(args.device, "--device")
     if args.limit is not None and args.limit < 1:
         raise ReviewError(f"--limit {args.limit}: give a positive number of samples")
     checkpoint = resolve_checkpoint(args.run)
@@ -81,7 +85,7 @@ def run_review_command(args: argparse.Namespace) -> int:
     store = JudgementStore(args.out)  # before the model too: a second review of the same file stops at once
     try:
         model, processor = load_pretrained(checkpoint)
-        model.to(args.device).eval()
+        model.to(device).eval()
         data = ReviewData(args.data, processor, limit=args.limit)
         raw = {kind.token: build_domain(kind.domain.name, kind.domain.options, raw=True) for kind in model.spec.kinds()}
         settings = Sampling(mode=args.mode, temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new_tokens, seed=args.seed)

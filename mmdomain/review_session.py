@@ -87,6 +87,10 @@ class ReviewSession:
                 continue
             try:
                 return self.prepare(item)
+            except ReviewError:
+                # A setting of the review that fits no item (--composite past the run's bands): one line naming the flag,
+                # not every item counted unreadable (ReviewError is a ValueError, so the line below would take it).
+                raise
             except SAMPLE_FAILURES as exc:
                 self._unreadable(item.key, str(exc))
         return None

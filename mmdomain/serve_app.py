@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ class ServeLimits:
     default_max_tokens: int = 256
     max_waiting: int = 32
     """Requests queued for the model beyond the one running; more are refused with 503 (retry later)."""
+    max_beams: int = 8
+    """Largest num_beams: beams multiply the memory and time of a request as max_tokens does."""
     media: MediaPolicy = field(default_factory=MediaPolicy)
 
 
@@ -64,8 +67,10 @@ def request_options(body: dict[str, Any], limits: ServeLimits) -> "GenerationOpt
         value = body.get(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-            raise RequestRefused(f"{name} must be a{'n integer' if kind is int else ' number'}, got {value!r}", param=name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (kind is int and not float(value).is_integer()):
+            # Python's json reads NaN and Infinity; a NaN temperature would pass every range check and decode greedily.
+            raise RequestRefused(f"{name} must be a{'n integer' if kind is int else ' finite number'}, got {value!r}", param=name)
         return kind(value)
 
     from .generation import GenerationError, GenerationOptions
@@ -83,11 +88,18 @@ def request_options(body: dict[str, Any], limits: ServeLimits) -> "GenerationOpt
     temperature = number("temperature", float, 0.0)
     if temperature < 0:
         raise RequestRefused(f"temperature must be 0 or more, got {temperature}", param="temperature")
+    seed = number("seed", int, None)
+    if seed is not None and not -(2**63) <= seed < 2**63:  # torch cannot take more; it failed as a 500 mid-generation
+        raise RequestRefused(f"seed must be a 64-bit integer, got {seed}", param="seed")
+    num_beams = number("num_beams", int, 1)
+    if num_beams > limits.max_beams:
+        raise RequestRefused(f"num_beams {num_beams} is over this server's limit of {limits.max_beams} (--max-beams)", param="num_beams",
+                             code="num_beams_too_large")
     sampling = {"do_sample": True, "temperature": temperature, "top_p": number("top_p", float, 1.0),
                 "top_k": number("top_k", int, 0)} if temperature > 0 else {}
     try:
-        return GenerationOptions(max_new_tokens=max_tokens, num_beams=number("num_beams", int, 1), stop=tuple(s for s in stop if s),
-                                 repetition_penalty=number("repetition_penalty", float, 1.0), seed=number("seed", int, None), **sampling)
+        return GenerationOptions(max_new_tokens=max_tokens, num_beams=num_beams, stop=tuple(s for s in stop if s),
+                                 repetition_penalty=number("repetition_penalty", float, 1.0), seed=seed, **sampling)
     except GenerationError as exc:
         raise RequestRefused(str(exc)) from None
 

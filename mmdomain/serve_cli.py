@@ -5,6 +5,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 from typing import Any
 
 from .errors import MmdomainError
@@ -37,6 +38,7 @@ def add_serve_command(sub: Any) -> None:
     p.add_argument("--max-pixels", type=int, default=media.max_pixels, help="largest image, width x height x frames")
     p.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=limits.default_max_tokens, help="max_tokens of a request that gives none")
+    p.add_argument("--max-beams", type=int, default=limits.max_beams, help="largest num_beams a request may ask for")
     p.add_argument("--max-waiting", type=int, default=limits.max_waiting,
                    help="requests that may wait for the model (one runs at a time); more get 503")
     add_device_argument(p)
@@ -53,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve_app import ServeLimits, create_app
     from .serve_media import MediaPolicy
 
-    for name in ("max_body_bytes", "max_media_items", "max_pixels", "max_tokens_limit", "default_max_tokens", "max_waiting"):
+    for name in ("max_body_bytes", "max_media_items", "max_pixels", "max_tokens_limit", "default_max_tokens", "max_waiting", "max_beams"):
         if getattr(args, name) < (0 if name == "max_waiting" else 1):
             raise ServeSetupError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.default_max_tokens > args.max_tokens_limit:
@@ -65,17 +67,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         log.warning("serving on %s without an API key: anyone who reaches this port can use the model (set %s or --api-key)",
                     args.host, API_KEY_ENV)
-    run = load_for_inference(args.checkpoint, args.device, args.dtype)
+    sock = listening_socket(args.host, args.port)  # a port in use is said now, not after minutes of loading a model
+    try:
+        run = load_for_inference(args.checkpoint, args.device, args.dtype)
+    except BaseException:
+        sock.close()
+        raise
     media = MediaPolicy(max_items=args.max_media_items, max_pixels=args.max_pixels, max_bytes=args.max_body_bytes,
                         allow_from=tuple(args.allow_media_from))
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-                         max_waiting=args.max_waiting, media=media)
+                         max_waiting=args.max_waiting, max_beams=args.max_beams, media=media)
     name = args.model_name or run.name
     app = create_app(run.model, run.processor, device=run.device, model_name=name, limits=limits, api_key=api_key)
     log.info("serving %s (%s) as %r on http://%s:%d/v1 (device %s)", run.checkpoint, "API key required" if api_key else "no API key",
              name, args.host, args.port, run.device)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for uvicorn to serve on, or a ServeSetupError naming them and the fix. uvicorn's
+    own bind came after the model had loaded and ended the process with its log line and status 1."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart is not refused by TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeSetupError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port, or stop the server "
+                              "using that one") from None
+    return sock
 
 
 def _is_loopback(host: str) -> bool:

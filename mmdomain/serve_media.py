@@ -95,7 +95,10 @@ def parse_messages(messages: Any, processor: Any, policy: MediaPolicy) -> Parsed
             at = f"{where}.content[{index}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                pieces.append(str(part.get("text", "")))
+                text = part.get("text") or ""
+                if not isinstance(text, str):  # str() of an object would reach the model as its Python repr
+                    raise RequestRefused(f"{at}.text must be a string, got {type(text).__name__}", param=f"{at}.text")
+                pieces.append(text)
                 continue
             if kind not in ("image_url", "input_audio", "audio_url"):
                 raise RequestRefused(f"{at}: content part type {kind!r} is not text, image_url, input_audio or audio_url", param=at)

@@ -100,11 +100,17 @@ def decode_image(name: str, data: bytes, max_pixels: int) -> np.ndarray:
     Only the first frame of an animated file is decoded."""
     with open_image(name, data, max_pixels) as img:
         guarded(name, lambda im: im.load(), img)
-        if img.mode in ("I;16", "I;16B", "I;16L"):
-            return np.asarray(img, dtype=np.uint16)
-        if img.mode not in ("L", "RGB"):
-            img = guarded(name, lambda im: im.convert("RGB"), img)
-        return np.asarray(img)
+        return guarded(name, image_array, img)
+
+
+def image_array(img: Any) -> np.ndarray:
+    """A loaded PIL image as ``decode_image`` gives it: 16-bit grey as uint16, grey and RGB as they are, any other
+    mode (palette, RGBA, CMYK, ...) converted to RGB. Images that arrive as PIL objects (lmms-eval's) take this too."""
+    if img.mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(img, dtype=np.uint16)
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    return np.asarray(img)
 
 
 def read_npy_header(name: str, data: bytes, max_pixels: int) -> tuple[tuple[int, ...], np.dtype, int]:
