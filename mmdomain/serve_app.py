@@ -86,8 +86,9 @@ def request_options(body: dict[str, Any], limits: ServeLimits) -> "GenerationOpt
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 8:
         raise RequestRefused("stop must be a string or a list of at most 8 strings", param="stop")
     temperature = number("temperature", float, 0.0)
-    if temperature < 0:
-        raise RequestRefused(f"temperature must be 0 or more, got {temperature}", param="temperature")
+    if not 0 <= temperature <= 100:
+        # Far above any useful value already (OpenAI allows up to 2); a huge one overflows the logits to inf.
+        raise RequestRefused(f"temperature must be between 0 and 100, got {temperature}", param="temperature")
     seed = number("seed", int, None)
     if seed is not None and not -(2**63) <= seed < 2**63:  # torch cannot take more; it failed as a 500 mid-generation
         raise RequestRefused(f"seed must be a 64-bit integer, got {seed}", param="seed")

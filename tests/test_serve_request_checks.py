@@ -16,6 +16,7 @@ from mmdomain.serve_media import MediaPolicy, RequestRefused, parse_messages  # 
 @pytest.mark.parametrize("field, value, words", [
     ("seed", 2**70, "seed must be a 64-bit integer"),
     ("temperature", float("nan"), "temperature must be a finite number"),
+    ("temperature", 1e308, "temperature must be between 0 and 100"),
     ("top_p", float("inf"), "top_p must be a finite number"),
     ("num_beams", 1000, "num_beams 1000 is over this server's limit of 8 (--max-beams)"),
 ])
