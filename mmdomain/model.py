@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from encoders import encode_slices
 
+from .chunked_loss import chunked_cross_entropy
 from .media import MediaBatch
 from .processor import IGNORE
 from .spec import ModelSpec
@@ -160,8 +160,10 @@ class MultimodalLM(nn.Module):
             return MultimodalOutput(None, None, 0, logits)
         targets = labels[:, 1:]
         supervised = targets != IGNORE
-        picked = self.logits(hidden[:, :-1][supervised]).float()
-        loss_sum = F.cross_entropy(picked, targets[supervised], reduction="sum")
+        # A chunk of rows at a time: the [supervised, vocab] logits, their log-softmax and gradient never exist whole.
+        transform = head_transform(self.causal_lm.config)
+        loss_sum = chunked_cross_entropy(hidden[:, :-1][supervised], targets[supervised], self.causal_lm.get_output_embeddings(),
+                                         None if getattr(transform, "is_identity", False) else transform)
         count = int(supervised.sum())
         return MultimodalOutput(loss_sum / max(count, 1), loss_sum, count, logits)
 
@@ -257,4 +259,5 @@ def head_transform(config: Any) -> Any:
             logits = step(logits)
         return logits
 
+    apply.is_identity = not steps  # type: ignore[attr-defined]
     return apply
