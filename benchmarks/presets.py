@@ -11,6 +11,9 @@ PRESETS = {
     # CLIP vision 256 wide, 4 layers, 224 px, patch 16 -> 196 tokens; Llama 256 wide, 4 layers, FFN 688, vocab 32000.
     "tiny": dict(v_hidden=256, v_layers=4, v_heads=4, v_ffn=1024, image=224, patch=16,
                  hidden=256, layers=4, heads=4, ffn=688, vocab=32000, batch=8, caption=60),
+    # The tiny preset with Qwen2/2.5's 151,936-token vocabulary: the LM head and its logits dominate the step.
+    "tiny-qwen-vocab": dict(v_hidden=256, v_layers=4, v_heads=4, v_ffn=1024, image=224, patch=16,
+                            hidden=256, layers=4, heads=4, ffn=688, vocab=151_936, batch=8, caption=60),
     "small": dict(v_hidden=384, v_layers=6, v_heads=6, v_ffn=1536, image=224, patch=16,
                   hidden=512, layers=8, heads=8, ffn=1376, vocab=32000, batch=8, caption=60),
     # CLIP-L/14-336 dimensions and a ~1B Llama, for a lent GPU (bf16).
