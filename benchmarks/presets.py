@@ -28,6 +28,7 @@ class Built:
     root: Path
     llava: torch.nn.Module
     batch: dict
+    raw: list = None  # (image [3, H, W] in [0, 1], caption words) per sample: what another trainer's collator is given
 
 
 def build(name: str, dtype: torch.dtype = torch.float32) -> Built:
@@ -61,13 +62,15 @@ def build(name: str, dtype: torch.dtype = torch.float32) -> Built:
     del tower, lm
     model, proc = build_model(spec(root))
     g = torch.Generator().manual_seed(1)
-    samples = []
+    samples, raw = [], []
     for i in range(p["batch"]):
         words = " ".join(f"w{int(j)}" for j in torch.randint(0, media_id - 8, (p["caption"],), generator=g))
-        samples.append(proc([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": words}],
-                            [torch.rand(3, p["image"], p["image"], generator=g)], key=str(i)))
+        # 8-bit levels, so the same image saved as a PIL image (what another trainer's dataset holds) is exact
+        image = (torch.rand(3, p["image"], p["image"], generator=g) * 255).round() / 255
+        raw.append((image, words))
+        samples.append(proc([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": words}], [image], key=str(i)))
     batch = proc.collate(samples)
-    return Built(p, root, llava.to(dtype), batch)
+    return Built(p, root, llava.to(dtype), batch, raw)
 
 
 def spec(root: Path, **llm):

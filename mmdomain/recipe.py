@@ -145,6 +145,8 @@ class Optim(_Strict):
     epochs: float | None = Field(None, gt=0)
     clip_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = Field(False, description="torch.compile the encoder, connector and LLM decoder for training steps; "
+                          "the first step (and any that compiles a new graph) is logged as a compile event, not in samples/s")
 
     @model_validator(mode="after")
     def _length(self) -> "Optim":

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .band_stats import ensure_band_stats
+from .compiled_step import CompileWatch, compile_model
 from .builder import base_identities, build_model, check_handoff, load_handoff, load_weights, write_model
 from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, read_marker, step_directory
 from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards
@@ -123,6 +124,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     declared = apply_trainable(model, recipe.trainable)
     log.info("what trains (stage %s):\n%s", recipe.stage, trainable_table(model, recipe.trainable))
     model.to(device).train()
+    if opt.compile:
+        compile_model(model)
 
     # Data: media shards, or a feature cache made by the same frozen encoder from the same shards (checked).
     train_patterns, eval_patterns = recipe.data.train, recipe.data.eval
@@ -204,7 +207,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     zero_grad_warned = False
     with StopRequests() as stop:
         for step in tqdm(range(state.step + 1, steps + 1), desc=recipe.stage, initial=state.step, total=steps, dynamic_ncols=True):
-            t0 = time.perf_counter()
+            t0, graphs = time.perf_counter(), CompileWatch.graphs() if opt.compile else 0
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_factor(step - 1, warmup=opt.warmup_steps, total=steps, schedule=opt.schedule, min_ratio=opt.min_lr_ratio)
             micro = [stream.next_batch()[1] for _ in range(opt.grad_accum)]
@@ -234,17 +237,21 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
             state.first_loss = step_loss if state.first_loss is None else state.first_loss
             state.recent_losses = [*state.recent_losses, step_loss][-20:]
             window = state.window
-            window["samples"] += sum(len(b["keys"]) for b in micro)
-            window["tokens"] += sum(b["num_tokens"] for b in micro)
-            window["seconds"] += time.perf_counter() - t0
+            new_graphs = CompileWatch.graphs() - graphs if opt.compile else 0
+            if new_graphs or (opt.compile and step == state.step + 1):  # compiling, not training: reported on its own
+                metrics.write(step=step, event="compile", seconds=round(time.perf_counter() - t0, 3), graphs=new_graphs)
+            else:
+                window["samples"] += sum(len(b["keys"]) for b in micro)
+                window["tokens"] += sum(b["num_tokens"] for b in micro)
+                window["seconds"] += time.perf_counter() - t0
             window["loss"] += step_loss
             window["steps"] += 1
             if recipe.log_sample_keys:
                 keys_log.write(step=step, keys=[k for b in micro for k in b["keys"]])
             if step % recipe.log_every == 0 or step == 1 or step == steps:
                 metrics.write(step=step, epoch=stream.position.epoch, loss=window["loss"] / window["steps"], lr=lr_used,
-                              grad_norm=float(grad_norm), samples_per_s=window["samples"] / window["seconds"],
-                              tokens_per_s=window["tokens"] / window["seconds"], skipped_samples=failures.total)
+                              grad_norm=float(grad_norm), samples_per_s=window["samples"] / window["seconds"] if window["seconds"] else None,
+                              tokens_per_s=window["tokens"] / window["seconds"] if window["seconds"] else None, skipped_samples=failures.total)
                 state.window = _empty_window()
             if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step != steps:
                 try:
