@@ -205,6 +205,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     # Steps. The audit fingerprints the weights as the first step of this session finds them (restored ones included).
     audit = UpdateAudit(model, declared)
     zero_grad_warned = False
+    first_step = state.step + 1  # of this session: with optim.compile, the one that compiles
     with StopRequests() as stop:
         for step in tqdm(range(state.step + 1, steps + 1), desc=recipe.stage, initial=state.step, total=steps, dynamic_ncols=True):
             t0, graphs = time.perf_counter(), CompileWatch.graphs() if opt.compile else 0
@@ -238,7 +239,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
             state.recent_losses = [*state.recent_losses, step_loss][-20:]
             window = state.window
             new_graphs = CompileWatch.graphs() - graphs if opt.compile else 0
-            if new_graphs or (opt.compile and step == state.step + 1):  # compiling, not training: reported on its own
+            if new_graphs or (opt.compile and step == first_step):  # compiling, not training: reported on its own
                 metrics.write(step=step, event="compile", seconds=round(time.perf_counter() - t0, 3), graphs=new_graphs)
             else:
                 window["samples"] += sum(len(b["keys"]) for b in micro)
