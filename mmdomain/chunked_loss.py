@@ -3,13 +3,14 @@
 The plain path (``F.cross_entropy(head(hidden), targets)``) materialises ``[supervised, vocab]`` logits, their
 log-softmax and, in backward, a zero-filled gradient of the same size: on a 151,936-token vocabulary that is
 hundreds of MB per micro-batch and most of a small model's step. Here each chunk of rows is run through the head,
-its loss summed, and its gradient (softmax minus one-hot, through the head and any logit transform) taken at once,
-while the chunk's logits are in cache; only ``[rows, hidden]`` and the head's weight gradient outlive a chunk.
+its loss summed, and its gradient (softmax minus one-hot, through the head and any logit transform) taken at once
+from the same chunk of logits; only ``[rows, hidden]`` and the head's weight gradient outlive a chunk.
 
 The loss is a scalar, so the gradient backward receives is a scalar too: the per-chunk gradients computed in forward
 are exact and backward only scales them. This costs the same matmul FLOPs as the plain path (recomputing the
 logits in backward instead would add one more head matmul). Nothing is computed for inputs that need no gradient
-(evaluation under ``no_grad``, a frozen head).
+(evaluation under ``no_grad``, a frozen head); a forward with grad enabled whose loss is never backpropagated pays for
+the gradient all the same.
 """
 from __future__ import annotations
 
