@@ -29,6 +29,7 @@ from gemm_peak import gemm_peak, step_flops  # noqa: E402
 from presets import build, copy_projector, spec  # noqa: E402
 
 VARIANTS = ("baseline", "default", "cache", "lora", "full")
+WIDE_IQR = 0.25  # baseline IQR / median above this: the run is flagged (its ratios would move between runs)
 
 
 def make_variants(names, built, device):
@@ -159,9 +160,14 @@ def main() -> None:
             base = results["baseline"]["memory"]["peak_step_bytes"]
             for n in names:
                 results[n]["memory"]["ratio_vs_baseline"] = results[n]["memory"]["peak_step_bytes"] / max(base, 1)
+    if "baseline" in results:  # a ratio is only as steady as its baseline: its own spread is reported and a wide one flagged
+        base = results["baseline"]
+        base["relative_iqr"] = (base["iqr_ms"][1] - base["iqr_ms"][0]) / base["median_ms"]
+        base["iqr_wide"] = base["relative_iqr"] > WIDE_IQR
     report = {"preset": args.preset, "preset_dims": built.preset, "rounds": args.rounds, "seq_len": int(built.batch["input_ids"].shape[1]),
               "supervised_tokens": int((built.batch["labels"][:, 1:] != -100).sum()), "gemm_peak": peak, "variants": results,
-              "valid": all(r.get("loss_matches_baseline_1e-5", True) for r in results.values()), "env": environment(args.device)}
+              "valid": all(r.get("loss_matches_baseline_1e-5", True) for r in results.values()),
+              "baseline_iqr_wide": results.get("baseline", {}).get("iqr_wide"), "env": environment(args.device)}
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

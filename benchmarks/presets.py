@@ -11,6 +11,9 @@ PRESETS = {
     # CLIP vision 256 wide, 4 layers, 224 px, patch 16 -> 196 tokens; Llama 256 wide, 4 layers, FFN 688, vocab 32000.
     "tiny": dict(v_hidden=256, v_layers=4, v_heads=4, v_ffn=1024, image=224, patch=16,
                  hidden=256, layers=4, heads=4, ffn=688, vocab=32000, batch=8, caption=60),
+    # The tiny preset with Qwen2/2.5's 151,936-token vocabulary: the LM head and its logits dominate the step.
+    "tiny-qwen-vocab": dict(v_hidden=256, v_layers=4, v_heads=4, v_ffn=1024, image=224, patch=16,
+                            hidden=256, layers=4, heads=4, ffn=688, vocab=151_936, batch=8, caption=60),
     "small": dict(v_hidden=384, v_layers=6, v_heads=6, v_ffn=1536, image=224, patch=16,
                   hidden=512, layers=8, heads=8, ffn=1376, vocab=32000, batch=8, caption=60),
     # CLIP-L/14-336 dimensions and a ~1B Llama, for a lent GPU (bf16).
@@ -25,6 +28,7 @@ class Built:
     root: Path
     llava: torch.nn.Module
     batch: dict
+    raw: list = None  # (image [3, H, W] in [0, 1], caption words) per sample: what another trainer's collator is given
 
 
 def build(name: str, dtype: torch.dtype = torch.float32) -> Built:
@@ -58,13 +62,15 @@ def build(name: str, dtype: torch.dtype = torch.float32) -> Built:
     del tower, lm
     model, proc = build_model(spec(root))
     g = torch.Generator().manual_seed(1)
-    samples = []
+    samples, raw = [], []
     for i in range(p["batch"]):
         words = " ".join(f"w{int(j)}" for j in torch.randint(0, media_id - 8, (p["caption"],), generator=g))
-        samples.append(proc([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": words}],
-                            [torch.rand(3, p["image"], p["image"], generator=g)], key=str(i)))
+        # 8-bit levels, so the same image saved as a PIL image (what another trainer's dataset holds) is exact
+        image = (torch.rand(3, p["image"], p["image"], generator=g) * 255).round() / 255
+        raw.append((image, words))
+        samples.append(proc([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": words}], [image], key=str(i)))
     batch = proc.collate(samples)
-    return Built(p, root, llava.to(dtype), batch)
+    return Built(p, root, llava.to(dtype), batch, raw)
 
 
 def spec(root: Path, **llm):

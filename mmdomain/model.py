@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from encoders import encode_slices
 
+from .chunked_loss import chunked_cross_entropy
 from .media import MediaBatch
 from .processor import IGNORE
 from .spec import ModelSpec
@@ -60,6 +60,7 @@ class MultimodalLM(nn.Module):
         self.media_token_id = media_token_id
         self.spec = spec
         self.restored: set[str] = set()  # parameter names loaded from a checkpoint: saved again by save_pretrained
+        self.compiled: dict[int, Any] = {}  # id(part) -> its torch.compile'd callable, used in training (compiled_step)
 
     # -- parts --------------------------------------------------------------------------------------------------
 
@@ -71,6 +72,10 @@ class MultimodalLM(nn.Module):
     @property
     def tokens_per_item(self) -> int:
         return self.connector.num_output_tokens(self.encoder.info.num_tokens())
+
+    def _run(self, part: nn.Module) -> Any:
+        """``part`` or, in training with ``optim.compile``, its compiled callable (same parameters)."""
+        return self.compiled.get(id(part), part) if self.training else part
 
     def kind_parts(self) -> list[tuple[nn.Module, nn.Module, int]]:
         """(encoder, connector, placeholder id) of every media kind, the primary one first."""
@@ -104,8 +109,8 @@ class MultimodalLM(nn.Module):
             values = features.to(next(encoder.parameters()).dtype)
             # Volumes [n, slices, C, H, W] go through the 2-D encoder slice by slice; encoders that can mask padding
             # (wav2vec2 with layer-norm features) are told where each clip ends.
-            features = encode_slices(encoder, values, batch.lengths)
-        return connector(features.to(next(connector.parameters()).dtype))
+            features = encode_slices(self._run(encoder), values, batch.lengths)
+        return self._run(connector)(features.to(next(connector.parameters()).dtype))
 
     def embed(self, input_ids: torch.Tensor, media: Sequence[MediaBatch | None] | None = None) -> torch.Tensor:
         """Token embeddings with each media kind's connector outputs scattered at its placeholder positions."""
@@ -160,8 +165,12 @@ class MultimodalLM(nn.Module):
             return MultimodalOutput(None, None, 0, logits)
         targets = labels[:, 1:]
         supervised = targets != IGNORE
-        picked = self.logits(hidden[:, :-1][supervised]).float()
-        loss_sum = F.cross_entropy(picked, targets[supervised], reduction="sum")
+        # Rows picked from hidden in one index (a slice, then a mask, would zero-fill two [B, T, H] gradients in backward).
+        rows = torch.cat([supervised, supervised.new_zeros(len(supervised), 1)], dim=1)
+        # A chunk of rows at a time: the [supervised, vocab] logits, their log-softmax and gradient never exist whole.
+        transform = head_transform(self.causal_lm.config)
+        loss_sum = chunked_cross_entropy(hidden[rows], targets[supervised], self.causal_lm.get_output_embeddings(),
+                                         None if getattr(transform, "is_identity", False) else transform)
         count = int(supervised.sum())
         return MultimodalOutput(loss_sum / max(count, 1), loss_sum, count, logits)
 
@@ -169,7 +178,7 @@ class MultimodalLM(nn.Module):
                       media: Sequence[MediaBatch | None] | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-layer hidden states ``[B, T, H]`` of the LLM over the spliced sequence (no LM head)."""
         embeds = self.embed(input_ids, media)
-        return self.causal_lm.get_decoder()(
+        return self._run(self.causal_lm.get_decoder())(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
 
@@ -257,4 +266,5 @@ def head_transform(config: Any) -> Any:
             logits = step(logits)
         return logits
 
+    apply.is_identity = not steps  # type: ignore[attr-defined]
     return apply

@@ -149,6 +149,8 @@ class Optim(_Strict):
                                                       "dynamic loss scale (torch.amp.GradScaler) that skips overflowing steps")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (LLM, and the encoder when it "
                                          "trains): less memory, about a third more compute")
+    compile: bool = Field(False, description="torch.compile the encoder, connector and LLM decoder for training steps; "
+                          "the first step (and any that compiles a new graph) is logged as a compile event, not in samples/s")
 
     @model_validator(mode="after")
     def _length(self) -> "Optim":

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .band_stats import ensure_band_stats
+from .compiled_step import CompileWatch, compile_model
 from .builder import base_identities, build_model, check_handoff, load_handoff, load_weights, write_model
 from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, read_marker, step_directory
 from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards
@@ -156,6 +157,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     model.to(device).train()
     start_measuring(device)
     estimate = estimated_cost(model, recipe, device)  # what `mmdomain plan` says, recorded beside what the run measures
+    if opt.compile:
+        compile_model(model)
 
     # Data: media shards, or a feature cache made by the same frozen encoder from the same shards (checked).
     train_patterns, eval_patterns = recipe.data.train, recipe.data.eval
@@ -257,10 +260,11 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     # Steps. The audit fingerprints the weights as the first step of this session finds them (restored ones included).
     audit = UpdateAudit(model, declared)
     zero_grad_warned = False
+    first_step = state.step + 1  # of this session: with optim.compile, the one that compiles
     with StopRequests() as stop:
         for step in tqdm(range(state.step + 1, steps + 1), desc=recipe.stage, initial=state.step, total=steps, dynamic_ncols=True,
                          disable=not main):
-            t0 = time.perf_counter()
+            t0, graphs = time.perf_counter(), CompileWatch.graphs() if opt.compile else 0
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_factor(step - 1, warmup=opt.warmup_steps, total=steps, schedule=opt.schedule, min_ratio=opt.min_lr_ratio)
             micro = [stream.next_batch()[1] for _ in range(opt.grad_accum)]
@@ -281,9 +285,14 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
             state.first_loss = step_loss if state.first_loss is None else state.first_loss
             state.recent_losses = [*state.recent_losses, step_loss][-20:]
             window = state.window
-            window["samples"] += done.samples
-            window["tokens"] += done.tokens
-            window["seconds"] += time.perf_counter() - t0
+            new_graphs = CompileWatch.graphs() - graphs if opt.compile else 0
+            if new_graphs or (opt.compile and step == first_step):  # compiling, not training: reported on its own
+                if main:
+                    metrics.write(step=step, event="compile", seconds=round(time.perf_counter() - t0, 3), graphs=new_graphs)
+            else:
+                window["samples"] += done.samples
+                window["tokens"] += done.tokens
+                window["seconds"] += time.perf_counter() - t0
             window["loss"] += step_loss
             window["steps"] += 1
             if recipe.log_sample_keys:
@@ -293,8 +302,8 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
             if step % recipe.log_every == 0 or step == 1 or step == steps:
                 if main:
                     metrics.write(step=step, epoch=stream.position.epoch, loss=window["loss"] / window["steps"], lr=lr_used,
-                                  grad_norm=float(grad_norm), samples_per_s=window["samples"] / window["seconds"],
-                                  tokens_per_s=window["tokens"] / window["seconds"], skipped_samples=failures.total,
+                                  grad_norm=float(grad_norm), samples_per_s=window["samples"] / window["seconds"] if window["seconds"] else None,
+                                  tokens_per_s=window["tokens"] / window["seconds"] if window["seconds"] else None, skipped_samples=failures.total,
                                   **({"skipped_steps": state.skipped_steps} if runner.scaler is not None else {}), **objective.metrics())
                 state.window = _empty_window()
             if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step != steps:
