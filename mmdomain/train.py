@@ -243,6 +243,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
 
     # Steps. The audit fingerprints the weights as the first step of this session finds them (restored ones included).
     audit = UpdateAudit(model, declared)
+    pooled_failures = len(failures.failures)
     zero_grad_warned = False
     with StopRequests() as stop:
         for step in tqdm(range(state.step + 1, steps + 1), desc=recipe.stage, initial=state.step, total=steps, dynamic_ncols=True,
@@ -253,6 +254,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
             micro = [stream.next_batch()[1] for _ in range(opt.grad_accum)]
             lr_used = optimizer.param_groups[0]["lr"]
             done = runner.run(step, micro, stream.zero_weight_batch)
+            pooled_failures = _pool_failures(world, failures, pooled_failures)
             step_loss, grad_norm = done.loss, done.grad_norm
             if done.skipped:
                 state.skipped_steps += 1
@@ -342,6 +344,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _pool_failures(world: World, failures: FailureBudget, pooled: int) -> int:
+    """Each rank decodes its own batches, so each meets its own failed samples: once any rank met a new one, every
+    rank takes all ranks' failures, so data.decode_error_budget holds for the whole run (not per rank) and stops every
+    rank at the same step. Returns how many failures are now pooled; one process has nothing to pool."""
+    if not world.distributed:
+        return pooled
+    if world.sum([float(len(failures.failures) - pooled)])[0] > 0:
+        for rank_failures in world.gather(failures.state()):
+            failures.merge(rank_failures)
+        failures.enforce()
+    return len(failures.failures)
 
 
 def _empty_window() -> dict[str, float]:
