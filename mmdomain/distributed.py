@@ -200,6 +200,24 @@ class World:
             model.reshard()
 
 
+def peer_lost(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone (it crashed, was killed, or stopped on its own error):
+    NCCL raises DistError; gloo a plain RuntimeError that names the closed or reset connection."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("closed by peer", "reset by peer", "Broken pipe"))
+
+
+def lost_peer_error(world: World, output_dir: str, exc: BaseException) -> DistributedError:
+    """The one line a rank reports when another rank stopped first: not a defect of its own, and how to go on."""
+    detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return DistributedError(f"rank {world.rank}: another rank of this run stopped first ({detail}); that rank's own error, in "
+                            f"the log above, is the cause: fix it and continue from the newest checkpoint with `torchrun "
+                            f"--nproc-per-node {world.size} --no-python mmdomain run {output_dir} --resume`")
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The LLM's transformer blocks (``get_decoder().layers``), the units FSDP2 gathers one at a time."""
     decoder = model.causal_lm.get_decoder()

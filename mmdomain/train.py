@@ -25,7 +25,7 @@ from .builder import base_identities, build_model, check_handoff, load_handoff, 
 from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, read_marker, step_directory
 from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards
 from .dist_checkpoint import check_same_world, load_sharded_optimizer, save_distributed
-from .distributed import World, resolve_device
+from .distributed import World, lost_peer_error, peer_lost, resolve_device
 from .errors import CheckpointError, MmdomainError, RunInterrupted
 from .evaluate import evaluate_shards
 from .feature_cache import check_cacheable, open_cache
@@ -103,6 +103,10 @@ def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
             return _train(recipe, run.run_dir, run.resume_from, accept_changes, started, world)
         finally:
             run.lock.release()
+    except RuntimeError as exc:
+        if world.distributed and peer_lost(exc) and not isinstance(exc, MmdomainError):
+            raise lost_peer_error(world, recipe.output_dir, exc) from exc
+        raise
     finally:
         world.close()
 

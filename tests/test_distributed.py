@@ -178,3 +178,13 @@ def test_decode_error_budget_holds_for_all_ranks_together(task):
     assert proc.returncode != 0, proc.stderr[-4000:]
     assert "2 samples failed, over data.decode_error_budget=1" in proc.stderr, proc.stderr[-4000:]
     assert not (task.root / "runs" / "budget" / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_reported_by_the_others_as_theirs_not_as_a_defect(task, monkeypatch):
+    monkeypatch.setenv("FAULT_RANK", "1")
+    proc = torchrun(task("peer_killed", optim__batch_size=2, optim__max_steps=4), fault=("kill-after-optimizer-step", 2))
+    assert proc.returncode != 0
+    assert "rank 0: another rank of this run stopped first" in proc.stderr, proc.stderr[-4000:]
+    assert "--nproc-per-node 2 --no-python mmdomain run" in proc.stderr
+    assert "defect in mmdomain" not in proc.stderr, proc.stderr[-4000:]
