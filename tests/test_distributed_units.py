@@ -101,6 +101,38 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(shards, tiny):
         torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-7, rtol=1e-6)
 
 
+def test_gradient_checkpointing_reaches_lora_of_a_frozen_llm_and_keeps_fewer_activations(shards, tiny):
+    # The LLM's inputs are media and text embeddings that need no gradient (frozen embeddings under LoRA): reentrant
+    # checkpointing would then give the LoRA weights no gradient at all (what HF's enable_input_require_grads works around).
+    spec = ModelSpec.model_validate({**tiny.model_dump(), "llm": {**tiny.llm.model_dump(), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}})
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, processor = build_model(spec)
+        apply_trainable(model, Trainable(connector=False, llm="lora"))
+        if checkpointing:
+            assert enable_gradient_checkpointing(model) == ["llm"]
+        model.train()
+        batch = _records_batch(shards, processor)
+        kept = [0]
+
+        def pack(t):
+            kept[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(**batch)
+        out.loss.backward()
+        lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+        results.append((lora, kept[0]))
+    (grads, kept), (grads_ckpt, kept_ckpt) = results
+    assert grads and all(g is not None for g in grads_ckpt.values()), [n for n, g in grads_ckpt.items() if g is None]
+    assert any(float(g.abs().max()) > 0 for n, g in grads_ckpt.items() if "lora_B" in n)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-7, rtol=1e-6)
+    assert kept_ckpt < kept / 2, (kept_ckpt, kept)  # the blocks' activations are not kept for backward
+
+
 def _records_batch(shards, processor, n: int = 4):
     from mmdomain.data import iter_records
 
