@@ -230,3 +230,22 @@ def test_fsdp_refuses_a_unit_whose_trained_weights_mix_dtypes_before_any_collect
     with pytest.raises(DistributedError, match=r"the rest \(embeddings, head, encoder, connector\) have several dtypes: float32 "
                                                r"\(connector\..*\), bfloat16"):
         shard_model(model, torch.device("cpu"))  # raises before it needs a process group
+
+
+def test_fsdp_makes_generate_keep_every_rank_stepping_until_all_finish(tiny):
+    # Under FSDP2 each decoding step gathers every rank's shards: a rank whose samples reach EOS first must go on
+    # stepping (transformers' synced_gpus), or the others wait forever. generate turns it on for modules it sees as FSDP's:
+    # fully_shard marks every module it manages (torch 2.14), the LLM under the root unit included; nothing of ours does.
+    import torch.distributed as dist
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    from mmdomain.distributed import shard_model
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, _ = build_model(tiny)
+        assert not is_fsdp_managed_module(model.causal_lm)
+        shard_model(model, torch.device("cpu"))
+        assert is_fsdp_managed_module(model.causal_lm)
+    finally:
+        dist.destroy_process_group()
