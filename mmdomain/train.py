@@ -25,7 +25,7 @@ from .builder import base_identities, build_model, check_handoff, load_handoff, 
 from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, read_marker, step_directory
 from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards
 from .dist_checkpoint import check_same_world, load_sharded_optimizer, save_distributed
-from .distributed import World, lost_peer_error, peer_lost, resolve_device
+from .distributed import World, lost_peer_error, peer_lost, resolve_device, resume_command
 from .errors import CheckpointError, MmdomainError, RunInterrupted
 from .evaluate import evaluate_shards
 from .feature_cache import check_cacheable, open_cache
@@ -309,7 +309,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
                 written = written or save(step)
                 raise RunInterrupted(f"stopped by {stop.requested} after step {step} of {steps}; checkpoint {written}"
                                      f"{' (the final evaluation did not run)' if step == steps else ''}. Continue with "
-                                     f"`mmdomain run {run_dir} --resume`", stop.signal_number)
+                                     f"{resume_command(world, run_dir)}", stop.signal_number)
     stream.close()
     audit.finish()
 

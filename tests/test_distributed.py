@@ -188,3 +188,15 @@ def test_a_killed_rank_is_reported_by_the_others_as_theirs_not_as_a_defect(task,
     assert "rank 0: another rank of this run stopped first" in proc.stderr, proc.stderr[-4000:]
     assert "--nproc-per-node 2 --no-python mmdomain run" in proc.stderr
     assert "defect in mmdomain" not in proc.stderr, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_a_stop_asked_of_one_rank_stops_every_rank_at_one_checkpoint_and_names_the_launch_to_resume(task, monkeypatch):
+    monkeypatch.setenv("FAULT_RANK", "1")  # only rank 1 gets SIGTERM (a scheduler signalling one process)
+    proc = torchrun(task("one_stopped", optim__batch_size=2, optim__max_steps=5), fault=("sigterm-after-optimizer-step", 2))
+    assert proc.returncode != 0
+    run_dir = task.root / "runs" / "one_stopped"
+    assert latest_checkpoint(run_dir).name == "step-00000002"  # the save is collective: rank 0 stopped at the same step
+    # (whether rank 0 prints its line too depends on torchrun's SIGTERM after rank 1 exits: not asserted)
+    assert "stopped by SIGTERM after step 2 of 5" in proc.stderr, proc.stderr[-4000:]
+    assert f"torchrun --nproc-per-node 2 --no-python mmdomain run {run_dir} --resume" in proc.stderr, proc.stderr[-4000:]
