@@ -53,6 +53,9 @@ def launched_world() -> tuple[int, int, int]:
         raise DistributedError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({exc}); start with torchrun or accelerate launch") from None
     if world > 1 and not 0 <= rank < world:
         raise DistributedError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    if world > 1 and not os.environ.get("MASTER_ADDR"):  # init_process_group would fail with a bare ValueError about env://
+        raise DistributedError(f"WORLD_SIZE={world} is set but MASTER_ADDR is not: start the run with torchrun or accelerate launch "
+                               "(they set both), or unset WORLD_SIZE to train in one process")
     return rank, world, local
 
 

@@ -249,3 +249,15 @@ def test_fsdp_makes_generate_keep_every_rank_stepping_until_all_finish(tiny):
         assert is_fsdp_managed_module(model.causal_lm)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_world_size_without_a_launcher_is_one_line_naming_the_launchers(monkeypatch):
+    from mmdomain.distributed import DistributedError, launched_world
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(DistributedError, match="WORLD_SIZE=2 is set but MASTER_ADDR is not: start the run with torchrun"):
+        launched_world()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert launched_world() == (0, 2, 0)
