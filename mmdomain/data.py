@@ -94,6 +94,10 @@ class FailureBudget:
         self.failures[key] = (reason, count)
         log.warning("skipped %s (%d failed so far, budget %d): %s", key if count == 1 else f"{count} samples of {key}",
                     self.total, self.budget, reason)
+        self.enforce()
+
+    def enforce(self) -> None:
+        """Stop the run once more than ``budget`` samples failed (after ``merge`` of other ranks' failures too)."""
         if self.total > self.budget:
             first = "; ".join(f"{k}: {r}" for k, (r, _) in list(self.failures.items())[:3])
             raise DataError(

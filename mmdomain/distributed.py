@@ -53,6 +53,9 @@ def launched_world() -> tuple[int, int, int]:
         raise DistributedError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({exc}); start with torchrun or accelerate launch") from None
     if world > 1 and not 0 <= rank < world:
         raise DistributedError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    if world > 1 and not os.environ.get("MASTER_ADDR"):  # init_process_group would fail with a bare ValueError about env://
+        raise DistributedError(f"WORLD_SIZE={world} is set but MASTER_ADDR is not: start the run with torchrun or accelerate launch "
+                               "(they set both), or unset WORLD_SIZE to train in one process")
     return rank, world, local
 
 
@@ -198,6 +201,33 @@ class World:
             yield
         finally:
             model.reshard()
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone (it crashed, was killed, or stopped on its own error):
+    NCCL raises DistError; gloo a plain RuntimeError that names the closed or reset connection."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("closed by peer", "reset by peer", "Broken pipe"))
+
+
+def resume_command(world: World, run_dir: Any) -> str:
+    """The command that continues this run: on several ranks, the same launch (a single process would be refused)."""
+    if not world.distributed:
+        return f"`mmdomain run {run_dir} --resume`"
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world.size))  # torchrun sets it; one node runs all ranks otherwise
+    nodes = f" on each of the same nodes ({world.size} processes in all)" if per_node != str(world.size) else ""
+    return f"`torchrun --nproc-per-node {per_node} --no-python mmdomain run {run_dir} --resume`{nodes}"
+
+
+def lost_peer_error(world: World, output_dir: str, exc: BaseException) -> DistributedError:
+    """The one line a rank reports when another rank stopped first: not a defect of its own, and how to go on."""
+    detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return DistributedError(f"rank {world.rank}: another rank of this run stopped first ({detail}); that rank's own error, in "
+                            f"the log above, is the cause: fix it and continue from the newest checkpoint with "
+                            f"{resume_command(world, output_dir)}")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

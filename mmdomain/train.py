@@ -26,7 +26,7 @@ from .builder import base_identities, build_model, check_handoff, load_handoff, 
 from .checkpoint import CheckpointWriter, latest_checkpoint, point_latest, prune, read_marker, step_directory
 from .data import DataError, FailureBudget, SampleFormat, ShardCatalog, expand_shards
 from .dist_checkpoint import check_same_world, load_sharded_optimizer, save_distributed
-from .distributed import World, resolve_device
+from .distributed import World, lost_peer_error, peer_lost, resolve_device, resume_command
 from .errors import CheckpointError, MmdomainError, RunInterrupted
 from .evaluate import evaluate_shards
 from .feature_cache import check_cacheable, open_cache
@@ -108,6 +108,10 @@ def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
             return _train(recipe, run.run_dir, run.resume_from, accept_changes, started, world)
         finally:
             run.lock.release()
+    except RuntimeError as exc:
+        if world.distributed and peer_lost(exc) and not isinstance(exc, MmdomainError):
+            raise lost_peer_error(world, recipe.output_dir, exc) from exc
+        raise
     finally:
         world.close()
 
@@ -259,6 +263,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
 
     # Steps. The audit fingerprints the weights as the first step of this session finds them (restored ones included).
     audit = UpdateAudit(model, declared)
+    pooled_failures = len(failures.failures)
     zero_grad_warned = False
     first_step = state.step + 1  # of this session: with optim.compile, the one that compiles
     with StopRequests() as stop:
@@ -270,6 +275,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
             micro = [stream.next_batch()[1] for _ in range(opt.grad_accum)]
             lr_used = optimizer.param_groups[0]["lr"]
             done = runner.run(step, micro, stream.zero_weight_batch)
+            pooled_failures = _pool_failures(world, failures, pooled_failures)
             step_loss, grad_norm = done.loss, done.grad_norm
             if done.skipped:
                 state.skipped_steps += 1
@@ -325,7 +331,7 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
                 written = written or save(step)
                 raise RunInterrupted(f"stopped by {stop.requested} after step {step} of {steps}; checkpoint {written}"
                                      f"{' (the final evaluation did not run)' if step == steps else ''}. Continue with "
-                                     f"`mmdomain run {run_dir} --resume`", stop.signal_number)
+                                     f"{resume_command(world, run_dir)}", stop.signal_number)
     stream.close()
     audit.finish()
 
@@ -366,6 +372,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _pool_failures(world: World, failures: FailureBudget, pooled: int) -> int:
+    """Each rank decodes its own batches, so each meets its own failed samples: once any rank met a new one, every
+    rank takes all ranks' failures, so data.decode_error_budget holds for the whole run (not per rank) and stops every
+    rank at the same step. Returns how many failures are now pooled; one process has nothing to pool."""
+    if not world.distributed:
+        return pooled
+    if world.sum([float(len(failures.failures) - pooled)])[0] > 0:
+        for rank_failures in world.gather(failures.state()):
+            failures.merge(rank_failures)
+        failures.enforce()
+    return len(failures.failures)
 
 
 def _empty_window() -> dict[str, float]:

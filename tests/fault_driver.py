@@ -2,7 +2,7 @@
 
     python tests/fault_driver.py FAULT N -- run RECIPE [overrides]
 
-FAULT happens at the N-th occurrence (counted in this process):
+FAULT happens at the N-th occurrence (counted in this process), on every rank, or under torchrun only on rank FAULT_RANK if set:
 - ``kill-after-optimizer-step``: SIGKILL right after the N-th optimizer step (mid-step bookkeeping, before its save);
 - ``kill-before-rename``: SIGKILL after the N-th checkpoint's COMPLETE marker is written, before its rename;
 - ``kill-mid-write``: the N-th safetensors file gets 100 bytes, then SIGKILL (a checkpoint half written);
@@ -21,6 +21,10 @@ def main() -> int:
     fault, n, separator, *argv = sys.argv[1:]
     assert separator == "--", "usage: fault_driver.py FAULT N -- ARGS"
     target, calls = int(n), {"n": 0}
+    if os.environ.get("FAULT_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):  # FAULT_RANK: only that rank faults
+        from mmdomain.cli import main as cli
+
+        return cli(argv)
 
     def due() -> bool:
         calls["n"] += 1

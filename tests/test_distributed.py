@@ -147,3 +147,56 @@ def test_two_ranks_killed_mid_save_resume_exactly_and_refuse_another_world_size(
     for key, tensor in _weights(task.root / "runs" / "resume_whole").items():
         assert torch.equal(_weights(cut)[key], tensor), key
     assert _keys(cut) == _keys(task.root / "runs" / "resume_whole")
+
+
+def _corrupt_copy(shards: Path, out: Path, broken: set[str]) -> None:
+    """``shards`` copied to ``out`` with the image of each sample in ``broken`` cut to 20 bytes (it no longer decodes)."""
+    import io
+    import shutil
+    import tarfile
+
+    out.mkdir()
+    for tar in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar) as src, tarfile.open(out / tar.name, "w") as dst:
+            for member in src.getmembers():
+                data = src.extractfile(member).read()
+                if member.name.split(".")[0] in broken and not member.name.endswith(".json"):
+                    data = data[:20]
+                info = tarfile.TarInfo(member.name)
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+    shutil.copy(shards / "manifest.json", out / "manifest.json")
+
+
+@pytest.mark.slow
+def test_decode_error_budget_holds_for_all_ranks_together(task):
+    # x3 and x18 fall to different ranks (each meets one failure), 2 in all: over a budget of 1, as in one process.
+    shards = task.root / "broken_shards"
+    _corrupt_copy(task.root / "shards", shards, {"x3", "x18"})
+    proc = torchrun(task("budget", optim__batch_size=2, data__train=str(shards / "*.tar"), data__max_train_samples=None,
+                         data__decode_error_budget=1))
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    assert "2 samples failed, over data.decode_error_budget=1" in proc.stderr, proc.stderr[-4000:]
+    assert not (task.root / "runs" / "budget" / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_reported_by_the_others_as_theirs_not_as_a_defect(task, monkeypatch):
+    monkeypatch.setenv("FAULT_RANK", "1")
+    proc = torchrun(task("peer_killed", optim__batch_size=2, optim__max_steps=4), fault=("kill-after-optimizer-step", 2))
+    assert proc.returncode != 0
+    assert "rank 0: another rank of this run stopped first" in proc.stderr, proc.stderr[-4000:]
+    assert "--nproc-per-node 2 --no-python mmdomain run" in proc.stderr
+    assert "defect in mmdomain" not in proc.stderr, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_a_stop_asked_of_one_rank_stops_every_rank_at_one_checkpoint_and_names_the_launch_to_resume(task, monkeypatch):
+    monkeypatch.setenv("FAULT_RANK", "1")  # only rank 1 gets SIGTERM (a scheduler signalling one process)
+    proc = torchrun(task("one_stopped", optim__batch_size=2, optim__max_steps=5), fault=("sigterm-after-optimizer-step", 2))
+    assert proc.returncode != 0
+    run_dir = task.root / "runs" / "one_stopped"
+    assert latest_checkpoint(run_dir).name == "step-00000002"  # the save is collective: rank 0 stopped at the same step
+    # (whether rank 0 prints its line too depends on torchrun's SIGTERM after rank 1 exits: not asserted)
+    assert "stopped by SIGTERM after step 2 of 5" in proc.stderr, proc.stderr[-4000:]
+    assert f"torchrun --nproc-per-node 2 --no-python mmdomain run {run_dir} --resume" in proc.stderr, proc.stderr[-4000:]

@@ -101,6 +101,38 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(shards, tiny):
         torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-7, rtol=1e-6)
 
 
+def test_gradient_checkpointing_reaches_lora_of_a_frozen_llm_and_keeps_fewer_activations(shards, tiny):
+    # The LLM's inputs are media and text embeddings that need no gradient (frozen embeddings under LoRA): reentrant
+    # checkpointing would then give the LoRA weights no gradient at all (what HF's enable_input_require_grads works around).
+    spec = ModelSpec.model_validate({**tiny.model_dump(), "llm": {**tiny.llm.model_dump(), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}})
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, processor = build_model(spec)
+        apply_trainable(model, Trainable(connector=False, llm="lora"))
+        if checkpointing:
+            assert enable_gradient_checkpointing(model) == ["llm"]
+        model.train()
+        batch = _records_batch(shards, processor)
+        kept = [0]
+
+        def pack(t):
+            kept[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(**batch)
+        out.loss.backward()
+        lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+        results.append((lora, kept[0]))
+    (grads, kept), (grads_ckpt, kept_ckpt) = results
+    assert grads and all(g is not None for g in grads_ckpt.values()), [n for n, g in grads_ckpt.items() if g is None]
+    assert any(float(g.abs().max()) > 0 for n, g in grads_ckpt.items() if "lora_B" in n)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-7, rtol=1e-6)
+    assert kept_ckpt < kept / 2, (kept_ckpt, kept)  # the blocks' activations are not kept for backward
+
+
 def _records_batch(shards, processor, n: int = 4):
     from mmdomain.data import iter_records
 
@@ -198,3 +230,34 @@ def test_fsdp_refuses_a_unit_whose_trained_weights_mix_dtypes_before_any_collect
     with pytest.raises(DistributedError, match=r"the rest \(embeddings, head, encoder, connector\) have several dtypes: float32 "
                                                r"\(connector\..*\), bfloat16"):
         shard_model(model, torch.device("cpu"))  # raises before it needs a process group
+
+
+def test_fsdp_makes_generate_keep_every_rank_stepping_until_all_finish(tiny):
+    # Under FSDP2 each decoding step gathers every rank's shards: a rank whose samples reach EOS first must go on
+    # stepping (transformers' synced_gpus), or the others wait forever. generate turns it on for modules it sees as FSDP's:
+    # fully_shard marks every module it manages (torch 2.14), the LLM under the root unit included; nothing of ours does.
+    import torch.distributed as dist
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    from mmdomain.distributed import shard_model
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, _ = build_model(tiny)
+        assert not is_fsdp_managed_module(model.causal_lm)
+        shard_model(model, torch.device("cpu"))
+        assert is_fsdp_managed_module(model.causal_lm)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_world_size_without_a_launcher_is_one_line_naming_the_launchers(monkeypatch):
+    from mmdomain.distributed import DistributedError, launched_world
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(DistributedError, match="WORLD_SIZE=2 is set but MASTER_ADDR is not: start the run with torchrun"):
+        launched_world()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert launched_world() == (0, 2, 0)
