@@ -158,7 +158,12 @@ def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_chang
     log.info("what trains (stage %s):\n%s", recipe.stage, trainable_table(model, recipe.trainable))
     if opt.gradient_checkpointing:
         log.info("gradient checkpointing: %s", ", ".join(enable_gradient_checkpointing(model)))
-    model.to(device).train()
+    model.train()
+    if world.strategy != "fsdp":
+        model.to(device)
+    # Under FSDP2 the model stays where it was built until world.wrap shards it: fully_shard moves each unit to the
+    # device as it shards it, one decoder block at a time, so no GPU ever holds the whole model (moving it first would
+    # need exactly the memory FSDP is chosen to avoid).
     start_measuring(device)
     estimate = estimated_cost(model, recipe, device)  # what `mmdomain plan` says, recorded beside what the run measures
     if opt.compile:
