@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from environment import environment  # noqa: E402
+from environment import environment, write_report  # noqa: E402
 
 # name in the results -> (registry name, options); 16 media tokens for each connector that sets its count
 CONNECTORS = {
@@ -161,10 +161,7 @@ def main() -> None:
               "batch": args.batch, "train_samples": args.train_samples, "heldout_samples": args.heldout_samples,
               "align_steps": args.align_steps or "demo (80)", "instruct_steps": args.instruct_steps or "demo (400)",
               "connectors": results, "env": environment("cpu")}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from environment import environment  # noqa: E402
+from environment import environment, write_report  # noqa: E402
 
 ARMS = {"before": ("data.num_workers=0",), "after": ()}
 
@@ -47,10 +47,7 @@ def main() -> None:
               "wall_ratio_before_over_after": {"median": statistics.median(ratios), "all": ratios},
               "accuracy_equal": all(b["accuracy"] == a["accuracy"] for b, a in zip(runs["before"], runs["after"])),
               "env": environment("cpu")}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from environment import environment  # noqa: E402
+from environment import environment, write_report  # noqa: E402
 from gemm_peak import gemm_peak, step_flops  # noqa: E402
 from presets import build, copy_projector, spec  # noqa: E402
 
@@ -168,10 +168,7 @@ def main() -> None:
               "supervised_tokens": int((built.batch["labels"][:, 1:] != -100).sum()), "gemm_peak": peak, "variants": results,
               "valid": all(r.get("loss_matches_baseline_1e-5", True) for r in results.values()),
               "baseline_iqr_wide": results.get("baseline", {}).get("iqr_wide"), "env": environment(args.device)}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

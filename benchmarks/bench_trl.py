@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import make_variants  # noqa: E402
-from environment import environment  # noqa: E402
+from environment import environment, write_report  # noqa: E402
 from presets import build, spec  # noqa: E402
 
 VARIANTS = {"stage1": "default", "lora": "lora"}  # TRL variant -> the bench_step variant it is compared with
@@ -223,10 +223,7 @@ def main() -> None:
     report = {"preset": args.preset, "preset_dims": built.preset, "rounds": args.rounds, "baseline": "trl.SFTTrainer", "variants": results,
               "valid": all(r["loss_matches_baseline_1e-5"] for r in results.values()),
               "baseline_iqr_wide": any(r["trl"]["iqr_wide"] for r in results.values()), "env": env}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""What every benchmark result records about the machine it ran on."""
+"""What every benchmark result records about the machine it ran on, and how a result is reported."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -24,3 +26,11 @@ def environment(device: str = "cpu") -> dict:
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def write_report(report: dict, out: str | Path | None) -> None:
+    """Print the result as JSON and, with ``--out``, keep it in that file."""
+    print(json.dumps(report, indent=2))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
