@@ -121,20 +121,25 @@ class CheckpointWriter:
         return CheckpointError(f"could not write checkpoint {self.target}: {reason}{where}; nothing under that name was changed")
 
     def _commit(self) -> None:
-        files = {}
-        for path in sorted(self.path.rglob("*")):
-            if path.is_file():
-                fsync_path(path)
-                files[str(path.relative_to(self.path))] = path.stat().st_size
-        for path in sorted((p for p in self.path.rglob("*") if p.is_dir()), reverse=True):
-            fsync_path(path)
-        marker = self.path / MARKER
-        with open(marker, "w") as f:
-            f.write(json.dumps({"format": FORMAT, "step": self.step, "files": files}, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(self.path)
+        write_marker(self.path, self.step)
         _publish(self.path, self.target)
+
+
+def write_marker(directory: Path, step: int | None) -> None:
+    """Make every file under ``directory`` durable, then write the marker that lists them (name and size): a
+    directory with a marker is complete, whatever was killed after."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            fsync_path(path)
+            files[str(path.relative_to(directory))] = path.stat().st_size
+    for path in sorted((p for p in directory.rglob("*") if p.is_dir()), reverse=True):
+        fsync_path(path)
+    with open(directory / MARKER, "w") as f:
+        f.write(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_path(directory)
 
 
 def _publish(tmp: Path, target: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import FORMAT, MARKER, fsync_path
+from .checkpoint import fsync_path, write_marker
 from .errors import MmdomainError
 
 log = logging.getLogger(__name__)
@@ -91,17 +91,13 @@ class ExportWriter:
             raise
 
     def _commit(self) -> None:
-        files = {}
-        for path in sorted(self.path.rglob("*")):
-            if path.is_file():
-                fsync_path(path)
-                files[str(path.relative_to(self.path))] = path.stat().st_size
         if self.marker:
-            with open(self.path / MARKER, "w") as f:
-                f.write(json.dumps({"format": FORMAT, "step": None, "files": files}, indent=2) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        fsync_path(self.path)
+            write_marker(self.path, None)
+        else:
+            for path in sorted(self.path.rglob("*")):
+                if path.is_file():
+                    fsync_path(path)
+            fsync_path(self.path)
         old = None
         if self.target.exists():
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
