@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import cost_model
+from .chunked_loss import chunk_rows
 from .cost_model import Stack
 from .gpus import Gpu
 from .recipe import Recipe, apply_overrides, validate_recipe
@@ -217,9 +218,11 @@ def estimate(model: nn.Module, recipe: Recipe, gpu: Gpu, *, gpus: int = 1, seq: 
                                           checkpointing=checkpointing, lora_inputs=lora_llm, lora_dropout=lora_dropout)
     head_trains = recipe.trainable.llm == "full"
     vocab = model.causal_lm.get_output_embeddings().weight.shape[0]
-    # Logits at supervised positions, fp32: log-softmax's output kept for the backward, then in the backward the
-    # gradient arriving at it and the one it passes on (12 bytes per logit at the peak).
-    logits = b * supervised * vocab * 12
+    # The loss (chunked_loss) runs a chunk of supervised rows at a time: one chunk's fp32 logits and log-probabilities
+    # exist at once (8 bytes per logit), beside the gradient to every supervised hidden row that it keeps for the
+    # backward. The whole [supervised x vocab] logits never exist.
+    chunk = min(b * supervised, chunk_rows(vocab))
+    logits = chunk * vocab * 8 + b * supervised * llm.width * llm_bytes
     hidden_io = b * seq * llm.width * llm_bytes * 3  # the embeddings, the final norm's input and output
 
     weights = _bytes_by_dtype(model, skip_encoders=cached)
