@@ -65,7 +65,7 @@ def _outcome(run_dir: Path) -> dict:
         "steps": [{k: row[k] for k in ("step", "epoch", "loss", "lr", "grad_norm", "skipped_samples")} for row in metrics if "loss" in row],
         "evals": [row["eval"] for row in metrics if "eval" in row],
         "keys": (run_dir / "samples.jsonl").read_text().splitlines(),
-        "result": {k: v for k, v in json.loads((run_dir / "result.json").read_text()).items() if k not in ("seconds", "resumed_at", "checkpoint")},
+        "result": {k: v for k, v in json.loads((run_dir / "result.json").read_text()).items() if k not in ("seconds", "resumed_at", "checkpoint", "cost")},
     }
 
 
