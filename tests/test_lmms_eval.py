@@ -82,7 +82,7 @@ def test_lmms_eval_scores_a_run_as_mmdomain_eval_does(tmp_path, tiny_llm_dir, mo
         models.MODEL_REGISTRY_V2.register_manifest(manifest(), overwrite=True)
     results = evaluator.simple_evaluate(model=MODEL_ID, model_args=f"run={tmp_path / 'run'},device=cpu", tasks=["tiny_vqa"],
                                         task_manager=TaskManager(include_path=str(tmp_path / "tasks")), batch_size=4,
-                                        log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+                                        log_samples=True, bootstrap_iters=0, verbosity="WARNING")
     assert results is not None, "lmms-eval returned no results (it logs errors and carries on: see the captured log)"
     scores = results["results"]["tiny_vqa"]
     assert scores["exact_match,none"] == pytest.approx(ours["exact_match"], abs=1e-12)
@@ -90,3 +90,8 @@ def test_lmms_eval_scores_a_run_as_mmdomain_eval_does(tmp_path, tiny_llm_dir, mo
     assert scores["open_token_f1,none"] == pytest.approx(ours["open"]["token_f1"], abs=1e-12)
     assert scores["open_token_recall,none"] == pytest.approx(ours["open"]["token_recall"], abs=1e-12)
     assert sys.modules.get("mmdomain.lmms_model") is not None  # the plugin class really answered
+    # Sample by sample, not only the means: after two steps both scores may well be 0, which equal means would not tell.
+    predicted = {json.loads(line)["key"]: json.loads(line)["prediction"]
+                 for line in (tmp_path / "eval.predictions.jsonl").read_text().splitlines()}
+    theirs = {row["doc"]["mmdomain_key"]: row["filtered_resps"][0] for row in results["samples"]["tiny_vqa"]}
+    assert len(theirs) == 12 and theirs == predicted
