@@ -4,6 +4,7 @@ mixing on the chosen answer. Only response tokens count; the media and the promp
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ class DPOObjective:
         self.spec = spec
         self.examples = PairExamples()
         self.reference: FrozenReference | None = None
-        self._sums: dict[str, float] = {}
+        self._sums: Counter[str] = Counter()  # running sums of the step metrics since the last metrics() call
 
     def prepare(self, model: Any, processor: Any = None) -> None:
         self.reference = FrozenReference(model)
@@ -85,17 +86,13 @@ class DPOObjective:
             total = total + self.spec.sft_weight * chosen_nll.sum()
         margin = margin.detach()
         rewards = self.spec.beta * (policy - reference).detach()
-        self._add(pairs=pairs, reward_margin=float(margin.sum()), preference_accuracy=float((margin > 0).sum() + 0.5 * (margin == 0).sum()),
+        self._sums.update(pairs=pairs, reward_margin=float(margin.sum()), preference_accuracy=float((margin > 0).sum() + 0.5 * (margin == 0).sum()),
                   reward_chosen=float(rewards[:pairs].sum()), reward_rejected=float(rewards[pairs:].sum()),
                   chosen_nll=float(chosen_nll.detach().sum()), kl_tokens=len(scores["kl"]), kl=float(scores["kl"].sum()))
         return total
 
-    def _add(self, **values: float) -> None:
-        for name, value in values.items():
-            self._sums[name] = self._sums.get(name, 0.0) + value
-
     def metrics(self) -> dict[str, float]:
-        s, self._sums = self._sums, {}
+        s, self._sums = self._sums, Counter()
         if not s.get("pairs"):
             return {}
         pairs = s["pairs"]

@@ -11,6 +11,7 @@ a resumed run samples the same answers as one that never stopped.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -85,7 +86,7 @@ class GRPOObjective:
         self.verifier = make_verifier(spec.verifier.name, spec.verifier.options)  # a wrong name fails before anything loads
         self.reference: FrozenReference | None = None
         self.tokenizer: Any = None
-        self._sums: dict[str, float] = {}
+        self._sums: Counter[str] = Counter()  # running sums of the step metrics since the last metrics() call
 
     def prepare(self, model: Any, processor: Any = None) -> None:
         self.reference = FrozenReference(model)
@@ -138,17 +139,13 @@ class GRPOObjective:
         per_answer = per_row(per_token, rows, rows_total) / lengths.clamp(min=1)
 
         groups = rewards.view(-1, k)
-        self._add(answers=rows_total, groups=len(groups), reward=float(rewards.sum()),
+        self._sums.update(answers=rows_total, groups=len(groups), reward=float(rewards.sum()),
                   reward_std=float(groups.std(dim=1, unbiased=False).sum()), equal_groups=float((groups == groups[:, :1]).all(dim=1).sum()),
                   kl=float(kl.detach().sum()), tokens=float(lengths.sum()))
         return per_answer.sum()
 
-    def _add(self, **values: float) -> None:
-        for name, value in values.items():
-            self._sums[name] = self._sums.get(name, 0.0) + value
-
     def metrics(self) -> dict[str, float]:
-        s, self._sums = self._sums, {}
+        s, self._sums = self._sums, Counter()
         if not s.get("answers"):
             return {}
         return {"reward_mean": s["reward"] / s["answers"], "reward_std_in_group": s["reward_std"] / s["groups"],
