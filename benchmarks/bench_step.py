@@ -2,12 +2,18 @@
 
 Variants: `baseline` (HF Llava, vision + LLM frozen, AdamW over the projector), `default` (mmdomain: pruned tower,
 LM head at supervised positions only), `cache` (mmdomain from precomputed encoder features: the feature cache),
-`lora` (stage 2: connector + LoRA r16 on all linear layers), `full` (stage 2: connector + the whole LLM). All run in
+`lora` (stage 2: connector + LoRA r16 on all linear layers), `full` (stage 2: connector + the whole LLM), and, when
+named, `compiled` (`default` under `optim.compile`: its first forward + step, the compile, is reported on its own as
+`warmup_s`, never in its step times). All run in
 one process, interleaved step by step for --rounds rounds; each reports median step ms (IQR), samples/s, tokens/s,
 its ratio to the baseline (median of per-round ratios, IQR), step-0 loss (must equal the baseline's to 1e-5 in fp32,
 else the run is marked invalid), analytic GFLOP/s and the fraction of the measured GEMM ceiling. Peak step memory
 is measured in a fresh process per variant: peak RSS during 3 steps minus RSS before step 0 (VmHWM reset through
 /proc/self/clear_refs); on a GPU, max_memory_allocated.
+
+`--allocator tuned` first applies what `mmdomain run` does on a CPU (mmdomain.host_allocator: freed large blocks
+stay in the heap) to the whole process, so the baseline gets it too; `system` (the default) leaves glibc's
+defaults, under which every step page-faults its large tensors in again (the baseline's 267 MB logits most of all).
 
     python benchmarks/bench_step.py --preset tiny --rounds 12 --out benchmarks/results/step_tiny_cpu.json
 """
@@ -28,7 +34,7 @@ from environment import environment, write_report  # noqa: E402
 from gemm_peak import gemm_peak, step_flops  # noqa: E402
 from presets import build, copy_projector, spec  # noqa: E402
 
-VARIANTS = ("baseline", "default", "cache", "lora", "full")
+VARIANTS = ("baseline", "default", "cache", "lora", "full")  # the default set; "compiled" is run when named
 WIDE_IQR = 0.25  # baseline IQR / median above this: the run is flagged (its ratios would move between runs)
 
 
@@ -54,6 +60,10 @@ def make_variants(names, built, device):
             model.to(device).train()
             if name == "full":
                 model.llm.requires_grad_(True)
+            if name == "compiled":
+                from mmdomain.compiled_step import compile_model
+
+                compile_model(model)
             if name == "cache":
                 with torch.no_grad():
                     features = model.encoder(batch["media"][0].values)  # fp32 here: the same computation, exactly
@@ -110,11 +120,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--allocator", choices=("system", "tuned"), default="system")
     parser.add_argument("--memory-only", help=argparse.SUPPRESS)
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = "system (glibc defaults)"
+    if args.allocator == "tuned":
+        from mmdomain.host_allocator import tune_host_allocator
+
+        allocator = tune_host_allocator()
     if args.memory_only:
         print(json.dumps(memory_of(args.memory_only, args.preset, args.device)))
         return
@@ -122,9 +138,13 @@ def main() -> None:
     names = args.variants.split(",")
     built = build(args.preset)
     variants = make_variants(names, built, args.device)
-    losses = {n: fn().item() for n, (_, fn) in variants.items()}
-    for n, (step, _) in variants.items():  # warm-up: optimizer state, allocator, kernels
+    warmup = {}
+    for n, (step, fn) in variants.items():  # first forward + a warm-up step: optimizer state, allocator, kernels, compile
+        t0 = time.perf_counter()
+        warmup[n] = fn().item()
         step()
+        warmup[n] = (warmup[n], time.perf_counter() - t0)
+    losses = {n: loss for n, (loss, _) in warmup.items()}
     times = {n: [] for n in names}
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for _ in range(args.rounds):
@@ -143,7 +163,7 @@ def main() -> None:
         q = statistics.quantiles(times[n], n=4)
         flops = step_flops(built.preset, built.batch, n)
         row = {"median_ms": 1000 * med, "iqr_ms": [1000 * q[0], 1000 * q[2]], "samples_per_s": built.preset["batch"] / med,
-               "tokens_per_s": tokens / med, "step0_loss": losses[n], "gflop_per_step": flops / 1e9,
+               "tokens_per_s": tokens / med, "step0_loss": losses[n], "warmup_s": warmup[n][1], "gflop_per_step": flops / 1e9,
                "gflop_per_s": flops / med / 1e9, "fraction_of_gemm_peak": flops / med / peak["flop_per_s"]}
         if "baseline" in times:
             ratios = [b / t for b, t in zip(times["baseline"], times[n])]
@@ -153,7 +173,8 @@ def main() -> None:
         results[n] = row
     if not args.no_memory:
         for n in names:
-            proc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--memory-only", n]
+            proc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--memory-only", n,
+                                   "--allocator", args.allocator]
                                   + (["--threads", str(args.threads)] if args.threads else []), capture_output=True, text=True, check=True)
             results[n]["memory"] = json.loads(proc.stdout.strip().splitlines()[-1])
         if "baseline" in results:
@@ -167,7 +188,8 @@ def main() -> None:
     report = {"preset": args.preset, "preset_dims": built.preset, "rounds": args.rounds, "seq_len": int(built.batch["input_ids"].shape[1]),
               "supervised_tokens": int((built.batch["labels"][:, 1:] != -100).sum()), "gemm_peak": peak, "variants": results,
               "valid": all(r.get("loss_matches_baseline_1e-5", True) for r in results.values()),
-              "baseline_iqr_wide": results.get("baseline", {}).get("iqr_wide"), "env": environment(args.device)}
+              "baseline_iqr_wide": results.get("baseline", {}).get("iqr_wide"), "host_allocator": allocator,
+              "env": environment(args.device)}
     write_report(report, args.out)
 
 
