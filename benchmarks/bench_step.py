@@ -11,8 +11,8 @@ else the run is marked invalid), analytic GFLOP/s and the fraction of the measur
 is measured in a fresh process per variant: peak RSS during 3 steps minus RSS before step 0 (VmHWM reset through
 /proc/self/clear_refs); on a GPU, max_memory_allocated.
 
-`--allocator tuned` first applies what `mmdomain run` does on a CPU (mmdomain.host_allocator: freed large blocks
-stay in the heap) to the whole process, so the baseline gets it too; `system` (the default) leaves glibc's
+`--allocator tuned` first raises glibc's mmap and trim thresholds for the whole process (glibc_allocator.py: freed
+large blocks stay in the heap), which steadies and speeds up the baseline; `system` (the default) leaves glibc's
 defaults, under which every step page-faults its large tensors in again (the baseline's 267 MB logits most of all).
 
     python benchmarks/bench_step.py --preset tiny --rounds 12 --out benchmarks/results/step_tiny_cpu.json
@@ -128,7 +128,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     allocator = "system (glibc defaults)"
     if args.allocator == "tuned":
-        from mmdomain.host_allocator import tune_host_allocator
+        from glibc_allocator import tune_host_allocator
 
         allocator = tune_host_allocator()
     if args.memory_only:
@@ -173,8 +173,9 @@ def main() -> None:
         results[n] = row
     if not args.no_memory:
         for n in names:
-            proc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--memory-only", n,
-                                   "--allocator", args.allocator]
+            # Always under glibc's defaults: with the tuned allocator the step's memory is already resident before
+            # the step (kept from the warm-up), and peak RSS minus RSS before it would read as ~0 for every variant.
+            proc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--memory-only", n]
                                   + (["--threads", str(args.threads)] if args.threads else []), capture_output=True, text=True, check=True)
             results[n]["memory"] = json.loads(proc.stdout.strip().splitlines()[-1])
         if "baseline" in results:

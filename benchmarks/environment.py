@@ -23,7 +23,7 @@ def environment(device: str = "cpu") -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "threads": torch.get_num_threads(), "cpu": cpu, "cpu_count": os.cpu_count(), "device": device,
            "allocator": {k: v for k, v in os.environ.items()  # a host allocator setting moves CPU step times by up to 2x
-                         if k in ("PYTORCH_CUDA_ALLOC_CONF", "OMP_NUM_THREADS", "LD_PRELOAD", "GLIBC_TUNABLES", "MMDOMAIN_HOST_ALLOCATOR")
+                         if k in ("PYTORCH_CUDA_ALLOC_CONF", "OMP_NUM_THREADS", "LD_PRELOAD", "GLIBC_TUNABLES")
                          or k.startswith("MALLOC_")}}
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()

@@ -30,7 +30,6 @@ from .distributed import World, lost_peer_error, peer_lost, resolve_device, resu
 from .errors import CheckpointError, MmdomainError, RunInterrupted
 from .evaluate import evaluate_shards
 from .feature_cache import check_cacheable, open_cache
-from .host_allocator import tune_host_allocator
 from .memory_savers import enable_gradient_checkpointing
 from .objectives import make_objective
 from .preflight import check_models, input_problems
@@ -120,8 +119,6 @@ def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
 def _train(recipe: Recipe, run_dir: Path, resume_from: Path | None, accept_changes: bool, started: float, world: World) -> dict[str, Any]:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    if world.device.type == "cpu":  # the step's tensors live in host memory: see host_allocator
-        tune_host_allocator()
     seed_everything(recipe.seed)  # the same on every rank: replicas start equal, and their random streams stay equal
     device = world.device
     main = world.is_main
