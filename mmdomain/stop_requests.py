@@ -39,6 +39,17 @@ class StopRequests:
         self._previous.clear()
 
 
+def outlive_launcher_stop() -> None:
+    """On a launched rank whose run has failed: keep SIGTERM from killing the process before it has said why it stopped.
+
+    When one rank dies, torchrun's agent SIGTERMs the others 0.04-0.09 s later (measured with gloo on this machine);
+    a survivor still tearing down (destroying the process group, releasing the run's lock) then died silently, and
+    the line naming the rank that failed and the command to resume was lost. The process is ending anyway, and the
+    agent escalates to SIGKILL after its own grace period, so nothing waits on this rank for long."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def ignore_signals() -> None:
     """In a DataLoader worker: a Ctrl-C reaches the whole process group, but only the main process decides when to
     stop; a worker that died of it would fail the step the main process is finishing."""

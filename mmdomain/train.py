@@ -37,7 +37,7 @@ from .recipe import Recipe, RecipeError, with_new_fields
 from .run_cost import estimated_cost, measured_cost, start_measuring
 from .run_dir import JsonLog, check_resume_changes, check_resume_data, drop_replaced, open_run, write_recipe
 from .spec import LEGACY_DEFAULTS, with_legacy_defaults
-from .stop_requests import StopRequests
+from .stop_requests import StopRequests, outlive_launcher_stop
 from .train_state import TrainerState, read_trainer_state, restore_training, write_training
 from .train_step import NonFiniteLossError, StepRunner
 from .train_stream import BatchStream, Position, TrainBatches
@@ -108,8 +108,10 @@ def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
             return _train(recipe, run.run_dir, run.resume_from, accept_changes, started, world)
         finally:
             run.lock.release()
-    except RuntimeError as exc:
-        if world.distributed and peer_lost(exc) and not isinstance(exc, MmdomainError):
+    except BaseException as exc:
+        if world.distributed:
+            outlive_launcher_stop()  # the launcher's SIGTERM must not cut this rank's one line short
+        if isinstance(exc, RuntimeError) and world.distributed and peer_lost(exc) and not isinstance(exc, MmdomainError):
             raise lost_peer_error(world, recipe.output_dir, exc) from exc
         raise
     finally:

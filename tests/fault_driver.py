@@ -8,6 +8,9 @@ FAULT happens at the N-th occurrence (counted in this process), on every rank, o
 - ``kill-mid-write``: the N-th safetensors file gets 100 bytes, then SIGKILL (a checkpoint half written);
 - ``disk-full``: the N-th safetensors write fails with ENOSPC (the process goes on to report it);
 - ``sigterm-after-optimizer-step``: the process sends itself SIGTERM right after the N-th optimizer step.
+
+SLOW_TEARDOWN_S=S makes each rank that does not fault wait S seconds before destroying its process group, the way a
+slow teardown (NCCL, a loaded machine) does: long enough for torchrun to SIGTERM it after a peer died.
 """
 from __future__ import annotations
 
@@ -24,6 +27,18 @@ def main() -> int:
     if os.environ.get("FAULT_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):  # FAULT_RANK: only that rank faults
         from mmdomain.cli import main as cli
 
+        if os.environ.get("SLOW_TEARDOWN_S"):
+            import time
+
+            from mmdomain.distributed import World
+
+            close = World.close
+
+            def closing(self):
+                time.sleep(float(os.environ["SLOW_TEARDOWN_S"]))
+                close(self)
+
+            World.close = closing
         return cli(argv)
 
     def due() -> bool:
