@@ -7,6 +7,10 @@ weights do not depend on the worker count, so accuracy must be equal. Reported: 
 (before / after, > 1 is faster now), stage seconds, accuracies.
 
     python benchmarks/bench_demo.py --rounds 2 --out benchmarks/results/demo_cpu.json
+
+``--before`` / ``--after`` replace an arm's overrides (the recipes then, not now, can be one of them): the quiet
+worker comparison ran when the recipes set ``num_workers`` 1, i.e. ``--before data.num_workers=0 --after
+data.num_workers=1`` today.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from environment import environment, write_report  # noqa: E402
 
-ARMS = {"before": ("data.num_workers=1",), "after": ()}
+DEFAULT_ARMS = {"before": ["data.num_workers=1"], "after": []}
 
 
 def main() -> None:
@@ -30,22 +34,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out")
+    parser.add_argument("--before", action="append", metavar="FIELD=VALUE", help="the before arm's overrides (repeatable)")
+    parser.add_argument("--after", action="append", metavar="FIELD=VALUE", help="the after arm's overrides (repeatable)")
     args = parser.parse_args()
+    arms = {arm: given if given is not None else DEFAULT_ARMS[arm] for arm, given in (("before", args.before), ("after", args.after))}
     logging.basicConfig(level=logging.WARNING)
     from mmdomain.demo import run_demo
 
-    runs = {arm: [] for arm in ARMS}
+    runs = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for arm, overrides in (ARMS.items() if r % 2 == 0 else reversed(ARMS.items())):  # alternate who goes first
+            for arm, overrides in (arms.items() if r % 2 == 0 else reversed(arms.items())):  # alternate who goes first
                 t0 = time.perf_counter()
-                summary = run_demo(Path(tmp) / f"{arm}-{r}", threads=args.threads, overrides=overrides)
+                summary = run_demo(Path(tmp) / f"{arm}-{r}", threads=args.threads, overrides=tuple(overrides))
                 runs[arm].append({"wall_s": time.perf_counter() - t0, "align_s": summary["align"]["seconds"],
                                   "instruct_s": summary["instruct"]["seconds"], "accuracy": summary["heldout_accuracy_after"],
                                   "final_loss": summary["instruct"]["final_loss"]})
                 print(arm, r, json.dumps(runs[arm][-1]), flush=True)
     ratios = [b["wall_s"] / a["wall_s"] for b, a in zip(runs["before"], runs["after"])]
-    report = {"arms": {arm: list(o) for arm, o in ARMS.items()}, "rounds": args.rounds, "runs": runs,
+    report = {"arms": arms, "rounds": args.rounds, "runs": runs,
               "wall_ratio_before_over_after": {"median": statistics.median(ratios), "all": ratios},
               "accuracy_equal": all(b["accuracy"] == a["accuracy"] for b, a in zip(runs["before"], runs["after"])),
               "env": environment("cpu")}

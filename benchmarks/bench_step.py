@@ -13,7 +13,7 @@ is measured in a fresh process per variant: peak RSS during 3 steps minus RSS be
 
 `--allocator tuned` first raises glibc's mmap and trim thresholds for the whole process (glibc_allocator.py: freed
 large blocks stay in the heap), which steadies and speeds up the baseline; `system` (the default) leaves glibc's
-defaults, under which every step page-faults its large tensors in again (the baseline's 267 MB logits most of all).
+defaults, under which every step page-faults its large tensors in again (the baseline's 266 MB logits most of all).
 
     python benchmarks/bench_step.py --preset tiny --rounds 12 --out benchmarks/results/step_tiny_cpu.json
 """
