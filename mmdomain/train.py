@@ -109,9 +109,10 @@ def train(recipe: Recipe, *, accept_changes: bool = False) -> dict[str, Any]:
         finally:
             run.lock.release()
     except BaseException as exc:
-        if world.distributed:
-            outlive_launcher_stop()  # the launcher's SIGTERM must not cut this rank's one line short
-        if isinstance(exc, RuntimeError) and world.distributed and peer_lost(exc) and not isinstance(exc, MmdomainError):
+        if not world.distributed:
+            raise
+        outlive_launcher_stop()  # the launcher's SIGTERM must not cut this rank's one line short
+        if isinstance(exc, RuntimeError) and peer_lost(exc) and not isinstance(exc, MmdomainError):
             raise lost_peer_error(world, recipe.output_dir, exc) from exc
         raise
     finally:
