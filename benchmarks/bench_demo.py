@@ -37,7 +37,9 @@ def main() -> None:
     parser.add_argument("--before", action="append", metavar="FIELD=VALUE", help="the before arm's overrides (repeatable)")
     parser.add_argument("--after", action="append", metavar="FIELD=VALUE", help="the after arm's overrides (repeatable)")
     args = parser.parse_args()
-    arms = {arm: given if given is not None else DEFAULT_ARMS[arm] for arm, given in (("before", args.before), ("after", args.after))}
+    # append onto a list default would add to it, so an arm not given on the command line takes its default here
+    arms = {"before": args.before if args.before is not None else DEFAULT_ARMS["before"],
+            "after": args.after if args.after is not None else DEFAULT_ARMS["after"]}
     logging.basicConfig(level=logging.WARNING)
     from mmdomain.demo import run_demo
 

@@ -3,10 +3,10 @@
 glibc's malloc serves an allocation above its mmap threshold (128 KiB at start, adapting up to 32 MiB) with a new
 mmap and returns it to the kernel on free, so a CPU step that allocates and frees the same large tensors every step
 page-faults them in again (the kernel zero-fills every page). Raising both thresholds (``mallopt``) keeps them.
-This moves HF Llava's tiny-preset step (its 266 MB all-position logits) from a bimodal 1.1-2.5 s to medians of 0.83-0.86 s
-in two 12-round runs, and it is why two quiet runs of the same baseline disagreed by half. mmdomain's own step does not gain from it
-(`bench_host_allocator.py`: 1.05-1.07x slower tuned, 3 process pairs), so `mmdomain run` leaves the allocator alone;
-the benchmarks use it to give the baseline its best allocator and report both.
+This moves HF Llava's tiny-preset step (its 266 MB all-position logits) from a bimodal 1.1-2.5 s to medians of
+0.83-0.86 s in two 12-round runs, and it is why two quiet runs of the same baseline disagreed by half. mmdomain's own
+step does not gain from it (`bench_host_allocator.py`: 1.05-1.07x slower tuned, 3 process pairs), so `mmdomain run`
+leaves the allocator alone; the benchmarks use it to give the baseline its best allocator and report both.
 
 Nothing is changed where the user already chose (a ``MALLOC_*`` / ``GLIBC_TUNABLES`` environment, a preloaded
 allocator) or on a C library other than glibc.
